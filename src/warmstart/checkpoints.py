@@ -1,0 +1,634 @@
+"""Checkpoint references, recognition, lazy tensor access and fingerprints.
+
+A reference is a local path or a Hugging Face Hub id (``org/name`` or
+``org/name@revision``). It resolves to a directory that holds one of
+
+* a full model: ``config.json`` + ``*.safetensors`` (sharded with an index),
+* a PEFT LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors``,
+* a training run: ``checkpoint-*`` subdirectories and/or ``trainer_state.json``
+  (see :func:`discover`, which expands a run into its checkpoints).
+
+Weights are read lazily, one tensor at a time, from memory-mapped safetensors.
+The safetensors header is parsed and validated here (not only by the Rust
+reader) so that a truncated or corrupt file is reported with its name and the
+problem before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import re
+import sqlite3
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ._io import TMP_MARK, read_json
+from .errors import CheckpointError
+
+Kind = Literal["full", "lora"]
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,200})?$")
+PICKLE_NAMES = ("pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+# Bytes per element for every dtype a safetensors header may carry.
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+# ----------------------------------------------------------------------------
+# Resolving a reference to a directory
+
+
+def is_hub_id(ref: str) -> bool:
+    return bool(HUB_ID_RE.match(ref)) and ".." not in ref
+
+
+def resolve(ref: str | Path, *, allow_pickle: bool = False) -> Path:
+    """Turn a path or hub id into a local directory (hub ids via the local HF cache)."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError("not a directory (a checkpoint is a directory with config/adapter files)", path=p)
+        if not os.access(p, os.R_OK | os.X_OK):
+            raise CheckpointError("directory is not readable", path=p)
+        return p.resolve()
+    ref = str(ref)
+    if not is_hub_id(ref) or ref.startswith((".", "/", "~")):
+        raise CheckpointError("no such file or directory", path=ref)
+    return _resolve_hub(ref, allow_pickle=allow_pickle)
+
+
+def _resolve_hub(ref: str, *, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, _, revision = ref.partition("@")
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md"]
+    if allow_pickle:
+        patterns += ["*.bin"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+    except LocalEntryNotFoundError:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+            raise CheckpointError("hub id not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+                                  path=ref, hint="download it first, or pass a local path") from None
+    except (HfHubHTTPError, ValueError, OSError) as e:
+        raise CheckpointError(f"cannot resolve hub id ({e})", path=ref) from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns))
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        raise CheckpointError(f"cannot download hub id ({type(e).__name__}: {e})", path=ref) from None
+
+
+# ----------------------------------------------------------------------------
+# safetensors headers: parsed and validated without loading any tensor
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "F32"
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_header(path: str | Path) -> tuple[dict[str, TensorMeta], dict[str, str]]:
+    """Parse and validate a safetensors header: returns tensor metadata and ``__metadata__``."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError("truncated safetensors file (shorter than its 8-byte header length)", path=path)
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > MAX_HEADER or 8 + hlen > size:
+                raise CheckpointError(f"corrupt safetensors header (header length {hlen} exceeds the file)", path=path)
+            raw = f.read(hlen)
+    except OSError as e:
+        raise CheckpointError(f"cannot read safetensors file ({e.strerror})", path=path) from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt safetensors header ({e})", path=path) from None
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + hlen
+    data_len = size - base
+    tensors: dict[str, TensorMeta] = {}
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (s, e) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"corrupt safetensors header (bad entry for tensor {name!r})", path=path) from None
+        if dtype not in DTYPE_SIZES:
+            raise CheckpointError(f"unsupported dtype {dtype!r} for tensor {name!r}", path=path)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not (0 <= s <= e) or e - s != numel * DTYPE_SIZES[dtype]:
+            raise CheckpointError(f"corrupt safetensors header (offsets of {name!r} do not match its shape)", path=path)
+        if e > data_len:
+            raise CheckpointError(
+                f"truncated safetensors file (tensor {name!r} ends at byte {base + e}, file has {size})", path=path)
+        spans.append((s, e))
+        tensors[name] = TensorMeta(name, dtype, shape, path, base + s, base + e)
+    spans.sort()
+    for (s0, e0), (s1, _) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise CheckpointError("corrupt safetensors header (tensor data overlaps)", path=path)
+    return tensors, metadata
+
+
+# ----------------------------------------------------------------------------
+# Lazy per-tensor reader over one or more safetensors files
+
+
+class WeightReader:
+    """Names, shapes and dtypes of every tensor; one tensor loaded at a time.
+
+    Files are memory-mapped by safetensors' ``safe_open``; nothing is read until
+    :meth:`get` asks for a tensor. Safe to share across threads for reading.
+    """
+
+    def __init__(self, files: list[Path]):
+        self.files = list(files)
+        self.meta: dict[str, TensorMeta] = {}
+        for f in self.files:
+            tensors, _ = read_header(f)
+            for name, m in tensors.items():
+                if name in self.meta:
+                    raise CheckpointError(f"tensor {name!r} appears in two shards ({self.meta[name].file.name})", path=f)
+                self.meta[name] = m
+        self._handles: dict[Path, Any] = {}
+        self._lock = threading.Lock()
+
+    def keys(self) -> list[str]:
+        return list(self.meta)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.meta
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.meta[name].shape
+
+    def _handle(self, file: Path):
+        from safetensors import safe_open
+
+        with self._lock:
+            h = self._handles.get(file)
+            if h is None:
+                try:
+                    h = safe_open(str(file), framework="pt", device="cpu")
+                except Exception as e:  # the Rust reader raises its own error type
+                    raise CheckpointError(f"cannot open safetensors file ({e})", path=file) from None
+                self._handles[file] = h
+            return h
+
+    def get(self, name: str, dtype=None):
+        """Load one tensor (optionally cast, e.g. to ``torch.float32``)."""
+        m = self.meta.get(name)
+        if m is None:
+            raise KeyError(name)
+        t = self._handle(m.file).get_tensor(name)
+        return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+    def items(self, dtype=None) -> Iterator[tuple[str, Any]]:
+        for name in self.meta:
+            yield name, self.get(name, dtype)
+
+    def state_dict(self, dtype=None) -> dict[str, Any]:
+        return dict(self.items(dtype))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> WeightReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PickleWeightReader(WeightReader):
+    """Reads ``.bin`` (pickle) weights — only ever built after an explicit opt-in."""
+
+    def __init__(self, files: list[Path]):
+        import torch
+
+        self.files = list(files)
+        self.meta = {}
+        self._tensors = {}
+        for f in self.files:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise CheckpointError(f"cannot load pickle weights ({type(e).__name__})", path=f) from None
+            for k, v in sd.items():
+                self._tensors[k] = v
+                self.meta[k] = TensorMeta(k, str(v.dtype), tuple(v.shape), f, 0, v.numel() * v.element_size())
+        self._lock = threading.Lock()
+        self._handles = {}
+
+    def get(self, name: str, dtype=None):
+        t = self._tensors[name]
+        return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+
+# ----------------------------------------------------------------------------
+# Content digests, cached by (path, size, mtime)
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("WARMSTART_CACHE_DIR") or Path.home() / ".cache" / "warmstart")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+class DigestCache:
+    """Per-tensor content digests of safetensors files, keyed by path, size and mtime.
+
+    Recomputing a fingerprint of an unchanged file costs one ``stat`` and one
+    indexed lookup; a changed size or mtime invalidates the entry.
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or cache_dir() / "digests.sqlite"
+        self._local = threading.local()
+        self.hashed_files = 0  # how many files were actually read (tests count this)
+
+    def _conn(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, "
+                      "mtime_ns INTEGER, tensors TEXT)")
+            self._local.conn = c
+        return c
+
+    def tensor_digests(self, file: Path) -> dict[str, str]:
+        file = Path(file).resolve()
+        st = file.stat()
+        try:
+            row = self._conn().execute("SELECT size, mtime_ns, tensors FROM digests WHERE path=?",
+                                       (str(file),)).fetchone()
+        except sqlite3.DatabaseError:
+            row = None  # a broken cache is only a cache: recompute
+        if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
+            return json.loads(row[2])
+        digests = _hash_tensors(file)
+        self.hashed_files += 1
+        try:
+            self._conn().execute("INSERT OR REPLACE INTO digests VALUES (?,?,?,?)",
+                                 (str(file), st.st_size, st.st_mtime_ns, json.dumps(digests)))
+        except sqlite3.DatabaseError:
+            pass
+        return digests
+
+
+def _hash_tensors(file: Path) -> dict[str, str]:
+    tensors, _ = read_header(file)
+    out = {}
+    with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for name, m in tensors.items():
+            h = hashlib.blake2b(digest_size=16)
+            h.update(f"{m.dtype}{list(m.shape)}".encode())
+            h.update(memoryview(mm)[m.start:m.end])
+            out[name] = h.hexdigest()
+    return out
+
+
+_default_cache: DigestCache | None = None
+
+
+def default_digest_cache() -> DigestCache:
+    global _default_cache
+    if _default_cache is None or _default_cache.path != cache_dir() / "digests.sqlite":
+        _default_cache = DigestCache()
+    return _default_cache
+
+
+# ----------------------------------------------------------------------------
+# Training metrics from trainer_state.json
+
+
+@dataclass
+class TrainingMetrics:
+    global_step: int | None = None
+    final_loss: float | None = None
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    epoch: float | None = None
+
+    @classmethod
+    def from_trainer_state(cls, path: Path) -> TrainingMetrics:
+        state = read_json(path, "trainer_state.json")
+        if not isinstance(state, dict):
+            raise CheckpointError("trainer_state.json is not a JSON object", path=path)
+        hist = state.get("log_history") or []
+        losses = [(int(e.get("step", 0)), float(e["loss"])) for e in hist if isinstance(e, dict) and "loss" in e]
+        evals: dict[str, float] = {}
+        for e in hist:
+            if isinstance(e, dict) and any(k.startswith("eval_") for k in e):
+                evals = {k: float(v) for k, v in e.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+        return cls(global_step=state.get("global_step"), final_loss=losses[-1][1] if losses else None,
+                   loss_history=losses, eval_metrics=evals, epoch=state.get("epoch"))
+
+
+# ----------------------------------------------------------------------------
+# A recognised checkpoint
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    base_model: str | None
+    r: int
+    alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    peft_type: str
+
+    def scaling(self, module: str | None = None) -> float:
+        """alpha / r (or alpha / sqrt(r) with rsLoRA), honouring rank/alpha patterns."""
+        r, a = self.r, self.alpha
+        if module is not None:
+            r = _pattern_value(self.rank_pattern, module, r)
+            a = _pattern_value(self.alpha_pattern, module, a)
+        return a / (r ** 0.5) if self.use_rslora else a / r
+
+    def to_dict(self) -> dict:
+        return {"base_model": self.base_model, "r": self.r, "alpha": self.alpha, "use_rslora": self.use_rslora,
+                "target_modules": list(self.target_modules), "rank_pattern": self.rank_pattern,
+                "alpha_pattern": self.alpha_pattern, "peft_type": self.peft_type}
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    # PEFT matches pattern keys as regex suffixes of the module name (peft.tuners.tuners_utils).
+    for key, val in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return val
+    return default
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint directory that warmstart recognised.
+
+    ``ref`` is what the user gave (path or hub id), ``path`` the local directory.
+    """
+
+    ref: str
+    path: Path
+    kind: Kind
+    weight_files: list[Path]
+    config: dict
+    lora: LoraInfo | None = None
+    metrics: TrainingMetrics | None = None
+    pickle: bool = False
+    meta: dict = field(default_factory=dict)  # warmstart.json next to the weights, if any
+    _reader: WeightReader | None = field(default=None, repr=False)
+
+    # -- weights ---------------------------------------------------------
+    def weights(self) -> WeightReader:
+        if self._reader is None:
+            self._reader = (PickleWeightReader if self.pickle else WeightReader)(self.weight_files)
+        return self._reader
+
+    @property
+    def base_model(self) -> str | None:
+        if self.lora is not None:
+            return self.lora.base_model
+        return self.meta.get("base_model") or self.config.get("_name_or_path") or None
+
+    @property
+    def task(self) -> str | None:
+        return self.meta.get("task")
+
+    # -- identity --------------------------------------------------------
+    def signature(self) -> dict[str, list[int]]:
+        """Tensor names and shapes: the architecture signature."""
+        return {k: list(m.shape) for k, m in sorted(self.weights().meta.items())}
+
+    def signature_hash(self) -> str:
+        return signature_hash(self.signature())
+
+    def fingerprint(self, cache: DigestCache | None = None) -> str:
+        """Content hash of the weights (and, for adapters, of what sets their scaling).
+
+        Independent of sharding and file names: identical tensors give identical
+        fingerprints. Cached per file by (path, size, mtime).
+        """
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.kind.encode())
+        if self.pickle:
+            for name, t in sorted(self.weights().items()):
+                h.update(f"{name}{t.dtype}{list(t.shape)}".encode())
+                h.update(t.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+        else:
+            cache = cache or default_digest_cache()
+            digests: dict[str, str] = {}
+            for f in self.weight_files:
+                digests.update(cache.tensor_digests(f))
+            for name in sorted(digests):
+                h.update(f"{name}={digests[name]};".encode())
+        if self.lora is not None:
+            lo = self.lora.to_dict()
+            lo.pop("base_model")
+            h.update(json.dumps(lo, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def describe(self) -> str:
+        extra = f" r={self.lora.r}" if self.lora else ""
+        return f"{self.kind}{extra} {self.path}"
+
+
+def signature_hash(sig: dict[str, list[int]]) -> str:
+    return hashlib.blake2b(json.dumps(sorted(sig.items())).encode(), digest_size=12).hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# Recognising a directory
+
+
+def _is_pickle_dir(d: Path) -> list[Path]:
+    return [d / n for n in PICKLE_NAMES if (d / n).exists()]
+
+
+def _full_model_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        idx = read_json(index, "safetensors index")
+        wm = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise CheckpointError("safetensors index has no weight_map", path=index)
+        files = sorted({d / f for f in wm.values()})
+        for f in files:
+            if Path(f).name != Path(f).name.replace("/", "") or not f.exists():
+                raise CheckpointError(f"shard {f.name} named in the index is missing", path=index)
+        return files
+    return sorted(p for p in d.glob("*.safetensors") if TMP_MARK not in p.name)
+
+
+def _read_meta(d: Path) -> dict:
+    f = d / "warmstart.json"
+    if f.exists():
+        m = read_json(f, "warmstart.json")
+        return m if isinstance(m, dict) else {}
+    return {}
+
+
+def _metrics_for(d: Path) -> TrainingMetrics | None:
+    ts = d / "trainer_state.json"
+    return TrainingMetrics.from_trainer_state(ts) if ts.exists() else None
+
+
+def is_checkpoint_dir(d: Path) -> bool:
+    return (d / "adapter_config.json").exists() or (d / "config.json").exists() and (
+        any(d.glob("*.safetensors")) or (d / "model.safetensors.index.json").exists() or bool(_is_pickle_dir(d)))
+
+
+def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
+    """Resolve ``ref`` and recognise a full model or a LoRA adapter, or raise with the reason."""
+    d = resolve(ref, allow_pickle=allow_pickle)
+    ref_s = str(ref) if not Path(ref).expanduser().exists() else str(d)
+    if (d / "adapter_config.json").exists():
+        return _open_adapter(ref_s, d, allow_pickle)
+    if (d / "config.json").exists():
+        return _open_full(ref_s, d, allow_pickle)
+    if (d / "trainer_state.json").exists() or any(d.glob("checkpoint-*")):
+        raise CheckpointError("this is a training run, not a single checkpoint",
+                              path=d, hint="use `warmstart library scan` to register each checkpoint-*")
+    if any(d.glob("*.safetensors")):
+        raise CheckpointError("safetensors weights without config.json or adapter_config.json", path=d)
+    raise CheckpointError("unknown layout: expected config.json + *.safetensors (full model) "
+                          "or adapter_config.json + adapter_model.safetensors (LoRA)", path=d)
+
+
+def _pickle_or_fail(d: Path, allow_pickle: bool, what: str) -> list[Path]:
+    pk = _is_pickle_dir(d)
+    if not pk:
+        raise CheckpointError(f"{what}: no weights found (*.safetensors)", path=d)
+    if not allow_pickle:
+        raise CheckpointError(f"pickle weights ({pk[0].name}) refused: loading them can run arbitrary code",
+                              path=d, hint="convert to safetensors, or pass --allow-pickle if you trust the file")
+    return [p for p in pk if p.suffix == ".bin"]
+
+
+def _open_full(ref: str, d: Path, allow_pickle: bool) -> Checkpoint:
+    config = read_json(d / "config.json", "config.json")
+    if not isinstance(config, dict):
+        raise CheckpointError("config.json is not a JSON object", path=d / "config.json")
+    files = _full_model_files(d)
+    pickle = False
+    if not files:
+        files, pickle = _pickle_or_fail(d, allow_pickle, "full model"), True
+    ck = Checkpoint(ref, d, "full", files, config, metrics=_metrics_for(d), pickle=pickle, meta=_read_meta(d))
+    ck.weights()  # validate headers now: errors name the file before any work starts
+    return ck
+
+
+def _open_adapter(ref: str, d: Path, allow_pickle: bool) -> Checkpoint:
+    cfg_path = d / "adapter_config.json"
+    cfg = read_json(cfg_path, "adapter_config.json")
+    if not isinstance(cfg, dict):
+        raise CheckpointError("adapter_config.json is not a JSON object", path=cfg_path)
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise CheckpointError(f"unsupported PEFT type {peft_type!r} (only LoRA adapters are supported)", path=cfg_path)
+    try:
+        targets = cfg.get("target_modules") or []
+        info = LoraInfo(
+            base_model=cfg.get("base_model_name_or_path") or None,
+            r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])),
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            target_modules=tuple(sorted(targets)) if isinstance(targets, list) else (str(targets),),
+            rank_pattern=dict(cfg.get("rank_pattern") or {}), alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+            peft_type=peft_type)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"adapter_config.json is missing or has a bad field ({e})", path=cfg_path) from None
+    if info.r <= 0:
+        raise CheckpointError(f"adapter rank r={info.r} must be positive", path=cfg_path)
+    f = d / "adapter_model.safetensors"
+    pickle = False
+    if f.exists():
+        files = [f]
+    else:
+        files, pickle = _pickle_or_fail(d, allow_pickle, "LoRA adapter"), True
+    ck = Checkpoint(ref, d, "lora", files, cfg, lora=info, metrics=_metrics_for(d), pickle=pickle, meta=_read_meta(d))
+    ck.weights()
+    return ck
+
+
+# ----------------------------------------------------------------------------
+# Discovering every checkpoint under a tree (training runs included)
+
+
+def discover(root: str | Path) -> list[Path]:
+    """Every checkpoint directory under ``root``: models, adapters, each ``checkpoint-*`` of a run.
+
+    Temporary ``*.tmp-*`` directories (half-written outputs) and hidden
+    directories are skipped. Returned in a stable order.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise CheckpointError("no such file or directory", path=root)
+    if not root.is_dir():
+        raise CheckpointError("not a directory", path=root)
+    found = []
+    for dirpath, dirnames, _ in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and TMP_MARK not in n
+                             and n not in ("__pycache__", "runs", "logs"))
+        d = Path(dirpath)
+        if is_checkpoint_dir(d):
+            found.append(d.resolve())
+    return sorted(found, key=lambda p: _natural_key(str(p)))
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+__all__ = [
+    "Checkpoint",
+    "DigestCache",
+    "LoraInfo",
+    "TensorMeta",
+    "TrainingMetrics",
+    "WeightReader",
+    "discover",
+    "is_hub_id",
+    "open_checkpoint",
+    "read_header",
+    "resolve",
+    "signature_hash",
+]

@@ -1,0 +1,420 @@
+"""The checkpoint library: a SQLite catalog of checkpoints and cached scores.
+
+One file (``./warmstart.db`` by default, ``$WARMSTART_LIBRARY`` or
+``--library`` to move it), WAL mode so that several processes can register
+and cache scores at once. Schema changes are ordered migration functions
+recorded in ``schema_migrations`` and applied when the library opens; a
+database written by a newer warmstart is refused rather than damaged.
+
+Heavy work (reading headers, hashing weights) happens outside transactions;
+each write is one short ``BEGIN IMMEDIATE`` transaction, so a killed process
+leaves the catalog consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import Checkpoint, discover, open_checkpoint, resolve
+from .errors import CheckpointError, LibraryError, WarmstartError
+
+DEFAULT_NAME = "warmstart.db"
+
+
+def default_library_path() -> Path:
+    return Path(os.environ.get("WARMSTART_LIBRARY") or Path.cwd() / DEFAULT_NAME)
+
+
+# ----------------------------------------------------------------------------
+# Migrations: append only, never edit one that has shipped
+
+
+def _script(db: sqlite3.Connection, sql: str) -> None:
+    # Not executescript(): it COMMITs first, which would break the migration's transaction.
+    for stmt in sql.split(";\n"):
+        if stmt.strip():
+            db.execute(stmt)
+
+
+def m001_initial(db: sqlite3.Connection) -> None:
+    _script(db, """
+    CREATE TABLE checkpoints (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ref TEXT NOT NULL UNIQUE,          -- absolute path, or hub id[@revision]
+        path TEXT NOT NULL,                -- local directory it resolved to
+        kind TEXT NOT NULL CHECK (kind IN ('full', 'lora')),
+        base_model TEXT,
+        base_fingerprint TEXT,
+        arch_signature TEXT NOT NULL,      -- hash of tensor names + shapes
+        fingerprint TEXT NOT NULL,         -- hash of the weights' content
+        task TEXT,
+        tags TEXT NOT NULL DEFAULT '{}',   -- JSON object
+        run TEXT,                          -- training-run directory, for checkpoint-* entries
+        global_step INTEGER,
+        final_loss REAL,
+        loss_history TEXT NOT NULL DEFAULT '[]',
+        eval_metrics TEXT NOT NULL DEFAULT '{}',
+        lora TEXT,                         -- JSON: r, alpha, use_rslora, target_modules, patterns
+        n_tensors INTEGER,
+        n_params INTEGER,
+        size_bytes INTEGER,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX idx_ck_base ON checkpoints(base_model);
+    CREATE INDEX idx_ck_task ON checkpoints(task);
+    CREATE INDEX idx_ck_sig ON checkpoints(arch_signature);
+    CREATE INDEX idx_ck_fp ON checkpoints(fingerprint);
+    CREATE TABLE signatures (hash TEXT PRIMARY KEY, tensors TEXT NOT NULL);
+    CREATE TABLE scores (
+        checkpoint_fp TEXT NOT NULL,
+        dataset_fp TEXT NOT NULL,
+        sample TEXT NOT NULL,              -- e.g. "n=256,seed=0"
+        metric TEXT NOT NULL,
+        value REAL NOT NULL,
+        extra TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        PRIMARY KEY (checkpoint_fp, dataset_fp, sample, metric)
+    );
+    """)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# ----------------------------------------------------------------------------
+# Entries
+
+
+@dataclass
+class Entry:
+    id: int
+    ref: str
+    path: str
+    kind: str
+    base_model: str | None
+    base_fingerprint: str | None
+    arch_signature: str
+    fingerprint: str
+    task: str | None
+    tags: dict[str, str]
+    run: str | None
+    global_step: int | None
+    final_loss: float | None
+    loss_history: list
+    eval_metrics: dict
+    lora: dict | None
+    n_tensors: int | None
+    n_params: int | None
+    size_bytes: int | None
+    created_at: float
+    missing: bool = field(default=False)  # files vanished since registration
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Entry:
+        d = dict(row)
+        for k, default in (("tags", {}), ("loss_history", []), ("eval_metrics", {}), ("lora", None)):
+            d[k] = json.loads(d[k]) if d[k] else default
+        d["missing"] = not Path(d["path"]).exists()
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ScanResult:
+    added: list[Entry] = field(default_factory=list)
+    updated: list[Entry] = field(default_factory=list)
+    unchanged: list[Entry] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
+
+
+# ----------------------------------------------------------------------------
+# The library
+
+
+class Library:
+    """The catalog. Open with ``Library(path)``; safe to use from several processes."""
+
+    def __init__(self, path: str | Path | None = None, *, create: bool = True):
+        self.path = Path(path) if path else default_library_path()
+        if not create and not self.path.exists():
+            raise LibraryError("library not found", path=self.path,
+                               hint="register checkpoints with `warmstart library add` or `scan` first")
+        if self.path.is_dir():
+            raise LibraryError("library path is a directory, expected a database file", path=self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA busy_timeout=60000")
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise LibraryError(f"not a warmstart library or corrupt database ({e})", path=self.path) from None
+
+    # -- schema ----------------------------------------------------------
+    def _migrate(self) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                       "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+            done = {r[0] for r in db.execute("SELECT version FROM schema_migrations")}
+            newest = max(done, default=0)
+            if newest > SCHEMA_VERSION:
+                raise LibraryError(f"library has schema version {newest}, this warmstart knows up to "
+                                   f"{SCHEMA_VERSION}", path=self.path, hint="upgrade warmstart")
+            for version, fn in enumerate(MIGRATIONS, start=1):
+                if version not in done:
+                    fn(db)
+                    db.execute("INSERT INTO schema_migrations VALUES (?,?,?)", (version, fn.__name__, time.time()))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]
+
+    def _write(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
+        """One statement in its own immediate transaction, retried while another writer holds the lock."""
+        for attempt in range(200):
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = self.db.execute(sql, tuple(params))
+                    self.db.execute("COMMIT")
+                    return cur
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise LibraryError(f"database write failed ({e})", path=self.path) from None
+                time.sleep(0.05 * (1 + attempt % 10))
+        raise LibraryError("database is locked by another process", path=self.path,
+                           hint="wait for the other warmstart process, or remove stale *-wal/*-shm files")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- registering -----------------------------------------------------
+    def add(self, ref: str | Path, *, task: str | None = None, tags: dict[str, str] | None = None,
+            base: str | None = None, allow_pickle: bool = False, run: str | None = None) -> tuple[Entry, str]:
+        """Register one checkpoint. Returns the entry and 'added', 'updated' or 'unchanged'."""
+        ck = open_checkpoint(ref, allow_pickle=allow_pickle)
+        existing = self._get_by_ref(ck.ref)
+        fp = ck.fingerprint()
+        if existing and existing.fingerprint == fp and task is None and not tags and base is None:
+            return existing, "unchanged"
+        row = self._row_for(ck, fp, task=task, tags=tags, base=base, run=run, existing=existing)
+        sig = ck.signature()
+        self._write("INSERT OR IGNORE INTO signatures VALUES (?,?)", (row["arch_signature"], json.dumps(sig)))
+        cols = [c for c in row if c != "created_at"] if existing else list(row)
+        if existing:
+            if existing.fingerprint == fp and all(_same(getattr(existing, c), row[c]) for c in cols):
+                return existing, "unchanged"
+            self._write(f"UPDATE checkpoints SET {', '.join(f'{c}=?' for c in cols)} WHERE id=?",
+                        [row[c] for c in cols] + [existing.id])
+            return self._get_by_ref(ck.ref), "updated"
+        self._write(f"INSERT INTO checkpoints ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                    f"ON CONFLICT(ref) DO NOTHING", [row[c] for c in cols])
+        return self._get_by_ref(ck.ref), "added"
+
+    def _row_for(self, ck: Checkpoint, fp: str, *, task, tags, base, run, existing: Entry | None) -> dict:
+        m = ck.metrics
+        reader = ck.weights()
+        base_model = base or ck.base_model or (existing.base_model if existing else None)
+        merged_tags = dict(existing.tags if existing else {})
+        merged_tags.update(ck.meta.get("tags") or {})
+        merged_tags.update(tags or {})
+        return {
+            "ref": ck.ref, "path": str(ck.path), "kind": ck.kind,
+            "base_model": base_model,
+            "base_fingerprint": _base_fingerprint(base_model) if base_model else None,
+            "arch_signature": ck.signature_hash(), "fingerprint": fp,
+            "task": task or ck.task or (existing.task if existing else None),
+            "tags": json.dumps(merged_tags, sort_keys=True),
+            "run": run or (existing.run if existing else None),
+            "global_step": m.global_step if m else None,
+            "final_loss": m.final_loss if m else None,
+            "loss_history": json.dumps(m.loss_history if m else []),
+            "eval_metrics": json.dumps(m.eval_metrics if m else {}),
+            "lora": json.dumps(ck.lora.to_dict()) if ck.lora else None,
+            "n_tensors": len(reader),
+            "n_params": sum(x.numel for x in reader.meta.values()),
+            "size_bytes": sum(f.stat().st_size for f in ck.weight_files),
+            "created_at": time.time(),
+        }
+
+    def scan(self, root: str | Path, *, task: str | None = None, tags: dict[str, str] | None = None,
+             base: str | None = None, allow_pickle: bool = False,
+             progress: Callable[[int, int, str], None] | None = None) -> ScanResult:
+        """Register every checkpoint under ``root``. Idempotent: a second scan adds nothing.
+
+        A directory that fails to open is reported in ``failed`` with its reason;
+        the others are still registered.
+        """
+        dirs = discover(root)
+        res = ScanResult()
+        for i, d in enumerate(dirs):
+            if progress:
+                progress(i, len(dirs), str(d))
+            run = str(d.parent) if d.name.startswith("checkpoint-") else None
+            try:
+                entry, status = self.add(d, task=task, tags=tags, base=base, allow_pickle=allow_pickle, run=run)
+            except WarmstartError as e:
+                res.failed.append((str(d), e.one_line()))
+                continue
+            getattr(res, status).append(entry)
+        if progress:
+            progress(len(dirs), len(dirs), "")
+        return res
+
+    def remove(self, entry_id: int) -> Entry:
+        e = self.get(entry_id)
+        self._write("DELETE FROM checkpoints WHERE id=?", (entry_id,))
+        return e
+
+    def prune_missing(self) -> list[Entry]:
+        """Remove entries whose files are gone; returns what was removed."""
+        gone = [e for e in self.list() if e.missing]
+        for e in gone:
+            self._write("DELETE FROM checkpoints WHERE id=?", (e.id,))
+        return gone
+
+    # -- queries ---------------------------------------------------------
+    def _get_by_ref(self, ref: str) -> Entry | None:
+        row = self.db.execute("SELECT * FROM checkpoints WHERE ref=?", (ref,)).fetchone()
+        return Entry.from_row(row) if row else None
+
+    def get(self, entry_id: int | str) -> Entry:
+        """By numeric id, or by reference (path or hub id)."""
+        row = None
+        if isinstance(entry_id, int) or str(entry_id).isdigit():
+            row = self.db.execute("SELECT * FROM checkpoints WHERE id=?", (int(entry_id),)).fetchone()
+        if row is None:
+            ref = str(entry_id)
+            p = Path(ref).expanduser()
+            row = self.db.execute("SELECT * FROM checkpoints WHERE ref=? OR path=?",
+                                  (str(p.resolve()) if p.exists() else ref, ref)).fetchone()
+        if row is None:
+            raise LibraryError(f"no entry {entry_id!r}", path=self.path, hint="see `warmstart library list`")
+        return Entry.from_row(row)
+
+    def list(self, *, base: str | None = None, task: str | None = None, kind: str | None = None,
+             tag: dict[str, str] | None = None, compatible_with: str | Path | None = None,
+             run: str | None = None) -> list[Entry]:
+        where, params = [], []
+        if base:
+            where.append("(base_model=? OR base_model=?)")
+            params += [base, _abs_or_same(base)]
+        if task:
+            where.append("task=?")
+            params.append(task)
+        if kind:
+            where.append("kind=?")
+            params.append(kind)
+        if run:
+            where.append("run=?")
+            params.append(_abs_or_same(run))
+        for k, v in (tag or {}).items():
+            where.append("json_extract(tags, ?)=?")
+            params += [f'$."{k}"', v]
+        if compatible_with is not None:
+            clause, cparams = self._compatible_clause(compatible_with)
+            where.append(clause)
+            params += cparams
+        sql = "SELECT * FROM checkpoints" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
+        return [Entry.from_row(r) for r in self.db.execute(sql, params)]
+
+    def _compatible_clause(self, base_ref: str | Path) -> tuple[str, list]:
+        """Full models with the base's architecture signature; adapters whose base is this base."""
+        base_ck = open_checkpoint(base_ref)
+        if base_ck.kind != "full":
+            raise CheckpointError("--compatible-with needs a full base model, got a LoRA adapter", path=base_ck.path)
+        sig = base_ck.signature_hash()
+        fp = base_ck.fingerprint()
+        names = {str(base_ref), str(base_ck.path), base_ck.ref}
+        ph = ",".join("?" * len(names))
+        return (f"((kind='full' AND arch_signature=?) OR "
+                f"(kind='lora' AND (base_fingerprint=? OR base_model IN ({ph}))))", [sig, fp, *names])
+
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0]
+
+    def signature(self, sig_hash: str) -> dict[str, list[int]]:
+        row = self.db.execute("SELECT tensors FROM signatures WHERE hash=?", (sig_hash,)).fetchone()
+        return dict(json.loads(row[0])) if row else {}
+
+    # -- score cache (filled by the selection stage) ----------------------
+    def cached_score(self, checkpoint_fp: str, dataset_fp: str, sample: str, metric: str) -> dict | None:
+        row = self.db.execute("SELECT value, extra FROM scores WHERE checkpoint_fp=? AND dataset_fp=? "
+                              "AND sample=? AND metric=?", (checkpoint_fp, dataset_fp, sample, metric)).fetchone()
+        if row is None:
+            return None
+        return {"value": row[0], **json.loads(row[1])}
+
+    def put_score(self, checkpoint_fp: str, dataset_fp: str, sample: str, metric: str, value: float,
+                  extra: dict | None = None) -> None:
+        self._write("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?,?)",
+                    (checkpoint_fp, dataset_fp, sample, metric, float(value), json.dumps(extra or {}), time.time()))
+
+    def scores(self, dataset_fp: str | None = None) -> list[dict]:
+        sql, params = "SELECT * FROM scores", []
+        if dataset_fp:
+            sql, params = sql + " WHERE dataset_fp=?", [dataset_fp]
+        return [dict(r) for r in self.db.execute(sql, params)]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (dict, list)) or a is None and isinstance(b, str):
+        try:
+            return json.loads(b) == a if isinstance(b, str) else a == b
+        except ValueError:
+            return False
+    return a == b
+
+
+def _abs_or_same(s: str) -> str:
+    p = Path(s).expanduser()
+    return str(p.resolve()) if p.exists() else s
+
+
+_base_fp_memo: dict[str, str | None] = {}
+
+
+def _base_fingerprint(base: str) -> str | None:
+    """Fingerprint of the base model when it is available locally; None otherwise."""
+    if base in _base_fp_memo:
+        return _base_fp_memo[base]
+    fp = None
+    try:
+        p = Path(base).expanduser()
+        if p.exists() or os.environ.get("HF_HUB_OFFLINE"):
+            resolve(base)
+            fp = open_checkpoint(base).fingerprint()
+    except WarmstartError:
+        fp = None
+    _base_fp_memo[base] = fp
+    return fp
+
+
+__all__ = ["Entry", "Library", "ScanResult", "SCHEMA_VERSION", "default_library_path"]
