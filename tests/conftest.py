@@ -51,3 +51,38 @@ def copy_of(tmp_path):
         return dst
 
     return _copy
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def json(self):
+        import json
+
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run the real `warmstart` entry point in-process: ``cli("library", "list")``.
+
+    Returns exit code, stdout and stderr, exactly as a user would see them
+    (errors go through the same one-line renderer as the console script).
+    """
+    import sys
+
+    from warmstart.cli import main
+
+    def _run(*args) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["warmstart", *map(str, args)])
+        capsys.readouterr()
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return _run

@@ -530,6 +530,9 @@ def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False) -> Checkpoin
                               path=d, hint="use `warmstart library scan` to register each checkpoint-*")
     if any(d.glob("*.safetensors")):
         raise CheckpointError("safetensors weights without config.json or adapter_config.json", path=d)
+    if any(is_checkpoint_dir(c) for c in d.iterdir() if c.is_dir()):
+        raise CheckpointError("this directory holds checkpoints in subdirectories, it is not one itself",
+                              path=d, hint="use `warmstart library scan` to register them all")
     raise CheckpointError("unknown layout: expected config.json + *.safetensors (full model) "
                           "or adapter_config.json + adapter_model.safetensors (LoRA)", path=d)
 
