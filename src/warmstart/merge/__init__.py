@@ -1,0 +1,25 @@
+"""Merging checkpoints: per-tensor methods, weighting schemes, streaming engine, LoRA adapter space.
+
+In memory (for the weight optimizer)::
+
+    from warmstart.merge import merge_tensors, merge_state_dicts
+    sd = merge_state_dicts("ties", [sd_a, sd_b], base_sd, [0.5, 0.5], density=0.5)
+
+On disk (streaming, bounded memory, atomic)::
+
+    from warmstart.merge import MergePlan, merge
+    result = merge(MergePlan.from_yaml("plan.yaml"), Path("out/merged"))
+"""
+
+from .methods import REGISTRY, Method, get_method, merge_state_dicts, merge_tensors
+from .weights import SCHEMES, compute_weights
+
+__all__ = [
+    "REGISTRY",
+    "SCHEMES",
+    "Method",
+    "compute_weights",
+    "get_method",
+    "merge_state_dicts",
+    "merge_tensors",
+]

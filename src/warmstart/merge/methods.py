@@ -1,0 +1,341 @@
+"""Per-tensor merge math: one small function per method, registered under its name.
+
+Every method has the same signature (mergekit's habit: the signature is the
+schema)::
+
+    fn(tensors: list[Tensor], base: Tensor | None, weights: list[float], **params) -> Tensor
+
+``tensors`` are the donors (fp32, same shape), ``base`` is θ₀ (required by the
+task-vector methods), ``weights`` one float per donor. Parameter names and
+defaults follow mergekit 0.1.5 (``density``, ``gamma``, ``lambda``,
+``normalize``, ``t``, ``rescale``, ``filter_wise``); where we differ, the
+function says so and docs/merge.md lists it.
+
+TIES, DARE and breadcrumbs are one parametrised family (``_task_family``):
+sparsify each task vector δᵢ = θᵢ − θ₀, optionally elect a sign, then combine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable
+    url: str  # the paper (or definition) the math follows
+    needs_base: bool
+    defaults: dict = field(default_factory=dict)
+    min_models: int = 1
+    max_models: int | None = None
+    uses_weights: bool = True
+    doc: str = ""
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, url: str, *, needs_base: bool, defaults: dict | None = None, min_models: int = 1,
+             max_models: int | None = None, uses_weights: bool = True, **bound):
+    """Register ``fn`` under ``name``; ``bound`` fixes family parameters (e.g. consensus for TIES)."""
+
+    def deco(fn):
+        f = (lambda tensors, base, weights, **kw: fn(tensors, base, weights, **bound, **kw)) if bound else fn
+        REGISTRY[name] = Method(name, f, url, needs_base, dict(defaults or {}), min_models, max_models,
+                                uses_weights, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    m = REGISTRY.get(name)
+    if m is None:
+        raise ConfigError(f"unknown merge method {name!r}", hint="choose one of " + ", ".join(sorted(REGISTRY)))
+    return m
+
+
+# ----------------------------------------------------------------------------
+# Averages
+
+
+@register("linear", "https://arxiv.org/abs/2203.05482", needs_base=False, defaults={"normalize": True})
+def linear(tensors, base, weights, *, normalize=True):
+    """Weighted average Σ wᵢθᵢ (/ Σ wᵢ when normalize); the base takes part only if passed as a donor."""
+    total = sum(weights)
+    scale = 1.0 / total if normalize and abs(total) > 1e-8 else 1.0  # mergekit's zero guard
+    out = tensors[0] * (weights[0] * scale)
+    for t, w in zip(tensors[1:], weights[1:]):
+        out.add_(t, alpha=w * scale)  # in place: one output buffer, no stacked copy of the inputs
+    return out
+
+
+@register("task_arithmetic", "https://arxiv.org/abs/2212.04089", needs_base=True,
+          defaults={"lambda": 1.0, "normalize": False})
+def task_arithmetic(tensors, base, weights, **params):
+    """θ₀ + λ·Σ wᵢδᵢ (divided by Σ wᵢ when normalize)."""
+    return _task_family(tensors, base, weights, sparsify=None, consensus=None, **params)
+
+
+# ----------------------------------------------------------------------------
+# The TIES / DARE / breadcrumbs family
+
+
+def _magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    """Mask of the top ``density`` fraction of |δ|, by selection instead of sorting.
+
+    mergekit argsorts the whole tensor (O(n log n), most of its TIES time).
+    ``kthvalue`` is a quickselect (O(n)): the threshold is the (n−k)-th smallest
+    magnitude and everything strictly above it is kept. Ties at the threshold
+    (common in bf16) are broken by position so exactly k entries survive.
+    """
+    n = delta.numel()
+    k = int(density * n)
+    if k >= n:
+        return None
+    mag = delta.abs().view(-1)
+    if k <= 0:
+        return torch.zeros_like(mag, dtype=torch.bool).view_as(delta)
+    thr = mag.kthvalue(n - k).values
+    keep = mag > thr
+    deficit = k - int(keep.sum())
+    if deficit > 0:
+        keep[(mag == thr).nonzero().view(-1)[:deficit]] = True
+    return keep.view_as(delta)
+
+
+def _outlier_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
+    """Breadcrumbs: drop the largest ``gamma`` fraction and the smallest, keeping ``density``.
+
+    Same counts as mergekit (n_top = ⌊γn⌋, n_bottom = n − ⌊density·n⌋ − n_top), with two
+    selections instead of a full sort. Unlike mergekit we keep the top when n_top = 0
+    (mergekit's ``indices[n_bot:-0]`` is empty and zeroes the whole tensor).
+    """
+    n = delta.numel()
+    if density >= 1:
+        return None
+    target, n_top = int(n * density), int(n * gamma)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_bot, n_top = 0, n - target
+    mag = delta.abs().view(-1)
+    keep = torch.ones_like(mag, dtype=torch.bool)
+    if n_bot > 0:
+        keep &= mag > mag.kthvalue(n_bot).values
+    if n_top > 0:
+        keep &= mag <= mag.kthvalue(n - n_top).values
+    return keep.view_as(delta)
+
+
+def _bernoulli_keep(delta: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor | None:
+    """DARE: keep each entry with probability ``density`` (seeded generator, reproducible)."""
+    if density >= 1:
+        return None
+    return torch.rand(delta.shape, generator=gen, device=delta.device) < density
+
+
+def _task_family(tensors, base, weights, *, sparsify, consensus, density=1.0, gamma=0.01, normalize=False,
+                 rescale=None, seed=0, **params):
+    """Generalised task arithmetic: sparsify δᵢ, optional sign election, (disjoint) weighted sum."""
+    lam = params.pop("lambda", params.pop("lambda_", 1.0))
+    if params:
+        raise ConfigError(f"unknown parameter(s) {sorted(params)}")
+    densities = density if isinstance(density, (list, tuple)) else [density] * len(tensors)
+    gen = torch.Generator(device=base.device).manual_seed(int(seed)) if sparsify == "random" else None
+    rescale = (sparsify == "random") if rescale is None else rescale
+    wd = []
+    for t, w, d in zip(tensors, weights, densities):
+        delta = t.sub(base)
+        keep = (_magnitude_keep(delta, d) if sparsify == "magnitude" else
+                _outlier_keep(delta, d, gamma) if sparsify == "outliers" else
+                _bernoulli_keep(delta, d, gen) if sparsify == "random" else None)
+        if keep is not None:
+            delta.mul_(keep)
+            if sparsify == "random" and rescale and d > 0:
+                delta.div_(d)  # DARE rescales survivors by 1/p so E[δ̃] = δ
+        wd.append(delta.mul_(w))
+    mixed, divisor = _combine(wd, weights, consensus)
+    if normalize:
+        mixed.div_(divisor)
+    if lam != 1:
+        mixed.mul_(lam)
+    return mixed.add_(base)
+
+
+def _combine(wd: list[torch.Tensor], weights, consensus):
+    """Σ wᵢδ̃ᵢ and its normaliser; with ``consensus='sum'``, only entries agreeing with the elected sign."""
+    if consensus is None:
+        total = sum(weights)
+        mixed = wd[0].clone()
+        for d in wd[1:]:
+            mixed.add_(d)
+        return mixed, (total if abs(total) > 1e-8 else 1.0)
+    elected = torch.zeros_like(wd[0])
+    for d in wd:
+        elected.add_(d)
+    elected = torch.where(elected >= 0, 1.0, -1.0)  # TIES: sign of the summed mass; 0 counts as +
+    mixed = torch.zeros_like(wd[0])
+    divisor = torch.zeros_like(wd[0])
+    for d, w in zip(wd, weights):
+        agree = d.sign() == elected
+        mixed.add_(d * agree)
+        divisor.add_(agree, alpha=w)
+    divisor[divisor == 0] = 1
+    return mixed, divisor
+
+
+_TIES = "https://arxiv.org/abs/2306.01708"
+_DARE = "https://arxiv.org/abs/2311.03099"
+_CRUMBS = "https://arxiv.org/abs/2312.06795"
+for _name, _url, _sp, _cons, _defaults in [
+    ("ties", _TIES, "magnitude", "sum", {"density": 1.0, "normalize": True, "lambda": 1.0}),
+    ("dare_ties", _DARE, "random", "sum", {"density": 1.0, "normalize": False, "lambda": 1.0, "rescale": True,
+                                          "seed": 0}),
+    ("dare_linear", _DARE, "random", None, {"density": 1.0, "normalize": False, "lambda": 1.0, "rescale": True,
+                                           "seed": 0}),
+    ("breadcrumbs", _CRUMBS, "outliers", None, {"density": 1.0, "gamma": 0.01, "normalize": False, "lambda": 1.0}),
+    ("breadcrumbs_ties", _CRUMBS, "outliers", "sum", {"density": 1.0, "gamma": 0.01, "normalize": False,
+                                                      "lambda": 1.0}),
+]:
+    register(_name, _url, needs_base=True, defaults=_defaults, sparsify=_sp, consensus=_cons)(_task_family)
+
+
+# ----------------------------------------------------------------------------
+# Geometric methods
+
+
+@register("slerp", "https://dl.acm.org/doi/10.1145/325165.325242", needs_base=False, defaults={"t": 0.5},
+          min_models=1, max_models=2, uses_weights=False)
+def slerp(tensors, base, weights, *, t=0.5, dot_threshold=0.9995, eps=1e-8):
+    """Spherical interpolation from v0 (the base, or the first model) to v1, over the whole flattened tensor.
+
+    As mergekit: the angle comes from the normalised vectors, the result mixes
+    the unnormalised ones, and nearly colinear tensors fall back to lerp. The
+    dot product is accumulated in float64 (mergekit: float32 numpy).
+    """
+    if base is not None and len(tensors) == 1:
+        v0, v1 = base, tensors[0]
+    elif len(tensors) == 2 and base is None:
+        v0, v1 = tensors
+    else:
+        raise ConfigError("slerp merges exactly two models: a base and one model, or two models without a base")
+    n0, n1 = v0.double().norm(), v1.double().norm()
+    dot = float((v0.double() * v1.double()).sum() / ((n0 if n0 > eps else 1) * (n1 if n1 > eps else 1)))
+    if abs(dot) > dot_threshold:
+        return torch.lerp(v0, v1, float(t))
+    theta0 = math.acos(dot)
+    s0 = math.sin(theta0 * (1 - t)) / math.sin(theta0)
+    s1 = math.sin(theta0 * t) / math.sin(theta0)
+    return v0 * s0 + v1 * s1
+
+
+@register("model_stock", "https://arxiv.org/abs/2403.19522", needs_base=True, defaults={"filter_wise": False},
+          min_models=2, uses_weights=False)
+def model_stock(tensors, base, weights, *, filter_wise=False):
+    """θ₀ + t·(mean(θᵢ) − θ₀) with t = N·cosθ / (1 + (N−1)·cosθ), cosθ the mean pairwise cosine of δᵢ."""
+    shape = base.shape
+    if filter_wise:
+        w0 = base if base.dim() > 1 else base.unsqueeze(0)
+    else:
+        w0 = base.reshape(-1)
+    offsets = [t.reshape(w0.shape) - w0 for t in tensors]
+    cos = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            a, b = offsets[i], offsets[j]
+            norm = (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-6)
+            cos.append(((a * b).sum(dim=-1) / norm).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    n = len(tensors)
+    ratio = n * c / (1 + (n - 1) * c)
+    avg = sum(t.reshape(w0.shape) for t in tensors) / n
+    return (ratio * avg + (1 - ratio) * w0).reshape(shape)
+
+
+# ----------------------------------------------------------------------------
+# In-memory API (the weight optimizer calls these in a loop)
+
+
+def validate(method: Method, n_models: int, has_base: bool, params: dict) -> dict:
+    """Check counts and parameter names against the method; return params with defaults filled in."""
+    if method.needs_base and not has_base:
+        raise ConfigError(f"method {method.name!r} needs a base model", hint="pass --base")
+    if n_models < method.min_models or (method.max_models and n_models > method.max_models):
+        want = (f"{method.min_models}" if method.max_models == method.min_models else
+                f"{method.min_models}..{method.max_models or 'any'}")
+        raise ConfigError(f"method {method.name!r} takes {want} model(s) besides the base, got {n_models}")
+    unknown = set(params) - set(method.defaults) - {"lambda_"}
+    if unknown:
+        raise ConfigError(f"method {method.name!r} has no parameter(s) {sorted(unknown)}",
+                          hint="known: " + ", ".join(sorted(method.defaults)))
+    dens = params.get("density", 1.0)
+    for d in (dens if isinstance(dens, (list, tuple)) else [dens]):
+        if not 0 <= float(d) <= 1:
+            raise ConfigError(f"density must be in [0, 1], got {d}")
+    return {**method.defaults, **params}
+
+
+def merge_tensors(method: str, tensors: list, base=None, weights: list[float] | None = None, *,
+                  compute_dtype=torch.float32, out_dtype=None, **params):
+    """Merge one tensor: donors ``tensors`` (+ optional ``base``) → result in ``out_dtype`` (default: input dtype)."""
+    m = get_method(method)
+    weights = list(weights) if weights is not None else [1.0 / len(tensors)] * len(tensors)
+    if len(weights) != len(tensors):
+        raise ConfigError(f"{len(weights)} weights for {len(tensors)} models")
+    params = validate(m, len(tensors), base is not None, params)
+    ref = base if base is not None else tensors[0]
+    out_dtype = out_dtype or ref.dtype
+    ts = [t.to(compute_dtype) for t in tensors]  # every method allocates its output: inputs are never modified
+    b = base.to(compute_dtype) if base is not None else None
+    return m.fn(ts, b, weights, **params).to(out_dtype)
+
+
+def merge_state_dicts(method: str, state_dicts: list[dict], base: dict | None = None, weights=None, *,
+                      missing: str = "error", **params) -> dict:
+    """Merge whole state dicts key by key; non-float tensors are copied from the reference (base or first).
+
+    ``missing='error'`` refuses keys absent from some input; ``'reference'`` merges each key over
+    the inputs that have it (keys absent from the reference are dropped).
+    """
+    from ..errors import IncompatibleError
+
+    ref = base if base is not None else state_dicts[0]
+    out = {}
+    for key, rt in ref.items():
+        have = [i for i, sd in enumerate(state_dicts) if key in sd]
+        if len(have) < len(state_dicts) and missing == "error":
+            raise IncompatibleError(f"tensor {key!r} is missing from model(s) "
+                                    f"{[i for i in range(len(state_dicts)) if i not in have]}",
+                                    hint="pass missing='reference' to merge over the models that have it")
+        if not rt.is_floating_point() or not have:
+            out[key] = rt.clone()
+            continue
+        w = [weights[i] for i in have] if weights is not None else None
+        seed_params = dict(params)
+        if "seed" in params or method.startswith("dare"):
+            seed_params["seed"] = tensor_seed(int(params.get("seed", 0)), key)
+        out[key] = merge_tensors(method, [state_dicts[i][key] for i in have],
+                                 base[key] if base is not None else None, w, **seed_params)
+    extra = {k for sd in state_dicts for k in sd} - set(ref)
+    if extra and missing == "error":
+        raise IncompatibleError(f"{len(extra)} tensor(s) not in the reference model, e.g. {sorted(extra)[0]!r}",
+                                hint="pass missing='reference' to follow the reference's tensor list")
+    return out
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed: DARE masks depend on (seed, tensor name) only, not on thread order."""
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+__all__ = ["Method", "REGISTRY", "get_method", "merge_state_dicts", "merge_tensors", "register", "tensor_seed",
+           "validate"]
