@@ -1,0 +1,148 @@
+"""evaluate(): every metric against a hand computation on unbatched, unpadded forwards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from warmstart.data import load_target
+from warmstart.errors import ConfigError
+from warmstart.evaluate import evaluate, loglikelihoods, option_loglikelihoods
+
+
+@pytest.fixture(scope="module")
+def base(models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    return (AutoModelForCausalLM.from_pretrained(models / "base", dtype=torch.float32),
+            AutoTokenizer.from_pretrained(models / "base"))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+PC = [{"prompt": "The quick brown" + " fox" * i, "completion": " jumps over" + " the" * (i % 3)} for i in range(7)]
+MC = [{"question": f"Capital number {i}?", "choices": ["Paris", "Berlin town", "Madrid", "Rome"], "answer": i % 4}
+      for i in range(9)]
+
+
+def hand_target_logprobs(model, tok, prompt, completion):
+    """Independent reference: one sequence, no padding, log_softmax over the full logits."""
+    p = tok(prompt)["input_ids"]
+    c = tok(completion, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + c])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[0].log_softmax(-1)
+    lps = [logp[len(p) + j - 1, t].item() for j, t in enumerate(c)]
+    hits = [logp[len(p) + j - 1].argmax().item() == t for j, t in enumerate(c)]
+    return lps, hits
+
+
+def test_token_metrics_match_hand_computation(tmp_path, base):
+    model, tok = base
+    data = load_target(write_jsonl(tmp_path / "d.jsonl", PC))
+    got = evaluate(model, tok, data, batch_size=3)
+    all_lp, all_hit, em = [], [], []
+    for r in PC:
+        lps, hits = hand_target_logprobs(model, tok, r["prompt"], r["completion"])
+        all_lp += lps
+        all_hit += hits
+        em.append(all(hits))
+    assert got["loss"] == pytest.approx(-sum(all_lp) / len(all_lp), rel=1e-5)
+    assert got["token_accuracy"] == pytest.approx(sum(all_hit) / len(all_hit))
+    assert got["exact_match"] == pytest.approx(sum(em) / len(em))
+    assert got["n_tokens"] == len(all_lp) and got["n_examples"] == 7
+    # batch size and padding do not change anything
+    assert evaluate(model, tok, data, batch_size=1)["loss"] == pytest.approx(got["loss"], rel=1e-5)
+
+
+def test_mc_rank_and_norm_match_hand(tmp_path, base):
+    model, tok = base
+    data = load_target(write_jsonl(tmp_path / "mc.jsonl", MC))
+    got = evaluate(model, tok, data, batch_size=5)
+    lls = option_loglikelihoods(model, tok, data, batch_size=7)
+    hit_sum = hit_norm = 0
+    for ex, row_lls in zip(data.examples, lls):
+        hand = [sum(hand_target_logprobs(model, tok, ex.prompt, o)[0]) for o in ex.options]
+        assert row_lls == pytest.approx(hand, rel=1e-5, abs=1e-5)
+        hit_sum += max(range(4), key=lambda i: hand[i]) == ex.answer
+        per_byte = [h / len(o.encode()) for h, o in zip(hand, ex.options)]
+        hit_norm += max(range(4), key=lambda i: per_byte[i]) == ex.answer
+    assert got["mc_accuracy_sum"] == pytest.approx(hit_sum / 9)
+    assert got["mc_accuracy_norm"] == pytest.approx(hit_norm / 9)
+    assert got["mc_accuracy"] == got["mc_accuracy_sum"]
+    assert evaluate(model, tok, data, length_normalize=True)["mc_accuracy"] == got["mc_accuracy_norm"]
+    # loss on MC data = NLL of the correct option's text
+    ref = [hand_target_logprobs(model, tok, ex.prompt, ex.completion)[0] for ex in data.examples]
+    flat = [x for r in ref for x in r]
+    assert got["loss"] == pytest.approx(-sum(flat) / len(flat), rel=1e-5)
+
+
+def test_mc_letter_mode_compares_valid_letters_only(tmp_path, base):
+    model, tok = base
+    data = load_target(write_jsonl(tmp_path / "mc.jsonl", MC))
+    got = evaluate(model, tok, data, mc_mode="letter")
+    lettered = data.with_mc_style("letter")
+    hits = 0
+    for ex in lettered.examples:
+        p = tok(ex.prompt)["input_ids"]
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([p])).logits[0, -1].log_softmax(-1)
+        letter_lp = []
+        for o in ex.options:  # " A", " B", ...: score all tokens of each letter option
+            ids = tok(o, add_special_tokens=False)["input_ids"]
+            letter_lp.append(sum(hand_target_logprobs(model, tok, ex.prompt, o)[0]) if len(ids) > 1
+                             else logp[ids[0]].item())
+        hits += max(range(4), key=lambda i: letter_lp[i]) == ex.answer
+    assert got["mc_accuracy"] == pytest.approx(hits / len(MC))
+
+
+def test_peft_models_and_adapter_switching(models, tmp_path, base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, tok = base
+    data = load_target(write_jsonl(tmp_path / "d.jsonl", PC))
+    m = AutoModelForCausalLM.from_pretrained(models / "base", dtype=torch.float32)
+    plain = evaluate(m, tok, data)["loss"]
+    pm = PeftModel.from_pretrained(m, models / "lora_a", adapter_name="a")
+    pm.load_adapter(models / "lora_b", adapter_name="b")
+    pm.set_adapter("a")
+    la = evaluate(pm, tok, data)["loss"]
+    pm.set_adapter("b")
+    lb = evaluate(pm, tok, data)["loss"]
+    with pm.disable_adapter():
+        assert evaluate(pm, tok, data)["loss"] == pytest.approx(plain, rel=1e-6)
+    assert len({round(plain, 6), round(la, 6), round(lb, 6)}) == 3
+    # reference: each adapter merged into a fresh base
+    for path, got in ((models / "lora_a", la), (models / "lora_b", lb)):
+        ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models / "base"), path)
+        assert evaluate(ref.merge_and_unload(), tok, data)["loss"] == pytest.approx(got, rel=1e-4)
+    # a weighted mix is just another active adapter
+    pm.add_weighted_adapter(["a", "b"], [0.5, 0.5], adapter_name="mix", combination_type="cat")
+    pm.set_adapter("mix")
+    assert evaluate(pm, tok, data)["loss"] not in (pytest.approx(la), pytest.approx(lb))
+
+
+def test_loglikelihoods_and_errors(tmp_path, base):
+    model, tok = base
+    (s,) = loglikelihoods(model, tok, [("The quick", " brown fox")])
+    lps, hits = hand_target_logprobs(model, tok, "The quick", " brown fox")
+    assert s.logprob == pytest.approx(sum(lps), rel=1e-5) and s.n_tokens == len(lps)
+    data = load_target(write_jsonl(tmp_path / "d.jsonl", PC))
+    with pytest.raises(ConfigError, match="unknown metric"):
+        evaluate(model, tok, data, metrics=("bleu",))
+    with pytest.raises(ConfigError, match="needs question/choices/answer"):
+        evaluate(model, tok, data, metrics=("mc_accuracy",))
+    assert "mc_accuracy" not in evaluate(model, tok, data)
+    model.train()  # evaluation switches to eval mode (no dropout) and restores the caller's mode
+    try:
+        evaluate(model, tok, data)
+        assert model.training is True
+    finally:
+        model.eval()
