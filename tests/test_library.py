@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import shutil
 import sqlite3
+import time
 
 import pytest
 
@@ -176,3 +177,49 @@ def test_concurrent_registration_and_scores(tmp_path, models, copy_of):
     with Library(db) as lib:
         assert lib.count() == 8  # every process registered the same 8: no duplicates
         assert len(lib.scores()) == n_workers * n_scores  # 240 score writes, none lost
+
+
+def test_locked_database_is_a_clear_error(tmp_path, models, monkeypatch):
+    p = tmp_path / "lib.db"
+    Library(p).close()
+    holder = sqlite3.connect(p, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process mid-write, forever
+    monkeypatch.setenv("WARMSTART_DB_TIMEOUT", "0.3")
+    try:
+        with pytest.raises(LibraryError, match="locked by another process"):
+            with Library(p) as lib:
+                lib.add(models / "ft_a")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def _register_forever(db_path: str, dirs: list[str]) -> None:
+    with Library(db_path) as lib:
+        while True:
+            for d in dirs:
+                lib.add(d, tags={"t": str(time.time())})  # every call is a real UPDATE
+
+
+def test_killed_registration_leaves_catalog_consistent(tmp_path, models, copy_of):
+    import os
+    import signal
+
+    dirs = [str(copy_of(models / "lora_a", f"a{i}")) for i in range(4)]
+    db = str(tmp_path / "lib.db")
+    Library(db).close()
+    ctx = mp.get_context("spawn")
+    for delay in (2.5, 3.0, 3.5):
+        p = ctx.Process(target=_register_forever, args=(db, dirs))
+        p.start()
+        time.sleep(delay)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        with Library(db) as lib:
+            assert lib.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert lib.count() <= 4
+            assert all(e.fingerprint and e.arch_signature for e in lib.list())
+    with Library(db) as lib:
+        for d in dirs:
+            lib.add(d)
+        assert lib.count() == 4

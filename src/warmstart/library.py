@@ -146,6 +146,8 @@ class Library:
 
     def __init__(self, path: str | Path | None = None, *, create: bool = True):
         self.path = Path(path) if path else default_library_path()
+        # How long to wait for another process's write lock before giving up with a clear error.
+        self.timeout = float(os.environ.get("WARMSTART_DB_TIMEOUT", "60"))
         if not create and not self.path.exists():
             raise LibraryError("library not found", path=self.path,
                                hint="register checkpoints with `warmstart library add` or `scan` first")
@@ -153,12 +155,18 @@ class Library:
             raise LibraryError("library path is a directory, expected a database file", path=self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            self.db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                      check_same_thread=False)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA busy_timeout=60000")
+            self.db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise LibraryError(f"database is locked by another process (waited {self.timeout:g}s)",
+                                   path=self.path, hint="retry when the other warmstart process finishes") from None
+            raise LibraryError(f"cannot open library ({e})", path=self.path) from None
         except sqlite3.DatabaseError as e:
             raise LibraryError(f"not a warmstart library or corrupt database ({e})", path=self.path) from None
 
@@ -189,7 +197,10 @@ class Library:
 
     def _write(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
         """One statement in its own immediate transaction, retried while another writer holds the lock."""
-        for attempt in range(200):
+        deadline = time.monotonic() + self.timeout
+        attempt = 0
+        while time.monotonic() < deadline:
+            attempt += 1
             try:
                 self.db.execute("BEGIN IMMEDIATE")
                 try:
@@ -203,8 +214,8 @@ class Library:
                 if "locked" not in str(e) and "busy" not in str(e):
                     raise LibraryError(f"database write failed ({e})", path=self.path) from None
                 time.sleep(0.05 * (1 + attempt % 10))
-        raise LibraryError("database is locked by another process", path=self.path,
-                           hint="wait for the other warmstart process, or remove stale *-wal/*-shm files")
+        raise LibraryError(f"database is locked by another process (waited {self.timeout:g}s)", path=self.path,
+                           hint="retry when the other warmstart process finishes")
 
     def close(self) -> None:
         self.db.close()
