@@ -1,0 +1,708 @@
+"""Fine-tuning transfer across base-model versions.
+
+    target = base_new + α · (finetuned_old − base_old)
+
+after Lin et al., "Efficient Model Development through Fine-tuning Transfer"
+(https://arxiv.org/abs/2503.20110). The diff vector of a fine-tune of an old
+base is added to a newer base of the same architecture family; the paper finds
+it works when the two bases are linearly connected (close in weight space).
+
+Design:
+
+* **Streamed.** Output tensors are produced one at a time from lazily read
+  (memory-mapped) inputs, so the three models are never in memory together;
+  several α values share that one pass over the inputs.
+* **Wide arithmetic.** Differences are taken in fp32 (or fp64); the output
+  dtype is the new base's unless the user asks for another.
+* **LoRA fine-tunes.** A PEFT adapter's ΔW = s · B @ A (per-module scaling,
+  rsLoRA and rank/alpha patterns via :meth:`LoraInfo.scaling`) *is* the diff;
+  the old full fine-tuned model is never materialised.
+* **Nothing skipped silently.** Every tensor gets an action and a reason in
+  the report: vocabulary rows matched by token string, tensors on one side
+  only, shape mismatches. The report also carries the compatibility numbers
+  (per-layer cosine of the base drift with the diff, relative norms) and
+  warnings when the bases look far apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_dir, atomic_write_json, check_output
+from .checkpoints import Checkpoint, open_checkpoint
+from .errors import ConfigError, IncompatibleError
+
+# A relative drift ||base_new − base_old|| / ||base_old|| above this, or a cosine
+# between the two bases below FAR_COSINE, means the bases are probably not
+# linearly connected and transfer may not help (Lin et al., §5).
+FAR_DRIFT = 0.5
+FAR_COSINE = 0.8
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+# Config fields that fix the tensor shapes: a config taken from the fine-tune must agree on them.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "tie_word_embeddings", "head_dim", "model_type")
+_DTYPES = {"float32": "float32", "fp32": "float32", "float64": "float64", "fp64": "float64",
+           "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+# ----------------------------------------------------------------------------
+# Report types
+
+
+@dataclass
+class TensorReport:
+    """What happened to one tensor of the output (or of an input that has no place in it)."""
+
+    name: str
+    action: str  # transfer | transfer-vocab | keep-new | dropped
+    reason: str
+    shape_new: list[int] | None = None
+    shape_old: list[int] | None = None
+    cos_drift_diff: float | None = None  # cos(base_new − base_old, finetuned − base_old)
+    rel_diff: float | None = None  # ||diff|| / ||base_old||
+    rel_drift: float | None = None  # ||base_new − base_old|| / ||base_old||
+    rows: dict[str, int] | None = None  # vocabulary row accounting
+
+
+@dataclass
+class LayerStats:
+    layer: str
+    cos_drift_diff: float | None
+    rel_diff: float | None
+    rel_drift: float | None
+    n_tensors: int
+
+
+@dataclass
+class TransferReport:
+    base_old: str
+    finetuned: str
+    finetuned_kind: str
+    base_new: str
+    alphas: list[float]
+    tensors: list[TensorReport] = field(default_factory=list)
+    layers: list[LayerStats] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        c: dict[str, int] = {}
+        for t in self.tensors:
+            c[t.action] = c.get(t.action, 0) + 1
+        return c
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["counts"] = self.counts()
+        return d
+
+
+# ----------------------------------------------------------------------------
+# Inputs: the fine-tune's diff, from a full model or a LoRA adapter
+
+
+class _Finetuned:
+    """Gives the fine-tune's full tensor or its diff from the old base, for one name."""
+
+    def __init__(self, ck: Checkpoint):
+        self.ck = ck
+        self.reader = ck.weights()
+        self.lora_modules: dict[str, dict[str, str]] = {}
+        if ck.kind == "lora":
+            self._index_lora()
+
+    def _index_lora(self) -> None:
+        # PEFT saves `base_model.model.<module>.lora_A.weight`; the base tensor is `<module>.weight`
+        # (embeddings: `lora_embedding_A`/`_B`, no `.weight`). Anything else is refused, not skipped.
+        if self.ck.config.get("use_dora"):
+            raise IncompatibleError("DoRA adapters are not supported by transfer (magnitude vectors)",
+                                    path=self.ck.path, hint="merge the adapter into its base first")
+        pat = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                         r"(?:\.weight)?$")
+        for key in self.reader.keys():
+            m = pat.match(key)
+            if m:
+                self.lora_modules.setdefault(m.group(1) + ".weight", {})[m.group(2)] = key
+            elif key.startswith("base_model.model."):
+                # modules_to_save: a full replacement tensor for this module.
+                self.lora_modules.setdefault(key[len("base_model.model."):], {})["full"] = key
+            else:
+                raise IncompatibleError(f"unrecognised adapter tensor {key!r}", path=self.ck.path)
+        for name, parts in self.lora_modules.items():
+            if "full" not in parts and len(parts) != 2:
+                raise IncompatibleError(f"adapter has only {sorted(parts)} for {name!r}", path=self.ck.path)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.ck.kind == "lora"
+
+    def names(self) -> list[str]:
+        return list(self.lora_modules) if self.is_lora else self.reader.keys()
+
+    def shape(self, name: str, old_shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if not self.is_lora:
+            return tuple(self.reader.meta[name].shape) if name in self.reader else None
+        parts = self.lora_modules.get(name)
+        if parts is None:
+            return old_shape  # untouched by the adapter: the fine-tune equals the old base here
+        if "full" in parts:
+            return tuple(self.reader.meta[parts["full"]].shape)
+        if "lora_A" in parts:
+            return (self.reader.meta[parts["lora_B"]].shape[0], self.reader.meta[parts["lora_A"]].shape[1])
+        a, b = self.reader.meta[parts["lora_embedding_A"]].shape, self.reader.meta[parts["lora_embedding_B"]].shape
+        return (a[1], b[0])
+
+    def touches(self, name: str) -> bool:
+        return (name in self.lora_modules) if self.is_lora else (name in self.reader)
+
+    def delta(self, name: str, dtype) -> Any:
+        """ΔW = s · B @ A for an adapter module (PEFT's get_delta_weight, computed in ``dtype``)."""
+        parts = self.lora_modules[name]
+        module = name[: -len(".weight")] if name.endswith(".weight") else name
+        s = self.ck.lora.scaling(module)
+        if "lora_A" in parts:
+            d = self.reader.get(parts["lora_B"], dtype) @ self.reader.get(parts["lora_A"], dtype)
+            if self.ck.config.get("fan_in_fan_out"):
+                d = d.T
+            return d * s
+        # Embedding: PEFT computes transpose(B @ A) (peft.tuners.lora.layer.Embedding.get_delta_weight).
+        d = self.reader.get(parts["lora_embedding_B"], dtype) @ self.reader.get(parts["lora_embedding_A"], dtype)
+        return d.T * s
+
+    def full(self, name: str, old: Any, dtype) -> Any:
+        """The fine-tuned tensor (for an adapter: old + ΔW, or its modules_to_save copy)."""
+        if not self.is_lora:
+            return self.reader.get(name, dtype)
+        parts = self.lora_modules.get(name)
+        if parts is None:
+            return old
+        if "full" in parts:
+            return self.reader.get(parts["full"], dtype)
+        return old + self.delta(name, dtype)
+
+
+# ----------------------------------------------------------------------------
+# Vocabulary: rows matched by token string
+
+
+def _vocab(path: Path) -> dict[str, int] | None:
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path).get_vocab()
+    except Exception as e:  # tokenizers fail in many ways; all mean "cannot read it"
+        raise IncompatibleError(f"cannot load the tokenizer ({type(e).__name__}: {e})", path=path) from None
+
+
+@dataclass
+class _VocabMap:
+    """For each row of the new base: the row of the old base and of the fine-tune with the same token."""
+
+    old_rows: list[int | None]
+    ft_rows: list[int | None]
+    identity: bool
+
+
+def _vocab_map(v_old, v_ft, v_new, n_new: int, n_old: int, n_ft: int) -> _VocabMap:
+    if v_old is None or v_new is None:
+        if n_new == n_old == n_ft and (v_old == v_new == v_ft):
+            return _VocabMap(list(range(n_new)), list(range(n_new)), True)
+        raise IncompatibleError("vocabulary sizes differ and a tokenizer is missing, so rows cannot be matched",
+                                hint="put the tokenizer files next to both base models")
+    v_ft = v_ft if v_ft is not None else v_old
+    if v_old == v_new == v_ft and n_new == n_old == n_ft:
+        return _VocabMap(list(range(n_new)), list(range(n_new)), True)
+    by_id = {i: s for s, i in v_new.items()}
+    old_rows: list[int | None] = [None] * n_new
+    ft_rows: list[int | None] = [None] * n_new
+    for j in range(n_new):
+        s = by_id.get(j)
+        if s is None:
+            continue  # padding row beyond the tokenizer: no token says what it means
+        oi, fi = v_old.get(s), v_ft.get(s)
+        old_rows[j] = oi if oi is not None and oi < n_old else None
+        ft_rows[j] = fi if fi is not None and fi < n_ft else None
+    return _VocabMap(old_rows, ft_rows, False)
+
+
+# ----------------------------------------------------------------------------
+# Output: sharded safetensors with an index, written as tensors arrive
+
+
+def _parse_size(s: str | int) -> int:
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", str(s).upper())
+    if not m:
+        raise ConfigError(f"cannot parse size {s!r}", hint="use e.g. 2GB, 500MB")
+    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
+
+
+class _ShardWriter:
+    """Writes tensors into shards of at most ``max_bytes``; names them like transformers at the end.
+
+    Hand-written rather than ``save_pretrained`` because the whole state dict is
+    never in memory: shards are flushed as they fill.
+    """
+
+    def __init__(self, out: Path, max_bytes: int):
+        self.out, self.max_bytes = out, max_bytes
+        self.buf: dict[str, Any] = {}
+        self.size = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, t) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.buf and self.size + nbytes > self.max_bytes:
+            self._flush()
+        self.buf[name] = t.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        f = self.out / f"shard-{len(self.shards):05d}.partial"
+        save_file(self.buf, str(f), metadata={"format": "pt"})
+        self.shards.append((f, list(self.buf)))
+        self.buf, self.size = {}, 0
+
+    def finish(self) -> list[Path]:
+        if self.buf or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            final = self.out / "model.safetensors"
+            self.shards[0][0].rename(final)
+            return [final]
+        weight_map, files = {}, []
+        for i, (f, names) in enumerate(self.shards):
+            final = self.out / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            f.rename(final)
+            files.append(final)
+            weight_map.update({k: final.name for k in names})
+        atomic_write_json(self.out / "model.safetensors.index.json",
+                          {"metadata": {"total_size": self.total}, "weight_map": weight_map})
+        return files
+
+
+# ----------------------------------------------------------------------------
+# Plan: one action per tensor, from headers only (nothing read yet)
+
+
+def _vocab_size(cfg: dict) -> int | None:
+    v = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    return int(v) if v else None
+
+
+def _plan(old: Checkpoint, fin: _Finetuned, new: Checkpoint, vmap_for) -> list[TensorReport]:
+    mo, mn = old.weights().meta, new.weights().meta
+    v_old, v_new = _vocab_size(old.config), _vocab_size(new.config)
+    plan: list[TensorReport] = []
+    for name, m in mn.items():
+        sn = list(m.shape)
+        if name not in mo:
+            plan.append(TensorReport(name, "keep-new", "only in the new base", sn))
+            continue
+        so = list(mo[name].shape)
+        sf = fin.shape(name, tuple(so))
+        if not m.dtype.startswith(("F", "BF")):
+            plan.append(TensorReport(name, "keep-new", f"not floating point ({m.dtype})", sn, so))
+        elif fin.is_lora and not fin.touches(name):
+            plan.append(TensorReport(name, "keep-new", "the adapter does not change it (diff is zero)", sn, so))
+        elif sf is None:
+            plan.append(TensorReport(name, "keep-new", "missing from the fine-tune (diff unknown)", sn, so))
+        elif (len(sn) >= 1 and sn[0] == v_new and so[0] == v_old and sf[0] >= 1 and sn[1:] == so[1:] == list(sf[1:])
+              and not (vm := vmap_for(sn[0], so[0], sf[0])).identity):
+            plan.append(TensorReport(name, "transfer-vocab", "vocabulary rows matched by token string", sn, so))
+        elif sn != so or list(sf) != so:
+            why = f"shape mismatch: old base {so}, fine-tune {list(sf)}, new base {sn}"
+            plan.append(TensorReport(name, "keep-new", why, sn, so))
+        else:
+            plan.append(TensorReport(name, "transfer", "new + α·(finetuned − old)", sn, so))
+    for name in mo:
+        if name not in mn:
+            why = "only in the old base: the fine-tune's diff here has no place in the new model"
+            plan.append(TensorReport(name, "dropped", why, None, list(mo[name].shape)))
+    for name in fin.names():
+        if name not in mo and name not in mn:
+            plan.append(TensorReport(name, "dropped", "only in the fine-tune: no old-base counterpart to diff against"))
+        elif name not in mo and fin.touches(name):
+            pass  # reported above as only in the new base (kept)
+    return plan
+
+
+# ----------------------------------------------------------------------------
+# Compatibility statistics, accumulated while streaming
+
+
+class _Stats:
+    """Dot products and squared norms, summed per layer and overall (float64 Python floats)."""
+
+    def __init__(self):
+        self.by_layer: dict[str, dict[str, float]] = {}
+
+    @staticmethod
+    def layer_of(name: str) -> str:
+        m = re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", name)
+        return f"layer {int(m.group(1)):03d}" if m else "other"
+
+    def add(self, name: str, old, new, diff) -> TensorReport | dict:
+        drift = new - old
+        v = {"dot": float((drift * diff).sum()), "dd": float((drift * drift).sum()), "ff": float((diff * diff).sum()),
+             "oo": float((old * old).sum()), "on": float((old * new).sum()), "nn": float((new * new).sum()), "n": 1}
+        # Norm scales and biases (1-D, near 1 or 0) would dominate the sums and hide
+        # how far the matrices moved; per-layer and overall numbers use matrices only.
+        for key in (self.layer_of(name), "all") if old.dim() >= 2 else ():
+            acc = self.by_layer.setdefault(key, dict.fromkeys(v, 0.0))
+            for k, x in v.items():
+                acc[k] += x
+        return _ratios(v)
+
+    def layers(self) -> list[LayerStats]:
+        out = []
+        for key in sorted(k for k in self.by_layer if k != "all"):
+            r = _ratios(self.by_layer[key])
+            out.append(LayerStats(key, r["cos_drift_diff"], r["rel_diff"], r["rel_drift"], int(self.by_layer[key]["n"])))
+        return out
+
+    def overall(self) -> dict[str, float | None]:
+        a = self.by_layer.get("all")
+        if not a:
+            return {}
+        r = _ratios(a)
+        r["cos_bases"] = _safe_div(a["on"], math.sqrt(a["oo"] * a["nn"]))
+        return r
+
+
+def _safe_div(a: float, b: float) -> float | None:
+    return None if b <= 0 or not math.isfinite(b) else round(a / b, 6)
+
+
+def _ratios(v: dict) -> dict:
+    return {"cos_drift_diff": _safe_div(v["dot"], math.sqrt(v["dd"] * v["ff"])),
+            "rel_diff": _safe_div(math.sqrt(v["ff"]), math.sqrt(v["oo"])),
+            "rel_drift": _safe_div(math.sqrt(v["dd"]), math.sqrt(v["oo"]))}
+
+
+def _warnings(overall: dict, layers: list[LayerStats], plan: list[TensorReport]) -> list[str]:
+    w = []
+    drift, cos_b = overall.get("rel_drift"), overall.get("cos_bases")
+    if drift is not None and drift > FAR_DRIFT or cos_b is not None and cos_b < FAR_COSINE:
+        w.append(f"the two bases are far apart (relative drift {drift}, cosine {cos_b}): transfer works when "
+                 "they are linearly connected (Lin et al. 2025); check the result before using it")
+    elif drift is not None and overall.get("rel_diff") and drift > 10 * overall["rel_diff"]:
+        w.append(f"the base drift ({drift}) is over 10x the fine-tuning diff ({overall['rel_diff']}): "
+                 "the diff may be washed out")
+    neg = [ly.layer for ly in layers if ly.cos_drift_diff is not None and ly.cos_drift_diff < -0.1]
+    if neg:
+        w.append(f"the base drift points against the diff (cosine < -0.1) in {len(neg)} layer(s): {', '.join(neg[:5])}")
+    for action in ("dropped", "keep-new"):
+        n = sum(1 for t in plan if t.action == action and "diff is zero" not in t.reason)
+        if n:
+            w.append(f"{n} tensor(s) {'dropped' if action == 'dropped' else 'kept from the new base without a diff'}"
+                     " (see the per-tensor report)")
+    return w
+
+
+# ----------------------------------------------------------------------------
+# The pass
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    key = _DTYPES.get(str(name).lower().replace("torch.", ""))
+    if key is None:
+        raise ConfigError(f"unknown dtype {name!r}", hint="use float32, bfloat16, float16 or float64")
+    return getattr(torch, key)
+
+
+def _alphas(alpha: float | str | Sequence[float]) -> list[float]:
+    if isinstance(alpha, str):
+        try:
+            alpha = [float(a) for a in alpha.split(",") if a.strip()]
+        except ValueError:
+            raise ConfigError(f"--alpha {alpha!r} must be a number or a comma-separated list") from None
+    vals = [float(alpha)] if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+    if not vals or not all(math.isfinite(a) for a in vals):
+        raise ConfigError(f"alpha must be one or more finite numbers, got {alpha!r}")
+    if len(set(vals)) != len(vals):
+        raise ConfigError(f"alpha values repeat: {vals}")
+    return vals
+
+
+def alpha_dirname(a: float) -> str:
+    return f"alpha-{a:g}"
+
+
+def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, out: str | Path | None = None, *,
+             alpha: float | str | Sequence[float] = 1.0, dtype: str | None = None, compute_dtype: str = "float32",
+             vocab_new_rows: str = "base", config_from: str = "new", max_shard_size: str | int = "2GB",
+             dry_run: bool = False, force: bool = False, allow_pickle: bool = False,
+             on_tensor: Callable[[str], None] | None = None,
+             on_plan: Callable[[TransferReport], None] | None = None) -> TransferReport:
+    """Write ``base_new + α·(finetuned − base_old)`` to ``out`` (one model per α) and return the report.
+
+    With one α the model is ``out`` itself; with several, ``out/alpha-<α>/`` each.
+    ``vocab_new_rows``: rows of tokens the old base lacks come from the new base
+    (``"base"``) or from the fine-tune when it has the token (``"finetuned"``).
+    ``config_from``: config, generation config and chat template from the new
+    base (``"new"``) or the fine-tune (``"finetuned"``). ``on_plan`` sees the
+    report before any tensor is read; ``dry_run`` computes the report only.
+    """
+    alphas = _alphas(alpha)
+    out_dtype, cdt = _torch_dtype(dtype), _torch_dtype(compute_dtype)
+    if str(cdt).split(".")[-1] not in ("float32", "float64"):
+        raise ConfigError(f"compute dtype must be float32 or float64, got {compute_dtype!r}")
+    if vocab_new_rows not in ("base", "finetuned"):
+        raise ConfigError(f"vocab_new_rows must be 'base' or 'finetuned', got {vocab_new_rows!r}")
+    if config_from not in ("new", "finetuned"):
+        raise ConfigError(f"config_from must be 'new' or 'finetuned', got {config_from!r}")
+    if out is None and not dry_run:
+        raise ConfigError("an output directory is required (or use dry_run)")
+    old, new = (open_checkpoint(r, allow_pickle=allow_pickle) for r in (base_old, base_new))
+    for ck, what in ((old, "--base-old"), (new, "--base-new")):
+        if ck.kind != "full":
+            raise IncompatibleError(f"{what} must be a full model, not a LoRA adapter", path=ck.path)
+    fin = _Finetuned(open_checkpoint(finetuned, allow_pickle=allow_pickle))
+    if out is not None and not dry_run:
+        check_output(Path(out), force=force, inputs=[old.path, new.path, fin.ck.path])
+    cfg = _output_config(old, fin.ck, new, config_from)
+
+    vocabs = _Vocabs(old, fin.ck, new)
+    plan = _plan(old, fin, new, vocabs.map)
+    report = TransferReport(old.ref, fin.ck.ref, fin.ck.kind, new.ref, alphas, plan)
+    if on_plan:
+        on_plan(report)
+    stats = _Stats()
+    opts = dict(cdt=cdt, out_dtype=out_dtype, policy=vocab_new_rows)
+    if dry_run:
+        _stream(report, old, fin, new, vocabs, stats, None, alphas, opts, on_tensor)
+    else:
+        with atomic_dir(out, force=force) as tmp:
+            dirs = [tmp] if len(alphas) == 1 else [tmp / alpha_dirname(a) for a in alphas]
+            for d in dirs:
+                d.mkdir(exist_ok=True)
+            writers = [_ShardWriter(d, _parse_size(max_shard_size)) for d in dirs]
+            _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tensor)
+            _finish_report(report, stats)
+            for w, d, a in zip(writers, dirs, alphas):
+                w.finish()
+                _write_side_files(d, cfg, old, fin.ck, new, config_from, a, report, opts)
+            if len(alphas) > 1:
+                atomic_write_json(tmp / "transfer_report.json", report.to_dict())
+        out = Path(out)
+        report.outputs = [str(out if len(alphas) == 1 else out / alpha_dirname(a)) for a in alphas]
+        return report
+    _finish_report(report, stats)
+    return report
+
+
+def _finish_report(report: TransferReport, stats: _Stats) -> None:
+    report.layers = stats.layers()
+    report.summary = {**stats.overall(), "counts": report.counts()}
+    report.warnings = _warnings(report.summary, report.layers, report.tensors)
+
+
+class _Vocabs:
+    """Tokenizer vocabularies, loaded only if some tensor's rows need matching."""
+
+    def __init__(self, old: Checkpoint, ft: Checkpoint, new: Checkpoint):
+        self.paths = (old.path, ft.path, new.path)
+        self._v = None
+        self._maps: dict[tuple[int, int, int], _VocabMap] = {}
+
+    def map(self, n_new: int, n_old: int, n_ft: int) -> _VocabMap:
+        if self._v is None:
+            self._v = tuple(_vocab(p) for p in self.paths)
+        key = (n_new, n_old, n_ft)
+        if key not in self._maps:
+            v_old, v_ft, v_new = self._v
+            self._maps[key] = _vocab_map(v_old, v_ft, v_new, n_new, n_old, n_ft)
+        return self._maps[key]
+
+
+def _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tensor) -> None:
+    cdt = opts["cdt"]
+    ro, rn = old.weights(), new.weights()
+    for t in report.tensors:
+        if on_tensor:
+            on_tensor(t.name)
+        if t.action == "dropped":
+            continue
+        n = rn.get(t.name, cdt if t.action != "keep-new" else None)
+        if t.action == "keep-new":
+            outs = [n] * len(alphas)
+        elif t.action == "transfer":
+            o = ro.get(t.name, cdt)
+            d = fin.delta(t.name, cdt) if fin.is_lora and "full" not in fin.lora_modules[t.name] else \
+                fin.full(t.name, o, cdt) - o
+            _set_stats(t, stats.add(t.name, o, n, d))
+            outs = [n + a * d for a in alphas]
+        else:
+            outs = _transfer_vocab(t, ro.get(t.name, cdt), fin, n, vocabs, stats, alphas, opts)
+        if writers:
+            target = rn.meta[t.name].dtype
+            for w, x in zip(writers, outs):
+                w.add(t.name, _cast(x, opts["out_dtype"], target))
+
+
+def _set_stats(t: TensorReport, r: dict) -> None:
+    t.cos_drift_diff, t.rel_diff, t.rel_drift = r["cos_drift_diff"], r["rel_diff"], r["rel_drift"]
+
+
+def _cast(x, out_dtype, st_dtype: str):
+    import torch
+
+    if not x.is_floating_point():
+        return x
+    if out_dtype is None:
+        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        out_dtype = names.get(st_dtype, torch.float32)
+    return x.to(out_dtype)
+
+
+def _transfer_vocab(t, o, fin, n, vocabs, stats, alphas, opts) -> list:
+    """Rows shared by token string get the diff; new rows follow the policy; the rest keep the new base."""
+    import torch
+
+    f = fin.full(t.name, o, opts["cdt"])
+    vm = vocabs.map(n.shape[0], o.shape[0], f.shape[0])
+    shared = [j for j in range(n.shape[0]) if vm.old_rows[j] is not None and vm.ft_rows[j] is not None]
+    from_ft = [j for j in range(n.shape[0]) if vm.old_rows[j] is None and vm.ft_rows[j] is not None]
+    idx_n = torch.tensor(shared, dtype=torch.long)
+    idx_o = torch.tensor([vm.old_rows[j] for j in shared], dtype=torch.long)
+    idx_f = torch.tensor([vm.ft_rows[j] for j in shared], dtype=torch.long)
+    d = f[idx_f] - o[idx_o]
+    _set_stats(t, stats.add(t.name, o[idx_o], n[idx_n], d))
+    take_ft = opts["policy"] == "finetuned" and from_ft
+    used_old = {vm.old_rows[j] for j in shared}
+    t.rows = {"shared": len(shared), "new_from_finetuned": len(from_ft) if take_ft else 0,
+              "new_from_base": n.shape[0] - len(shared) - (len(from_ft) if take_ft else 0),
+              "old_rows_dropped": o.shape[0] - len(used_old)}
+    outs = []
+    for a in alphas:
+        x = n.clone()
+        x[idx_n] += a * d
+        if take_ft:
+            x[torch.tensor(from_ft)] = f[torch.tensor([vm.ft_rows[j] for j in from_ft])]
+        outs.append(x)
+    return outs
+
+
+# ----------------------------------------------------------------------------
+# Config, tokenizer, model card and metadata
+
+
+def _output_config(old: Checkpoint, ft: Checkpoint, new: Checkpoint, config_from: str) -> dict:
+    """The new base's config, or the fine-tune's if asked and its shape fields agree with the new base."""
+    if config_from == "new":
+        return dict(new.config)
+    src = ft.config if ft.kind == "full" else old.config
+    bad = [k for k in SHAPE_FIELDS if src.get(k) != new.config.get(k)]
+    if bad:
+        raise IncompatibleError(f"the fine-tune's config disagrees with the new base on {', '.join(bad)}; "
+                                "the output has the new base's shapes", path=ft.path,
+                                hint="use --config-from new")
+    return dict(src)
+
+
+def _write_side_files(d: Path, cfg: dict, old, ft, new, config_from, a, report, opts) -> None:
+    src = new.path if config_from == "new" else (ft.path if ft.kind == "full" else old.path)
+    cfg = dict(cfg)
+    if opts["out_dtype"] is not None:
+        cfg["dtype"] = str(opts["out_dtype"]).split(".")[-1]
+        cfg.pop("torch_dtype", None)
+    atomic_write_json(d / "config.json", cfg)
+    for extra in ("generation_config.json",):
+        if (src / extra).exists():
+            shutil.copy2(src / extra, d / extra)
+    tok = _write_tokenizer(d, new.path, ft.path if config_from == "finetuned" else None)
+    meta = {"warmstart": "transfer", "method": "fine-tuning transfer (Lin et al. 2025)",
+            "formula": "base_new + alpha * (finetuned - base_old)", "alpha": a,
+            "base_old": old.ref, "finetuned": ft.ref, "finetuned_kind": ft.kind, "base_new": new.ref,
+            "base_model": new.ref, "config_from": config_from, "tokenizer": tok,
+            "vocab_new_rows": opts["policy"], "compute_dtype": str(opts["cdt"]).split(".")[-1],
+            "dtype": str(opts["out_dtype"]).split(".")[-1] if opts["out_dtype"] else "the new base's dtypes",
+            "counts": report.counts(), "summary": report.summary, "warnings": report.warnings,
+            "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if ft.meta.get("task"):
+        meta["task"] = ft.meta["task"]
+    atomic_write_json(d / "warmstart.json", meta)
+    atomic_write_json(d / "transfer_report.json", report.to_dict())
+    (d / "README.md").write_text(_model_card(meta))
+
+
+def _write_tokenizer(d: Path, new_path: Path, chat_from: Path | None) -> str:
+    """The new base's tokenizer (its rows are the output's rows); optionally the fine-tune's chat template."""
+    files = [f for f in TOKENIZER_FILES if (new_path / f).exists()]
+    for f in files:
+        shutil.copy2(new_path / f, d / f)
+    if chat_from is None or not files:
+        return "new base" if files else "none (the new base has no tokenizer files)"
+    from transformers import AutoTokenizer
+
+    try:
+        t_ft = AutoTokenizer.from_pretrained(chat_from)
+    except Exception:  # an adapter without tokenizer files: nothing to take
+        return "new base (the fine-tune has no tokenizer)"
+    if not getattr(t_ft, "chat_template", None):
+        return "new base (the fine-tune has no chat template)"
+    t_new = AutoTokenizer.from_pretrained(d)
+    t_new.chat_template = t_ft.chat_template
+    t_new.save_pretrained(d)
+    return "new base, chat template from the fine-tune"
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"warmstart": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def _model_card(meta: dict) -> str:
+    s = meta["summary"]
+    lines = [
+        "---", f"base_model: {meta['base_new']}", "tags: [warmstart, fine-tuning-transfer]", "---", "",
+        "# Fine-tuning transfer", "",
+        f"Made by warmstart {meta['versions']['warmstart']} with fine-tuning transfer "
+        "([Lin et al. 2025](https://arxiv.org/abs/2503.20110)):", "",
+        f"    {meta['formula']}   (alpha = {meta['alpha']:g})", "",
+        "| input | reference |", "|---|---|",
+        f"| base_old | `{meta['base_old']}` |", f"| finetuned ({meta['finetuned_kind']}) | `{meta['finetuned']}` |",
+        f"| base_new | `{meta['base_new']}` |", "",
+        f"Differences computed in {meta['compute_dtype']}; weights stored as {meta['dtype']}. "
+        f"Config from: {meta['config_from']}; tokenizer: {meta['tokenizer']}; "
+        f"new vocabulary rows from: {meta['vocab_new_rows']}.", "",
+        f"Tensors: {', '.join(f'{k} {v}' for k, v in meta['counts'].items())}. "
+        f"Cosine(base drift, diff) {s.get('cos_drift_diff')}, relative diff {s.get('rel_diff')}, "
+        f"relative base drift {s.get('rel_drift')}.", "",
+        "The per-tensor report is in `transfer_report.json`.",
+    ]
+    if meta["warnings"]:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in meta["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["LayerStats", "TensorReport", "TransferReport", "alpha_dirname", "transfer"]
