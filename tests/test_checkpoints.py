@@ -259,3 +259,17 @@ def test_index_naming_missing_shard(models, copy_of):
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"shard {shard.name}.*missing"):
         open_checkpoint(d)
+
+
+def test_nan_inf_refused_on_read_unless_allowed(models, copy_of):
+    d = copy_of(models / "ft_a")
+    sd = open_checkpoint(d).weights().state_dict()
+    sd["model.layers.1.mlp.up_proj.weight"][0, :3] = torch.tensor([float("nan"), float("inf"), 1.0])
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    w = open_checkpoint(d).weights()
+    assert torch.equal(w.get("model.norm.weight"), sd["model.norm.weight"])  # clean tensors still read
+    with pytest.raises(CheckpointError, match=r"'model.layers.1.mlp.up_proj.weight' contains 2 NaN/Inf") as e:
+        w.get("model.layers.1.mlp.up_proj.weight")
+    assert "model.safetensors" in str(e.value) and "--allow-nonfinite" in str(e.value)
+    t = open_checkpoint(d, allow_nonfinite=True).weights().get("model.layers.1.mlp.up_proj.weight")
+    assert t[0, 0].isnan()

@@ -175,8 +175,10 @@ class WeightReader:
     :meth:`get` asks for a tensor. Safe to share across threads for reading.
     """
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], *, allow_nonfinite: bool = False):
         self.files = list(files)
+        # NaN/Inf in a donor would silently poison every merged tensor it touches: refuse by default.
+        self.allow_nonfinite = allow_nonfinite
         self.meta: dict[str, TensorMeta] = {}
         for f in self.files:
             tensors, _ = read_header(f)
@@ -218,6 +220,8 @@ class WeightReader:
         if m is None:
             raise KeyError(name)
         t = self._handle(m.file).get_tensor(name)
+        if not self.allow_nonfinite:
+            _check_finite(t, name, m.file)
         return t.to(dtype) if dtype is not None and t.dtype != dtype else t
 
     def items(self, dtype=None) -> Iterator[tuple[str, Any]]:
@@ -237,13 +241,21 @@ class WeightReader:
         self.close()
 
 
+def _check_finite(t, name: str, file: Path) -> None:
+    if t.is_floating_point() and not bool(t.isfinite().all()):
+        bad = int((~t.isfinite()).sum())
+        raise CheckpointError(f"tensor {name!r} contains {bad} NaN/Inf value(s)", path=file,
+                              hint="pass --allow-nonfinite to use it anyway")
+
+
 class PickleWeightReader(WeightReader):
     """Reads ``.bin`` (pickle) weights — only ever built after an explicit opt-in."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], *, allow_nonfinite: bool = False):
         import torch
 
         self.files = list(files)
+        self.allow_nonfinite = allow_nonfinite
         self.meta = {}
         self._tensors = {}
         for f in self.files:
@@ -259,6 +271,8 @@ class PickleWeightReader(WeightReader):
 
     def get(self, name: str, dtype=None):
         t = self._tensors[name]
+        if not self.allow_nonfinite:
+            _check_finite(t, name, self.meta[name].file)
         return t.to(dtype) if dtype is not None and t.dtype != dtype else t
 
 
@@ -416,12 +430,14 @@ class Checkpoint:
     metrics: TrainingMetrics | None = None
     pickle: bool = False
     meta: dict = field(default_factory=dict)  # warmstart.json next to the weights, if any
+    allow_nonfinite: bool = False
     _reader: WeightReader | None = field(default=None, repr=False)
 
     # -- weights ---------------------------------------------------------
     def weights(self) -> WeightReader:
         if self._reader is None:
-            self._reader = (PickleWeightReader if self.pickle else WeightReader)(self.weight_files)
+            cls = PickleWeightReader if self.pickle else WeightReader
+            self._reader = cls(self.weight_files, allow_nonfinite=self.allow_nonfinite)
         return self._reader
 
     @property
@@ -517,14 +533,27 @@ def is_checkpoint_dir(d: Path) -> bool:
         any(d.glob("*.safetensors")) or (d / "model.safetensors.index.json").exists() or bool(_is_pickle_dir(d)))
 
 
-def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
-    """Resolve ``ref`` and recognise a full model or a LoRA adapter, or raise with the reason."""
+def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> Checkpoint:
+    """Resolve ``ref`` and recognise a full model or a LoRA adapter, or raise with the reason.
+
+    ``allow_nonfinite``: tensors read through :meth:`Checkpoint.weights` are checked for
+    NaN/Inf as they are loaded (one pass over data already in memory) unless this is set.
+    """
     d = resolve(ref, allow_pickle=allow_pickle)
     ref_s = str(ref) if not Path(ref).expanduser().exists() else str(d)
     if (d / "adapter_config.json").exists():
-        return _open_adapter(ref_s, d, allow_pickle)
-    if (d / "config.json").exists():
-        return _open_full(ref_s, d, allow_pickle)
+        ck = _open_adapter(ref_s, d, allow_pickle)
+    elif (d / "config.json").exists():
+        ck = _open_full(ref_s, d, allow_pickle)
+    else:
+        _explain_unknown(d)
+    ck.allow_nonfinite = allow_nonfinite
+    if ck._reader is not None:
+        ck._reader.allow_nonfinite = allow_nonfinite
+    return ck
+
+
+def _explain_unknown(d: Path) -> None:
     if (d / "trainer_state.json").exists() or any(d.glob("checkpoint-*")):
         raise CheckpointError("this is a training run, not a single checkpoint",
                               path=d, hint="use `warmstart library scan` to register each checkpoint-*")
