@@ -1,0 +1,96 @@
+"""`warmstart finetune`: train from a warm start (or the plain base) and log the eval curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ._common import ForceOpt, JsonOpt, err, print_json
+
+EPILOG = """
+Examples:
+
+  # continue a merged LoRA adapter (its base is read from adapter_config.json)
+  warmstart finetune --init runs/x/merge --train train.jsonl --eval eval.jsonl --out runs/x/warm
+
+  # the baseline: a fresh LoRA on the plain base, same budget
+  warmstart finetune --init models/SmolLM2-135M-Instruct --train train.jsonl --eval eval.jsonl \\
+      --out runs/x/baseline --steps 60 --lr 2e-4 --batch-size 8 --lora-r 8
+
+  # full fine-tuning of a merged or transferred model, settings from YAML
+  warmstart finetune --init merged/ --train train.jsonl --eval eval.jsonl --out ft/ --full --config train.yaml
+
+  # several GPUs: the same command under accelerate
+  accelerate launch --num_processes 4 -m warmstart finetune --init merged/ --train train.jsonl \\
+      --eval eval.jsonl --out ft/
+"""
+
+# flag name -> TrainConfig field; a flag given on the command line overrides --config
+_OVERRIDES = ("steps", "lr", "batch_size", "grad_accum", "scheduler", "warmup_steps", "seed", "lora_r",
+              "lora_alpha", "lora_dropout", "rslora", "full", "eval_every", "eval_batch_size", "eval_limit",
+              "max_length", "precision", "format", "mc_style", "save_checkpoints")
+
+
+def build_config(config: Path | None, lora_targets: str | None = None, **flags):
+    """TrainConfig from an optional YAML file plus the flags that were given (not None)."""
+    from ..train import TrainConfig
+
+    base = TrainConfig.from_yaml(config).to_dict() if config else TrainConfig().to_dict()
+    base.update({k: v for k, v in flags.items() if v is not None})
+    if lora_targets:
+        base["lora_targets"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
+    return TrainConfig.from_dict(base, where=config)
+
+
+def finetune_cmd(
+    init: Path = typer.Option(..., "--init", help="Model directory (merged / transferred / base) or an adapter dir."),
+    train: Path = typer.Option(..., "--train", help="Training data (JSONL, CSV, Parquet or datasets dir)."),
+    eval_: Path = typer.Option(..., "--eval", help="Held-out evaluation data."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
+    adapter: Path = typer.Option(None, "--adapter", help="Initial LoRA adapter on --init to continue training."),
+    config: Path = typer.Option(None, "--config", help="TrainConfig YAML; flags override it."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps [40]."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate [2e-4]."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Per-device batch size [8]."),
+    grad_accum: int = typer.Option(None, "--grad-accum", help="Gradient accumulation steps [1]."),
+    scheduler: str = typer.Option(None, "--scheduler", help="linear, cosine, constant, constant_with_warmup."),
+    warmup_steps: int = typer.Option(None, "--warmup-steps"),
+    seed: int = typer.Option(None, "--seed", help="Seed for init, data order and eval sampling [0]."),
+    lora_r: int = typer.Option(None, "--lora-r", help="Rank of a fresh LoRA [8]."),
+    lora_alpha: float = typer.Option(None, "--lora-alpha", help="LoRA alpha [16]."),
+    lora_dropout: float = typer.Option(None, "--lora-dropout"),
+    lora_targets: str = typer.Option(None, "--lora-targets", help="Comma-separated module names."),
+    rslora: bool = typer.Option(None, "--rslora/--no-rslora", help="Rank-stabilised LoRA scaling."),
+    full: bool = typer.Option(None, "--full/--lora", help="Full fine-tuning instead of LoRA."),
+    eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps [10]."),
+    eval_batch_size: int = typer.Option(None, "--eval-batch-size"),
+    eval_limit: int = typer.Option(None, "--eval-limit", help="Evaluate on at most N rows (seeded sample)."),
+    max_length: int = typer.Option(None, "--max-length"),
+    precision: str = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16."),
+    format: str = typer.Option(None, "--format", help="prompt_completion, messages or mc (detected if omitted)."),
+    mc_style: str = typer.Option(None, "--mc-style", help="text or letter, for multiple-choice rows."),
+    save_checkpoints: bool = typer.Option(None, "--save-checkpoints/--no-save-checkpoints"),
+    force: bool = ForceOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Fine-tune from any initialization; evaluate on the held-out split every N steps."""
+    cfg = build_config(config, lora_targets, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                       scheduler=scheduler, warmup_steps=warmup_steps, seed=seed, lora_r=lora_r,
+                       lora_alpha=lora_alpha, lora_dropout=lora_dropout, rslora=rslora, full=full,
+                       eval_every=eval_every, eval_batch_size=eval_batch_size, eval_limit=eval_limit,
+                       max_length=max_length, precision=precision, format=format, mc_style=mc_style,
+                       save_checkpoints=save_checkpoints)
+    from ..train import finetune
+
+    res = finetune(init, train, eval_, out, cfg, adapter=adapter, force=force, progress=not json_out)
+    if json_out:
+        print_json(res.to_dict())
+        return
+    fin = {k.removeprefix("eval_"): v for k, v in res.final.items() if k.startswith("eval_")}
+    err.print(f"wrote {res.kind} to {out} ({cfg.steps} steps, {res.train_time_s:.1f} s training); final: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in fin.items() if isinstance(v, float)))
+
+
+def register(root: typer.Typer) -> None:
+    root.command("finetune", epilog=EPILOG)(finetune_cmd)

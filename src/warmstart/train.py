@@ -1,0 +1,478 @@
+"""Finetune from any initialization: the training recipe.
+
+A short sequence in the torchtune habit — set up model, data, trainer, train,
+save — over small ``_setup_*`` helpers. The loop is transformers' ``Trainer``
+(with PEFT for LoRA), never hand-written; behaviour is added through a
+callback that evaluates on the held-out split at step 0, every
+``eval_every`` steps and at the end, and logs the curve that the report reads.
+
+Initializations:
+
+* a full model directory (a merged or transferred model, or the plain base),
+  trained with a fresh LoRA (the baseline when it is the base) or fully;
+* a base plus an initial LoRA adapter (a merged adapter) that training
+  continues (``PeftModel.from_pretrained(..., is_trainable=True)``); passing
+  the adapter directory itself as ``init`` means the same.
+
+Runs on CPU, one GPU, or several GPUs through ``accelerate launch`` unchanged
+(the Trainer does the distribution; only the main process evaluates and writes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import ProgressCallback, TrainerCallback
+
+from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output
+from .errors import CheckpointError, ConfigError
+from .report import Curve
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+# ----------------------------------------------------------------------------
+# Config: one validated dataclass that round-trips to YAML
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run (data paths and init are arguments, not config)."""
+
+    steps: int = 40
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    scheduler: str = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    full: bool = False  # full fine-tuning instead of LoRA
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    rslora: bool = False
+    eval_every: int = 10
+    eval_batch_size: int = 16
+    eval_limit: int | None = None  # evaluate on at most this many held-out rows (seeded sample)
+    metrics: list[str] | None = None  # None: evaluate's default for the data format
+    max_length: int = 512
+    precision: str = "auto"
+    format: str | None = None  # data format (detected when None)
+    mc_style: str = "text"
+    save_checkpoints: bool = False
+
+    def errors(self) -> list[str]:
+        errs = []
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "max_length", "lora_r"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                errs.append(f"{name} must be a positive integer, got {v!r}")
+        for name in ("warmup_steps", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                errs.append(f"{name} must be a non-negative integer, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            errs.append(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("lora_alpha", "max_grad_norm", "weight_decay"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                errs.append(f"{name} must be a non-negative number, got {v!r}")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            errs.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+            errs.append(f"lora_targets must be a non-empty list of module names, got {self.lora_targets!r}")
+        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 1):
+            errs.append(f"eval_limit must be a positive integer or null, got {self.eval_limit!r}")
+        if self.precision not in PRECISIONS:
+            errs.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.scheduler not in SCHEDULERS:
+            errs.append(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        return errs
+
+    def validate(self) -> TrainConfig:
+        """Raise one ConfigError listing every invalid field."""
+        errs = self.errors()
+        if errs:
+            raise ConfigError("invalid training config: " + "; ".join(errs))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, where: str | Path | None = None) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown training config keys: {', '.join(unknown)}", path=where,
+                              hint=f"known keys: {', '.join(sorted(known))}")
+        return cls(**d).validate()
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text_or_path: str | Path) -> TrainConfig:
+        import yaml
+
+        p = Path(text_or_path) if not isinstance(text_or_path, str) or "\n" not in text_or_path else None
+        if p is not None and not p.is_file():
+            raise ConfigError("training config not found", path=p)
+        try:
+            d = yaml.safe_load(p.read_text() if p else text_or_path) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"training config is not valid YAML ({e})", path=p) from None
+        if not isinstance(d, dict):
+            raise ConfigError("training config must be a mapping", path=p)
+        return cls.from_dict(d, where=p)
+
+
+# ----------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    curve: Curve
+    kind: str  # "lora" or "full": what `out` holds
+    train_time_s: float
+    final: dict[str, Any]
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out), "kind": self.kind, "train_time_s": self.train_time_s, "final": self.final}
+
+
+# ----------------------------------------------------------------------------
+# The recipe
+
+
+def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: TrainConfig | None = None, *,
+             adapter: str | Path | None = None, force: bool = False, progress: bool = False,
+             label: str | None = None) -> TrainResult:
+    """Train from ``init`` (+ optional ``adapter``) on ``train_data``, evaluating on ``eval_data``.
+
+    ``train_data``/``eval_data`` are paths or :class:`warmstart.data.TargetData`. Writes ``out``
+    atomically: the model or adapter (standard format), tokenizer, ``curve.json``/``curve.csv``,
+    ``warmstart.json`` and a README model card.
+    """
+    cfg = (config or TrainConfig()).validate()
+    out = Path(out)
+    init, adapter = _resolve_init(Path(init), Path(adapter) if adapter else None)
+    check_output(out, force=force, inputs=[init] + ([adapter] if adapter else []))
+    train_data, eval_data = _setup_data(train_data, cfg), _setup_data(eval_data, cfg, limit=cfg.eval_limit)
+
+    import transformers
+
+    transformers.set_seed(cfg.seed)  # before the model: a fresh LoRA's init draws from the RNG
+    tokenizer = _setup_tokenizer(init, adapter)
+    model, kind = _setup_model(init, adapter, cfg)
+    from accelerate import PartialState
+
+    main = PartialState().is_main_process
+    with _output_dir(out, force=force, main=main) as tmp:
+        evaluator = _EvalCurve(tokenizer, eval_data, cfg, label=label)
+        trainer = _setup_trainer(model, tokenizer, train_data, cfg, tmp / "trainer", evaluator, progress)
+        trainer.train()
+        curve = evaluator.curve(init=_describe_init(init, adapter, cfg), max_steps=cfg.steps)
+        if main:
+            _save(trainer, tokenizer, tmp, kind=kind, init=init, adapter=adapter, cfg=cfg, curve=curve,
+                  train_data=train_data, eval_data=eval_data)
+    final = curve.points[-1] if curve.points else {}
+    return TrainResult(out=out, curve=curve, kind=kind, train_time_s=curve.train_time_s, final=final)
+
+
+def _resolve_init(init: Path, adapter: Path | None) -> tuple[Path, Path | None]:
+    """An adapter directory given as ``init`` means its base plus that adapter."""
+    if not init.is_dir():
+        raise CheckpointError("initialization not found (expected a model or adapter directory)", path=init)
+    if (init / "adapter_config.json").is_file():
+        if adapter is not None:
+            raise ConfigError("init is already an adapter; pass its base as --init and it as --adapter",
+                              path=init)
+        adapter, init = init, Path(_adapter_base(init))
+        if not init.is_dir():
+            raise CheckpointError("the adapter's base model was not found", path=init,
+                                  hint="pass --init BASE --adapter ADAPTER")
+    if not (init / "config.json").is_file():
+        raise CheckpointError("not a model directory (no config.json)", path=init)
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise CheckpointError("not a PEFT adapter directory (no adapter_config.json)", path=adapter)
+    return init, adapter
+
+
+def _adapter_base(adapter: Path) -> str:
+    try:
+        return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"adapter_config.json has no usable base_model_name_or_path ({e})",
+                              path=adapter) from None
+
+
+def _setup_data(data, cfg: TrainConfig, limit: int | None = None):
+    from .data import TargetData, load_target
+
+    if not isinstance(data, TargetData):
+        data = load_target(data, format=cfg.format, mc_style=cfg.mc_style)
+    return data.sample(limit, seed=cfg.seed) if limit else data
+
+
+def _setup_tokenizer(init: Path, adapter: Path | None):
+    from transformers import AutoTokenizer
+
+    src = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else init
+    tok = AutoTokenizer.from_pretrained(src)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _setup_model(init: Path, adapter: Path | None, cfg: TrainConfig):
+    """The model to train and what will be saved: ``"lora"`` (an adapter) or ``"full"``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)  # mixed precision via Trainer
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=not cfg.full)
+        if cfg.full:  # fold the initial adapter in, then train every weight
+            return _all_trainable(model.merge_and_unload()), "full"
+        return model, "lora"
+    if cfg.full:
+        return _all_trainable(model), "full"
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), use_rslora=cfg.rslora, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lcfg), "lora"
+    except ValueError as e:  # PEFT: target modules not found in the model
+        raise ConfigError(f"LoRA targets {cfg.lora_targets} do not fit this model ({e})", path=init) from None
+
+
+def _all_trainable(model):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _precision_flags(precision: str) -> dict:
+    import torch
+
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _setup_trainer(model, tokenizer, train_data, cfg: TrainConfig, workdir: Path, evaluator, progress: bool):
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from .data import collate, pad_id_of, tokenize
+
+    train_ds = tokenize(train_data, tokenizer, max_length=cfg.max_length)
+    pad = pad_id_of(tokenizer)
+    args = TrainingArguments(
+        output_dir=str(workdir), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, report_to="none", eval_strategy="no",
+        save_strategy="steps" if cfg.save_checkpoints else "no", save_steps=cfg.eval_every,
+        remove_unused_columns=False, label_names=["labels"], disable_tqdm=not progress,
+        dataloader_num_workers=0, dataloader_pin_memory=_on_gpu(), **_precision_flags(cfg.precision),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=lambda b: collate(b, pad),
+                      callbacks=[evaluator])
+    # the curve is the log: keep the progress bar (stderr) but not the per-step dicts on stdout
+    trainer.remove_callback(PrinterCallback)
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_QuietProgress)
+    return trainer
+
+
+class _QuietProgress(ProgressCallback):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------
+# Evaluation curve: a TrainerCallback (the Trainer's own eval loop knows no accuracy)
+
+class _EvalCurve(TrainerCallback):
+    """Evaluates at step 0, every ``eval_every`` steps and at the end; keeps the curve.
+
+    ``time_s`` is training time with evaluation subtracted, so both runs are compared
+    on what training costs, not on how often we chose to measure it.
+    """
+
+    def __init__(self, tokenizer, eval_data, cfg: TrainConfig, label: str | None = None):
+        self.tokenizer, self.data, self.cfg, self.label = tokenizer, eval_data, cfg, label
+        self.metrics = list(cfg.metrics) if cfg.metrics else (
+            ["loss", "token_accuracy", "exact_match", "mc_accuracy"] if eval_data.format == "mc"
+            else ["loss", "token_accuracy", "exact_match"])
+        self.points: list[dict] = []
+        self._losses: list[float] = []
+        self._t0 = 0.0
+        self._eval_s = 0.0
+        self._last_step = -1
+        self._pending: tuple | None = None
+
+    def _now(self) -> tuple[float, float]:
+        wall = time.perf_counter() - self._t0
+        return wall - self._eval_s, wall
+
+    def _evaluate(self, model, step: int, is_main: bool) -> None:
+        if step == self._last_step:
+            return
+        self._last_step = step
+        train_s, wall = self._now()
+        point: dict[str, Any] = {"step": step, "time_s": round(train_s, 4), "wall_s": round(wall, 4),
+                                 "train_loss": sum(self._losses) / len(self._losses) if self._losses else None}
+        self._losses = []
+        if is_main:  # other ranks wait at the next collective; evaluating twice would add nothing
+            from .evaluate import evaluate
+
+            t = time.perf_counter()
+            res = evaluate(model, self.tokenizer, self.data, metrics=self.metrics,
+                           batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length)
+            self._eval_s += time.perf_counter() - t
+            point.update({f"eval_{k}": v for k, v in res.items() if k not in ("n_examples", "n_tokens")})
+            self.points.append(point)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self._t0 = time.perf_counter()
+        self._evaluate(model, 0, state.is_world_process_zero)
+
+    # The Trainer calls on_step_end before it logs that step's loss (on_log), so an
+    # evaluation due at a step waits for its log to keep the train loss aligned.
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step % self.cfg.eval_every == 0 or state.global_step >= state.max_steps:
+            self._pending = (model, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self._losses.append(float(logs["loss"]))
+        self._flush(state)
+
+    def on_train_end(self, args, state, control, **kw):
+        self._flush(state)
+
+    def _flush(self, state) -> None:
+        if self._pending is not None:
+            model, step = self._pending
+            self._pending = None
+            self._evaluate(model, step, state.is_world_process_zero)
+
+    def curve(self, **meta) -> Curve:
+        train_s = self.points[-1]["time_s"] if self.points else 0.0
+        return Curve(points=self.points, meta={"label": self.label, "max_steps": self.cfg.steps,
+                                               "train_time_s": train_s, "metrics": self.metrics,
+                                               "eval_examples": len(self.data), **meta})
+
+
+# ----------------------------------------------------------------------------
+# Saving: standard formats + warmstart.json + model card, atomically
+
+
+class _Scratch:
+    """Non-main processes of a multi-GPU run write nothing; they get a throwaway directory."""
+
+    def __enter__(self) -> Path:
+        self.d = Path(tempfile.mkdtemp(prefix="warmstart-rank-"))
+        return self.d
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.d, ignore_errors=True)
+
+
+def _output_dir(out: Path, *, force: bool, main: bool):
+    return atomic_dir(out, force=force) if main else _Scratch()
+
+
+def _describe_init(init: Path, adapter: Path | None, cfg: TrainConfig) -> dict:
+    return {"model": str(init.resolve()), "adapter": str(adapter.resolve()) if adapter else None,
+            "method": "full" if cfg.full else ("continue-adapter" if adapter else "new-lora")}
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"warmstart": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+def _save(trainer, tokenizer, tmp: Path, *, kind, init, adapter, cfg, curve, train_data, eval_data) -> None:
+    trainer.save_model(str(tmp))  # adapter_model.safetensors for PEFT, model.safetensors for full
+    tokenizer.save_pretrained(tmp)
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; warmstart.json records the settings
+    if kind == "lora":  # PEFT records the path it was given; keep it absolute so the adapter finds its base
+        p = tmp / "adapter_config.json"
+        c = json.loads(p.read_text())
+        c["base_model_name_or_path"] = str(Path(_adapter_base(adapter) if adapter else init).resolve())
+        atomic_write_json(p, c)
+    if not cfg.save_checkpoints:
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    curve.write(tmp)
+    meta = {"kind": "finetune", "output": kind, "init": _describe_init(init, adapter, cfg), "config": cfg.to_dict(),
+            "train_data": {"path": train_data.path, "rows": len(train_data), "fingerprint": train_data.fingerprint()},
+            "eval_data": {"path": eval_data.path, "rows": len(eval_data), "fingerprint": eval_data.fingerprint()},
+            "final": curve.points[-1] if curve.points else None, "train_time_s": curve.train_time_s,
+            "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_json(tmp / "warmstart.json", meta)
+    atomic_write_text(tmp / "README.md", _model_card(meta))
+
+
+def _model_card(meta: dict) -> str:
+    init, cfg, fin = meta["init"], meta["config"], meta["final"] or {}
+    what = "LoRA adapter" if meta["output"] == "lora" else "full model"
+    load = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(PATH)"
+            if meta["output"] == "lora" else
+            "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)")
+    evals = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in fin.items()
+                      if k.startswith("eval_") and isinstance(v, float))
+    return "\n".join([
+        "---", "library_name: " + ("peft" if meta["output"] == "lora" else "transformers"),
+        "tags: [warmstart]", "---", "", f"# warmstart finetune ({what})", "",
+        f"- initialization: `{init['model']}`" + (f" + adapter `{init['adapter']}`" if init["adapter"] else ""),
+        f"- method: {init['method']}; {cfg['steps']} steps, lr {cfg['lr']}, batch {cfg['batch_size']}"
+        f"×{cfg['grad_accum']}, seed {cfg['seed']}"
+        + ("" if cfg["full"] else f", LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']} rsLoRA={cfg['rslora']}"),
+        f"- train data: `{meta['train_data']['path']}` ({meta['train_data']['rows']} rows, "
+        f"fingerprint {meta['train_data']['fingerprint']})",
+        f"- eval data: `{meta['eval_data']['path']}` ({meta['eval_data']['rows']} rows)",
+        f"- final eval: {evals or 'n/a'}", f"- training time: {meta['train_time_s']:.1f} s (evaluation excluded)",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+        "The eval curve is in `curve.json` / `curve.csv`; the full settings in `warmstart.json`.", "",
+        "```python", load, "```", "",
+    ])
+
+
+__all__ = ["TrainConfig", "TrainResult", "finetune", "versions"]

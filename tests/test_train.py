@@ -1,0 +1,109 @@
+"""The finetune recipe on the tiny model: inits, outputs, curve, reproducibility, config."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from warmstart.errors import ConfigError, OutputExistsError
+from warmstart.report import Curve
+from warmstart.train import TrainConfig, finetune
+
+CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Spain", "Madrid"), ("Italy", "Rome")]
+
+
+def write_mc(path, n=12, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            c, a = rng.choice(CAPITALS)
+            f.write(json.dumps({"question": f"capital of {c}?", "choices": [x for _, x in CAPITALS], "answer": a}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_mc(d / "train.jsonl", 12, 0), write_mc(d / "eval.jsonl", 8, 1)
+
+
+FAST = dict(steps=4, batch_size=4, eval_every=2, lr=5e-3, max_length=64)
+
+
+def test_fresh_lora_writes_adapter_curve_and_card(models, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    res = finetune(models / "base", *data, tmp_path / "out", TrainConfig(**FAST), label="baseline")
+    out = tmp_path / "out"
+    assert res.kind == "lora"
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "training_args.bin").exists()
+    # curve: step 0, every eval_every steps, and the end; train loss logged after step 0
+    curve = Curve.from_file(out)
+    assert [p["step"] for p in curve.points] == [0, 2, 4]
+    assert curve.points[0]["train_loss"] is None and all(p["train_loss"] > 0 for p in curve.points[1:])
+    assert all("eval_mc_accuracy" in p and "eval_loss" in p for p in curve.points)
+    assert curve.points[-1]["time_s"] >= curve.points[1]["time_s"] >= 0
+    assert (out / "curve.csv").read_text().startswith("step,")
+    meta = json.loads((out / "warmstart.json").read_text())
+    assert meta["init"]["method"] == "new-lora" and meta["config"]["steps"] == 4
+    assert "warmstart finetune" in (out / "README.md").read_text()
+    # the adapter loads with PEFT unchanged and differs from the base (it trained)
+    base = AutoModelForCausalLM.from_pretrained(models / "base")
+    pm = PeftModel.from_pretrained(base, out)
+    b = [v for k, v in pm.state_dict().items() if "lora_B" in k]
+    assert b and any(float(t.abs().max()) > 0 for t in b)
+    assert not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_same_seed_same_final_loss(models, data, tmp_path):
+    a = finetune(models / "base", *data, tmp_path / "a", TrainConfig(**FAST))
+    b = finetune(models / "base", *data, tmp_path / "b", TrainConfig(**FAST))
+    c = finetune(models / "base", *data, tmp_path / "c", TrainConfig(**{**FAST, "seed": 1}))
+    assert a.final["eval_loss"] == b.final["eval_loss"]
+    assert a.final["train_loss"] == b.final["train_loss"]
+    assert a.final["eval_loss"] != c.final["eval_loss"]
+
+
+def test_continue_adapter_starts_from_it(models, data, tmp_path):
+    """A base + initial adapter: step 0 evaluates the adapter, not the base."""
+    cfg = TrainConfig(**{**FAST, "steps": 2})
+    cont = finetune(models / "base", *data, tmp_path / "cont", cfg, adapter=models / "lora_b")
+    fresh = Curve.from_file(finetune(models / "base", *data, tmp_path / "fresh", cfg).out)
+    c0 = cont.curve.points[0]["eval_loss"]
+    assert c0 != pytest.approx(fresh.points[0]["eval_loss"], rel=1e-6)
+    cfg_out = json.loads((tmp_path / "cont" / "adapter_config.json").read_text())
+    assert cfg_out["r"] == 8  # the adapter's own rank, not the config's fresh-LoRA rank
+    # an adapter directory given as init means its base + that adapter
+    same = finetune(models / "lora_b", *data, tmp_path / "same", cfg)
+    assert same.curve.points[0]["eval_loss"] == pytest.approx(c0)
+
+
+def test_full_finetune_from_model_dir(models, data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    res = finetune(models / "ft_a", *data, tmp_path / "full", TrainConfig(**{**FAST, "steps": 2, "full": True}))
+    assert res.kind == "full" and (tmp_path / "full" / "model.safetensors").is_file()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    with pytest.raises(OutputExistsError):
+        finetune(models / "ft_a", *data, tmp_path / "full", TrainConfig(**{**FAST, "steps": 2, "full": True}))
+
+
+def test_config_validates_all_fields_at_once_and_roundtrips_yaml(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(steps=0, lr=-1, precision="fp8", lora_dropout=1.5).validate()
+    msg = str(e.value)
+    assert all(k in msg for k in ("steps", "lr", "precision", "lora_dropout"))
+    cfg = TrainConfig(steps=7, lora_targets=["q_proj"], rslora=True, eval_limit=5)
+    p = tmp_path / "c.yaml"
+    p.write_text(cfg.to_yaml())
+    assert TrainConfig.from_yaml(p) == cfg
+    with pytest.raises(ConfigError, match="unknown training config keys: stepz"):
+        TrainConfig.from_dict({"stepz": 3})
+
+
+def test_bad_lora_targets_is_a_user_error(models, data, tmp_path):
+    with pytest.raises(ConfigError, match="LoRA targets"):
+        finetune(models / "base", *data, tmp_path / "x", TrainConfig(**{**FAST, "lora_targets": ["nope_proj"]}))
