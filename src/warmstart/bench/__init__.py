@@ -6,5 +6,7 @@
 """
 
 from .model import MODEL_NAME, default_model_dir, prepare_model
+from .tasks import TASKS, Item, generate, task, task_names, write_tasks
 
-__all__ = ["MODEL_NAME", "default_model_dir", "prepare_model"]
+__all__ = ["MODEL_NAME", "TASKS", "Item", "default_model_dir", "generate", "prepare_model", "task",
+           "task_names", "write_tasks"]

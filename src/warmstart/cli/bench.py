@@ -35,5 +35,44 @@ def prepare_model_cmd(
         print(path)
 
 
+@app.command("tasks", epilog="""
+Examples:
+
+  warmstart bench tasks --out bench-data
+
+  warmstart bench tasks --out bench-data --task country_de --task add --seed 1
+
+  warmstart bench tasks --list
+""")
+def tasks_cmd(
+    out: Path = typer.Option(None, "--out", "-o", help="Directory; each task goes to OUT/<task>/{train,validation,test}.jsonl."),
+    task: list[str] = typer.Option(None, "--task", "-t", help="Task name, repeatable (default: all)."),
+    seed: int = typer.Option(0, "--seed", help="Generation seed (splits, distractors, option order)."),
+    list_only: bool = typer.Option(False, "--list", help="List the tasks and their sources, write nothing."),
+    force: bool = ForceOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Generate the multiple-choice tasks (JSONL in the `mc` format) from data shipped in packages."""
+    from ..bench.tasks import TASKS, write_tasks
+    from ..errors import ConfigError
+
+    if list_only:
+        rows = [{"task": t.name, "description": t.description, "source": t.source} for t in TASKS.values()]
+        if json_out:
+            print_json(rows)
+        else:
+            for r in rows:
+                print(f"{r['task']:<14} {r['description']}  [{r['source']}]")
+        return
+    if out is None:
+        raise ConfigError("--out is required", hint="e.g. warmstart bench tasks --out bench-data")
+    paths = write_tasks(out, task or None, seed, force=force, progress=lambda m: err.print(m))
+    if json_out:
+        print_json({k: str(v) for k, v in paths.items()})
+    else:
+        for k, v in paths.items():
+            print(f"{k}\t{v}")
+
+
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="bench")
