@@ -335,6 +335,30 @@ def write_report(rep: dict, warm: Curve, baseline: Curve | None, out_dir: str | 
     return [out_dir / "report.json", out_dir / "report.md"] + [out_dir / p for p in plots]
 
 
+def report_run(run_dir: str | Path, out: str | Path | None = None) -> dict:
+    """Build and write the report of a pipeline run directory (into ``out``, default RUN/report)."""
+    from .pipeline import RunDir
+
+    rd = RunDir(run_dir)
+    if not rd.done("warm"):
+        raise DataError("the warm-start training has not finished in this run directory", path=rd.root,
+                        hint="run `warmstart run` (same arguments) to finish it")
+    warm = Curve.from_file(rd.stage("warm"))
+    baseline = Curve.from_file(rd.stage("baseline")) if rd.done("baseline") else None
+    info = rd.info() if (rd.root / "run.json").is_file() else {}
+    sel, mrg = rd.marker("select") or {}, rd.marker("merge") or {}
+    overhead = {k: m["wall_s"] for k, m in (("select", sel), ("merge", mrg)) if m}
+    split = (rd.marker("split") or {}).get("outputs", {})
+    metric = ((info.get("config") or {}).get("report") or {}).get("metric")
+    rep = build_report(warm, baseline, metric=metric, overhead_s=overhead, name=Path(info.get("target", "run")).stem,
+                       target=info.get("target"), eval=info.get("eval") or f"carved from target ({split.get('eval_rows')} rows)",
+                       base=info.get("base"), donors=sel.get("outputs", {}).get("donors"),
+                       merge=mrg.get("outputs", {}).get("recipe"), merge_result=mrg.get("outputs", {}).get("result"),
+                       stages=rd.stage_times(), split=split, run_dir=str(rd.root))
+    write_report(rep, warm, baseline, out or rd.stage("report"))
+    return rep
+
+
 # ----------------------------------------------------------------------------
 # Several runs side by side (`warmstart compare`)
 
@@ -387,5 +411,6 @@ __all__ = [
     "pick_metric",
     "plot_curves",
     "render_markdown",
+    "report_run",
     "write_report",
 ]

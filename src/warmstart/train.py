@@ -114,13 +114,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, *, where: str | Path | None = None) -> TrainConfig:
+    def from_dict(cls, d: dict, *, where: str | Path | None = None, validate: bool = True) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown training config keys: {', '.join(unknown)}", path=where,
                               hint=f"known keys: {', '.join(sorted(known))}")
-        return cls(**d).validate()
+        cfg = cls(**d)
+        return cfg.validate() if validate else cfg
 
     def to_yaml(self) -> str:
         import yaml

@@ -1,0 +1,375 @@
+"""The whole job in one resumable run: split → select → merge → warm → baseline → report.
+
+Each stage writes into its own directory of the run directory and finishes by
+writing ``stage.done.json`` (wall time, outputs) there; a stage directory is
+only trusted with its marker. Re-running the same command skips every marked
+stage and resumes at the first unmarked one, so a crash or Ctrl-C costs at
+most the stage that was running. The run's settings are recorded in
+``run.json``; a re-run with different settings is refused rather than mixed in.
+
+The held-out eval split is carved from the target once (seeded) or given with
+``eval``; selection samples only the train split, so nothing that picks a donor,
+a weight or a hyperparameter ever sees the examples the report is scored on.
+Warm start and baseline train with the same TrainConfig (budget, lr, seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_dir, atomic_write_json, read_json
+from .errors import ConfigError, WarmstartError
+
+STAGES = ("split", "select", "merge", "warm", "baseline", "report")
+MARKER = "stage.done.json"
+FAIL_ENV = "WARMSTART_FAIL_AT"  # tests: raise inside that stage, after its work, before its marker
+
+
+# ----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class RunConfig:
+    """Settings of a run (paths are arguments). ``select`` and ``merge`` are passed through
+    to :func:`warmstart.select.select` and :meth:`MergePlan.from_selection`."""
+
+    train: Any = None  # TrainConfig; default TrainConfig()
+    select: dict[str, Any] = field(default_factory=dict)
+    merge: dict[str, Any] = field(default_factory=dict)
+    eval_fraction: float = 0.2
+    eval_max: int | None = 200
+    split_seed: int = 0
+    baseline: bool = True
+
+    def __post_init__(self):
+        from .train import TrainConfig
+
+        if self.train is None:
+            self.train = TrainConfig()
+        elif isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train, validate=False)  # validate() reports all at once
+
+    def validate(self) -> RunConfig:
+        errs = self.train.errors()
+        if not (isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1):
+            errs.append(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+        if self.eval_max is not None and (not isinstance(self.eval_max, int) or self.eval_max < 1):
+            errs.append(f"eval_max must be a positive integer or null, got {self.eval_max!r}")
+        for name in ("select", "merge"):
+            if not isinstance(getattr(self, name), dict):
+                errs.append(f"{name} must be a mapping of options")
+        if errs:
+            raise ConfigError("invalid run config: " + "; ".join(errs))
+        return self
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["train"] = self.train.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str | Path | None = None) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown run config keys: {', '.join(unknown)}", path=where,
+                              hint=f"known keys: {', '.join(sorted(known))}")
+        try:
+            return cls(**d).validate()
+        except ConfigError as e:
+            raise ConfigError(e.message, path=where, hint=e.hint) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("run config not found", path=path)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"run config is not valid YAML ({e})", path=path) from None
+        if not isinstance(d, dict):
+            raise ConfigError("run config must be a mapping", path=path)
+        return cls.from_dict(d, where=path)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------
+# The run directory
+
+
+class RunDir:
+    """Paths of a run and its completion markers."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def marker(self, name: str) -> dict | None:
+        p = self.stage(name) / MARKER
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (json.JSONDecodeError, OSError):
+            return None  # a torn marker means an unfinished stage
+
+    def done(self, name: str) -> bool:
+        return self.marker(name) is not None
+
+    def stage_times(self) -> dict[str, float]:
+        return {s: m["wall_s"] for s in STAGES if (m := self.marker(s))}
+
+    def info(self) -> dict:
+        return read_json(self.root / "run.json", "run file")
+
+
+def _write_marker(stage_dir: Path, name: str, t0: float, outputs: dict) -> dict:
+    fail = os.environ.get(FAIL_ENV)
+    if fail == name:
+        raise RuntimeError(f"injected failure at stage {name!r} ({FAIL_ENV})")
+    m = {"stage": name, "wall_s": round(time.perf_counter() - t0, 3), "outputs": outputs,
+         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_json(stage_dir / MARKER, m)
+    return m
+
+
+# ----------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    ran: list[str]
+    skipped: list[str]
+    report: dict | None
+
+    def to_dict(self) -> dict:
+        return {"run_dir": str(self.run_dir), "ran": self.ran, "skipped": self.skipped, "report": self.report}
+
+
+@dataclass
+class _Ctx:
+    rd: RunDir
+    cfg: RunConfig
+    target: Path
+    eval: Path | None
+    base: Path
+    library: Path
+    log: Callable[[str], None]
+
+
+def run(target: str | Path, library: str | Path, base: str | Path, out: str | Path,
+        config: RunConfig | None = None, *, eval: str | Path | None = None, force: bool = False,
+        log: Callable[[str], None] = lambda s: None) -> RunResult:
+    """Run (or resume) the pipeline into ``out``; returns which stages ran and the report."""
+    from .checkpoints import resolve
+
+    cfg = (config or RunConfig()).validate()
+    ctx = _Ctx(RunDir(out), cfg, Path(target).resolve(), Path(eval).resolve() if eval else None,
+               resolve(base), Path(library).resolve(), log)
+    for p, what in ((ctx.target, "target data"), (ctx.eval, "eval data")):
+        if p is not None and not p.exists():
+            raise ConfigError(f"{what} not found", path=p)
+    _claim_run_dir(ctx, str(base), force)
+    ran, skipped = [], []
+    for name in STAGES:
+        if name == "baseline" and not cfg.baseline:
+            continue
+        if ctx.rd.done(name):
+            skipped.append(name)
+            log(f"{name}: done earlier ({ctx.rd.marker(name)['wall_s']:.1f} s), skipped")
+            continue
+        log(f"{name}: running")
+        t0 = time.perf_counter()
+        _STAGE_FNS[name](ctx, t0)
+        ran.append(name)
+        log(f"{name}: done in {ctx.rd.marker(name)['wall_s']:.1f} s")
+    rep = read_json(ctx.rd.stage("report") / "report.json", "report")
+    return RunResult(ctx.rd.root, ran, skipped, rep)
+
+
+def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
+    """Record the run's settings, or check that a resumed run uses the same ones."""
+    info = {"target": str(ctx.target), "eval": str(ctx.eval) if ctx.eval else None, "base": base_ref,
+            "base_path": str(ctx.base), "library": str(ctx.library), "config": ctx.cfg.to_dict()}
+    path = ctx.rd.root / "run.json"
+    if path.is_file() and not force:
+        old = read_json(path, "run file")
+        diff = sorted(k for k in info if json.dumps(old.get(k), sort_keys=True, default=str)
+                      != json.dumps(info[k], sort_keys=True, default=str))
+        if diff:
+            raise ConfigError(f"this run directory holds a run with different {', '.join(diff)}",
+                              path=ctx.rd.root, hint="re-run with the same settings to resume, choose "
+                              "another --out, or pass --force to start over")
+        return
+    if force and ctx.rd.root.exists():
+        import shutil
+
+        for name in STAGES:
+            shutil.rmtree(ctx.rd.stage(name), ignore_errors=True)
+    ctx.rd.root.mkdir(parents=True, exist_ok=True)
+    from .train import versions
+
+    atomic_write_json(path, {**info, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "versions": versions()})
+
+
+# ----------------------------------------------------------------------------
+# Stages
+
+
+def _stage_split(ctx: _Ctx, t0: float) -> None:
+    """train.jsonl / eval.jsonl in the normalised row format, so each stage (and a user
+    re-running `warmstart finetune` by hand) reads exactly the same rows."""
+    from dataclasses import replace
+
+    from .data import load_target
+
+    tc = ctx.cfg.train
+    data = load_target(ctx.target, format=tc.format, mc_style=tc.mc_style)
+    if ctx.eval is not None:
+        train, ev = data, load_target(ctx.eval, format=data.format, mc_style=tc.mc_style)
+    else:
+        idx = list(range(len(data)))
+        random.Random(ctx.cfg.split_seed).shuffle(idx)
+        n_eval = max(1, round(ctx.cfg.eval_fraction * len(idx)))
+        if ctx.cfg.eval_max:
+            n_eval = min(n_eval, ctx.cfg.eval_max)
+        if len(idx) - n_eval < 1:
+            raise ConfigError(f"target has {len(idx)} rows: too few to carve an eval split", path=ctx.target,
+                              hint="add rows or pass --eval FILE")
+        held = set(idx[:n_eval])
+        ev = replace(data, examples=[e for i, e in enumerate(data.examples) if i in held])
+        train = replace(data, examples=[e for i, e in enumerate(data.examples) if i not in held])
+    with atomic_dir(ctx.rd.stage("split"), force=True) as tmp:
+        _write_rows(tmp / "train.jsonl", train)
+        _write_rows(tmp / "eval.jsonl", ev)
+        _write_marker(tmp, "split", t0, {"format": data.format, "train_rows": len(train), "eval_rows": len(ev),
+                                         "train_fingerprint": train.fingerprint(),
+                                         "eval_fingerprint": ev.fingerprint()})
+
+
+def _write_rows(path: Path, data) -> None:
+    with open(path, "w") as f:
+        for ex in data.examples:
+            if ex.messages is not None:
+                row = {"messages": ex.messages}
+            elif data.format == "mc":
+                row = {"question": ex.question, "choices": ex.choices, "answer": ex.answer}
+            else:
+                row = {"prompt": ex.prompt, "completion": ex.completion}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _split_files(ctx: _Ctx) -> tuple[Path, Path]:
+    d = ctx.rd.stage("split")
+    return d / "train.jsonl", d / "eval.jsonl"
+
+
+def _stage_select(ctx: _Ctx, t0: float) -> None:
+    from .library import Library
+    from .select import select
+
+    train, _ = _split_files(ctx)
+    tc = ctx.cfg.train
+    opts = {"seed": tc.seed, "format": tc.format, "mc_style": tc.mc_style, **ctx.cfg.select}
+    with Library(ctx.library, create=False) as lib:
+        sel = select(train, str(ctx.base), library=lib, **opts)
+    with atomic_dir(ctx.rd.stage("select"), force=True) as tmp:
+        sel.to_file(tmp / "selection.yaml")
+        _write_marker(tmp, "select", t0, {"selection": "selection.yaml", "donors": sel.donors,
+                                          "ranking": sel.ranking, "metric": sel.metric})
+
+
+def _read_selection(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _stage_merge(ctx: _Ctx, t0: float) -> None:
+    """Merge the donors; with none selected, the warm start is the base itself (said so)."""
+    sel_path = ctx.rd.stage("select") / "selection.yaml"
+    donors = _read_selection(sel_path).get("donors") or []
+    with atomic_dir(ctx.rd.stage("merge"), force=True) as tmp:
+        if not donors:
+            ctx.log("merge: no donors selected; the warm start is the plain base")
+            _write_marker(tmp, "merge", t0, {"init": str(ctx.base), "recipe": None, "note": "no donors"})
+            return
+        from .merge import MergePlan, merge
+
+        plan = MergePlan.from_selection(sel_path, **_merge_options(ctx, donors))
+        res = merge(plan, tmp / "model")
+        summary = {k: v for k, v in res.to_dict().items() if k in ("method", "weights", "inputs", "notes",
+                                                                   "timings", "lora_errors")}
+        _write_marker(tmp, "merge", t0, {"init": "model", "recipe": plan.to_dict(), "result": summary})
+
+
+def _merge_options(ctx: _Ctx, donors: list[dict]) -> dict:
+    """LoRA donors merge in adapter space to the baseline's LoRA rank by default (svd), so the
+    warm start trains as many parameters as the baseline's fresh LoRA."""
+    opts = dict(ctx.cfg.merge)
+    if all(d.get("kind") == "lora" for d in donors) and not ctx.cfg.train.full:
+        opts.setdefault("lora_mode", "svd")
+        if opts["lora_mode"] == "svd":
+            opts.setdefault("rank", ctx.cfg.train.lora_r)
+    return opts
+
+
+def _warm_init(ctx: _Ctx) -> Path:
+    init = Path(ctx.rd.marker("merge")["outputs"]["init"])
+    return init if init.is_absolute() else ctx.rd.stage("merge") / init
+
+
+def _train_stage(ctx: _Ctx, t0: float, name: str, init: Path) -> None:
+    from .train import finetune
+
+    train, ev = _split_files(ctx)
+    cfg = ctx.cfg.train
+    if ctx.cfg.eval_max and ctx.eval is not None and not cfg.eval_limit:
+        cfg = dataclasses.replace(cfg, eval_limit=ctx.cfg.eval_max)
+    out = ctx.rd.stage(name)
+    res = finetune(init, train, ev, out, cfg, force=True, label=name)  # force: an unmarked dir is unfinished
+    _write_marker(out, name, t0, {"init": str(init), "kind": res.kind, "train_time_s": res.train_time_s,
+                                  "final": res.final})
+
+
+def _stage_warm(ctx: _Ctx, t0: float) -> None:
+    _train_stage(ctx, t0, "warm", _warm_init(ctx))
+
+
+def _stage_baseline(ctx: _Ctx, t0: float) -> None:
+    _train_stage(ctx, t0, "baseline", ctx.base)
+
+
+def _stage_report(ctx: _Ctx, t0: float) -> None:
+    from .report import report_run
+
+    with atomic_dir(ctx.rd.stage("report"), force=True) as tmp:
+        report_run(ctx.rd.root, out=tmp)
+        _write_marker(tmp, "report", t0, {"files": sorted(p.name for p in tmp.iterdir())})
+
+
+_STAGE_FNS = {"split": _stage_split, "select": _stage_select, "merge": _stage_merge, "warm": _stage_warm,
+              "baseline": _stage_baseline, "report": _stage_report}
+
+__all__ = ["FAIL_ENV", "MARKER", "STAGES", "RunConfig", "RunDir", "RunResult", "run"]
