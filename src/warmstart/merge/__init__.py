@@ -11,15 +11,22 @@ On disk (streaming, bounded memory, atomic)::
     result = merge(MergePlan.from_yaml("plan.yaml"), Path("out/merged"))
 """
 
+from .engine import MergeResult, TensorReport, merge
 from .methods import REGISTRY, Method, get_method, merge_state_dicts, merge_tensors
+from .plan import MergePlan, ModelSpec
 from .weights import SCHEMES, compute_weights
 
 __all__ = [
     "REGISTRY",
     "SCHEMES",
+    "MergePlan",
+    "MergeResult",
     "Method",
+    "ModelSpec",
+    "TensorReport",
     "compute_weights",
     "get_method",
+    "merge",
     "merge_state_dicts",
     "merge_tensors",
 ]

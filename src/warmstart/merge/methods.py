@@ -97,10 +97,12 @@ def _magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     (common in bf16) are broken by position so exactly k entries survive.
     """
     n = delta.numel()
-    k = int(density * n)
+    if density >= 1:
+        return None
+    k = max(1, int(density * n)) if density > 0 else 0  # as mergekit: any positive density keeps one entry
     if k >= n:
         return None
-    mag = delta.abs().view(-1)
+    mag = delta.abs().reshape(-1)
     if k <= 0:
         return torch.zeros_like(mag, dtype=torch.bool).view_as(delta)
     thr = mag.kthvalue(n - k).values
@@ -114,9 +116,8 @@ def _magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor | None:
 def _outlier_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
     """Breadcrumbs: drop the largest ``gamma`` fraction and the smallest, keeping ``density``.
 
-    Same counts as mergekit (n_top = ⌊γn⌋, n_bottom = n − ⌊density·n⌋ − n_top), with two
-    selections instead of a full sort. Unlike mergekit we keep the top when n_top = 0
-    (mergekit's ``indices[n_bot:-0]`` is empty and zeroes the whole tensor).
+    Same counts as mergekit 0.1.5 (n_top = ⌊γn⌋, n_bottom = n − ⌊density·n⌋ − n_top, the
+    outlier cut shrinks when both do not fit), with two selections instead of a full sort.
     """
     n = delta.numel()
     if density >= 1:
@@ -125,7 +126,7 @@ def _outlier_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Te
     n_bot = n - target - n_top
     if n_bot < 0:
         n_bot, n_top = 0, n - target
-    mag = delta.abs().view(-1)
+    mag = delta.abs().reshape(-1)
     keep = torch.ones_like(mag, dtype=torch.bool)
     if n_bot > 0:
         keep &= mag > mag.kthvalue(n_bot).values
@@ -159,7 +160,9 @@ def _task_family(tensors, base, weights, *, sparsify, consensus, density=1.0, ga
         if keep is not None:
             delta.mul_(keep)
             if sparsify == "random" and rescale and d > 0:
-                delta.div_(d)  # DARE rescales survivors by 1/p so E[δ̃] = δ
+                # DARE (paper): survivors × 1/p so E[δ̃] = δ. mergekit 0.1.5 instead rescales to the
+                # same L1 norm, which is 1/p only in expectation (docs/merge.md).
+                delta.div_(d)
         wd.append(delta.mul_(w))
     mixed, divisor = _combine(wd, weights, consensus)
     if normalize:

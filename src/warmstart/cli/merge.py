@@ -1,0 +1,148 @@
+"""`warmstart merge`: a thin layer over warmstart.merge (plan from flags, a YAML file or a selection)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ._common import ForceOpt, JsonOpt, err, print_json
+
+EPILOG = """
+Examples:
+
+  warmstart merge runs/a runs/b --method ties --base models/base --density 0.5 --out merged/ties
+
+  warmstart merge runs/x/checkpoint-* --weights mwa:loss --penalty 2 --out merged/mwa
+
+  warmstart merge lora/a lora/b --weights 0.3,0.7 --lora-mode svd --rank 16 --out merged/lora
+
+  warmstart merge --config plan.yaml --out merged/x      (native or mergekit YAML)
+
+  warmstart merge --selection sel.yaml --method linear --out merged/sel --json
+"""
+
+
+def _weights(spec: str | None) -> tuple[str | None, list[float] | None]:
+    from ..errors import ConfigError
+
+    if spec is None:
+        return None, None
+    if "," in spec or _is_number(spec):
+        try:
+            return "given", [float(x) for x in spec.split(",")]
+        except ValueError:
+            raise ConfigError(f"--weights {spec!r}: expected numbers like 0.3,0.7 or a scheme name") from None
+    return spec, None
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _param(kv: str):
+    from ..errors import ConfigError
+
+    if "=" not in kv:
+        raise ConfigError(f"--param {kv!r}: expected NAME=VALUE")
+    k, v = kv.split("=", 1)
+    import yaml
+
+    return k.strip(), yaml.safe_load(v)
+
+
+def merge_cmd(
+    models: list[str] = typer.Argument(None, help="Models or adapters: paths, hub ids, or checkpoint-* globs."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
+    method: str = typer.Option(None, "--method", "-m", help="linear, task_arithmetic, ties, dare_ties, dare_linear, "
+                               "breadcrumbs, breadcrumbs_ties, slerp, model_stock."),
+    base: str = typer.Option(None, "--base", "-b", help="Base model θ₀ (config/tokenizer source too)."),
+    weights: str = typer.Option(None, "--weights", "-w",
+                                help="uniform | given numbers 0.3,0.7 | score | softmax | mwa:loss | mwa:steps."),
+    penalty: float = typer.Option(None, "--penalty", help="MWA penalty exponent p (0 = uniform)."),
+    density: float = typer.Option(None, "--density", help="Fraction of each task vector kept (TIES/DARE/breadcrumbs)."),
+    gamma: float = typer.Option(None, "--gamma", help="Breadcrumbs: fraction of largest entries dropped."),
+    lam: float = typer.Option(None, "--lambda", help="Scale of the merged task vector."),
+    t: float = typer.Option(None, "--t", help="SLERP interpolation factor."),
+    seed: int = typer.Option(None, "--seed", help="DARE seed."),
+    param: list[str] = typer.Option(None, "--param", help="Any method parameter NAME=VALUE (repeatable)."),
+    config: Path = typer.Option(None, "--config", "-c", help="Merge plan YAML (native or mergekit)."),
+    selection: Path = typer.Option(None, "--selection", help="Selection file written by `warmstart select`."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16, float16."),
+    shard_size: str = typer.Option(None, "--shard-size", help="Max shard size, e.g. 2GB."),
+    lora_mode: str = typer.Option(None, "--lora-mode", help="Adapters: cat (exact), svd (rank-r), factors."),
+    rank: int = typer.Option(None, "--rank", help="Rank of an svd-merged adapter (default: the sources' rank)."),
+    include_base: bool = typer.Option(None, "--include-base/--no-include-base",
+                                      help="Linear: the base takes part as one more model."),
+    base_weight: float = typer.Option(None, "--base-weight", help="Weight of the base with --include-base."),
+    missing: str = typer.Option(None, "--missing", help="Tensors missing/extra in some inputs: error | reference."),
+    vocab: str = typer.Option(None, "--vocab", help="Vocabulary size mismatch: error | reference (resize rows)."),
+    device: str = typer.Option(None, "--device", help="Device for the math (cpu, cuda)."),
+    threads: int = typer.Option(None, "--threads", help="I/O threads."),
+    force: bool = ForceOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Merge full models (streamed) or LoRA adapters (in adapter space) into one."""
+    from ..errors import ConfigError
+    from ..merge import MergePlan, merge
+
+    scheme, given = _weights(weights)
+    flags = {"method": method, "base": base, "penalty": penalty, "dtype": dtype, "shard_size": shard_size,
+             "lora_mode": lora_mode, "rank": rank, "include_base": include_base, "base_weight": base_weight,
+             "missing": missing, "vocab": vocab, "device": device, "threads": threads, "weighting": scheme}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    mparams = {k: v for k, v in {"density": density, "gamma": gamma, "lambda": lam, "t": t, "seed": seed}.items()
+               if v is not None}
+    mparams.update(dict(_param(p) for p in param or []))
+    if config and selection:
+        raise ConfigError("give --config or --selection, not both")
+    if config:
+        data = MergePlan.from_yaml(config).to_dict()
+    elif selection:
+        data = MergePlan.from_selection(selection, method=flags.get("method", "linear")).to_dict()
+        data["higher_is_better"] = MergePlan.from_selection(selection).higher_is_better
+    else:
+        data = {"models": []}
+    if models:
+        data["models"] = [{"ref": m} for m in models]
+    if given is not None:
+        if len(given) != len(data["models"]):
+            raise ConfigError(f"--weights has {len(given)} numbers for {len(data['models'])} models")
+        for m, w in zip(data["models"], given):
+            m["weight"] = w
+    data.update(flags)
+    data["params"] = {**data.get("params", {}), **mparams}
+    plan = MergePlan.from_dict(data, source=str(config or selection) if (config or selection) else None)
+    result = _run(plan, out, force, quiet=json_out)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        err.print(f"merged {len(plan.models)} input(s) with {plan.method} → {result.out} "
+                  f"({result.timings.get('total', 0):.1f}s); weights {[round(w, 4) for w in result.weights]}")
+        for n in result.notes:
+            err.print(f"note: {n}")
+
+
+def _run(plan, out, force, quiet):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..merge import merge
+
+    with Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=err, transient=True, disable=quiet) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done, total, name):
+            bar.update(task, completed=done, total=total, description=name)
+
+        return merge(plan, out, force=force, progress=progress)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge", epilog=EPILOG, no_args_is_help=True,
+                help="Merge checkpoints: full models streamed tensor by tensor, LoRA adapters in adapter space "
+                     "(cat exact, svd rank-r, factors), weights uniform/given/score/MWA.")(merge_cmd)

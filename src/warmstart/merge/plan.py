@@ -1,0 +1,255 @@
+"""MergePlan: one validated description of a merge that round-trips to YAML.
+
+Native YAML::
+
+    method: ties
+    base: runs/base
+    models:
+      - {ref: runs/a, weight: 0.6}
+      - {ref: runs/b, weight: 0.4}
+    params: {density: 0.5}
+    dtype: bfloat16
+
+mergekit YAML (``merge_method``, ``base_model``, ``models[].model`` with
+``parameters.weight/density``, global ``parameters``, ``dtype``,
+``tokenizer_source``) is accepted as it is for the methods warmstart has.
+Every problem in a file is collected and reported at once, naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .methods import REGISTRY
+from .weights import SCHEMES
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+POLICIES = ("error", "reference")
+LORA_MODES = ("cat", "svd", "factors")
+_MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                     "breadcrumbs_ties", "slerp", "model_stock"}
+
+
+@dataclass
+class ModelSpec:
+    ref: str
+    weight: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # per-model overrides (e.g. density)
+    score: float | None = None  # from a selection file; used by weighting "score"/"softmax"
+
+
+@dataclass
+class MergePlan:
+    models: list[ModelSpec]
+    method: str = "linear"
+    base: str | None = None
+    include_base: bool = False  # linear only: the base takes part with `base_weight` (never implied)
+    base_weight: float | None = None
+    weighting: str | None = None  # None: "given" if any model has a weight, else "uniform"
+    penalty: float = 1.0
+    temperature: float = 1.0
+    higher_is_better: bool = False  # for score/softmax weighting: accuracy-like (True) or loss-like (False)
+    params: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None  # output dtype; None keeps the reference model's
+    compute_dtype: str = "float32"
+    shard_size: str = "5GB"
+    config_from: str | None = None  # config + tokenizer source; default base, else first model
+    missing: str = "error"  # tensors missing/extra in some inputs
+    vocab: str = "error"  # embedding rows differ between inputs
+    device: str = "cpu"
+    threads: int = 2
+    lora_mode: str = "cat"
+    rank: int | None = None
+    source: str | None = field(default=None, compare=False)  # the file it came from (for messages)
+
+    # -- validation ---------------------------------------------------------
+    def __post_init__(self):
+        self.models = [m if isinstance(m, ModelSpec) else _model_spec(m, []) for m in self.models]
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid merge plan: " + "; ".join(problems), path=self.source)
+
+    def problems(self) -> list[str]:
+        p = []
+        if not self.models:
+            p.append("no models to merge")
+        if self.method not in REGISTRY:
+            p.append(f"unknown method {self.method!r} (known: {', '.join(sorted(REGISTRY))})")
+        if self.weighting is not None and self.weighting not in SCHEMES:
+            p.append(f"unknown weighting {self.weighting!r} (known: {', '.join(SCHEMES)})")
+        for name, val, allowed in [("dtype", self.dtype, DTYPES + (None,)), ("compute_dtype", self.compute_dtype, DTYPES),
+                                   ("missing", self.missing, POLICIES), ("vocab", self.vocab, POLICIES),
+                                   ("lora_mode", self.lora_mode, LORA_MODES)]:
+            if val not in allowed:
+                p.append(f"{name} must be one of {[a for a in allowed if a]}, got {val!r}")
+        dens = [self.params.get("density")] + [m.params.get("density") for m in self.models]
+        for d in dens:
+            if d is not None and not (isinstance(d, (int, float)) and 0 <= d <= 1):
+                p.append(f"density must be in [0, 1], got {d!r}")
+        ws = [m.weight for m in self.models if m.weight is not None]
+        if ws and len(ws) == len(self.models) and abs(sum(ws) + (self.base_weight or 0)) < 1e-12:
+            p.append(f"model weights {ws} sum to zero")
+        if self.include_base and not self.base:
+            p.append("include_base needs a base")
+        if self.include_base and self.method != "linear":
+            p.append(f"include_base applies to linear merges only (method {self.method!r} uses the base as θ₀)")
+        if self.penalty < 0:
+            p.append(f"penalty must be >= 0, got {self.penalty}")
+        if self.rank is not None and self.rank <= 0:
+            p.append(f"rank must be positive, got {self.rank}")
+        try:
+            parse_size(self.shard_size)
+        except ValueError as e:
+            p.append(str(e))
+        return p
+
+    # -- YAML ---------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> MergePlan:
+        path = Path(path)
+        data = _load_file(path)
+        if not isinstance(data, dict):
+            raise ConfigError("a merge plan must be a mapping", path=path)
+        if "merge_method" in data:
+            return cls.from_mergekit(data, source=str(path))
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str | None = None) -> MergePlan:
+        names = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        unknown = sorted(set(data) - names)
+        problems = [f"unknown key(s) {unknown} (known: {', '.join(sorted(names))})"] if unknown else []
+        models = [_model_spec(m, problems) for m in (data.get("models") or [])]
+        if problems:
+            raise ConfigError("invalid merge plan: " + "; ".join(problems), path=source)
+        kw = {k: v for k, v in data.items() if k in names and k != "models"}
+        try:
+            return cls(models=models, source=source, **kw)
+        except TypeError as e:
+            raise ConfigError(f"invalid merge plan ({e})", path=source) from None
+
+    @classmethod
+    def from_mergekit(cls, data: dict, *, source: str | None = None) -> MergePlan:
+        """Accept a mergekit YAML for the methods warmstart implements (no slices, no per-layer gradients)."""
+        known = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "tokenizer",
+                 "out_dtype", "name", "chat_template"}
+        problems = []
+        if set(data) - known:
+            problems.append(f"unsupported mergekit key(s) {sorted(set(data) - known)}")
+        method = data.get("merge_method")
+        if method not in _MERGEKIT_METHODS:
+            problems.append(f"mergekit method {method!r} is not supported (supported: {sorted(_MERGEKIT_METHODS)})")
+        base = data.get("base_model")
+        models, base_entry = [], None
+        for m in data.get("models") or []:
+            if not isinstance(m, dict) or "model" not in m:
+                problems.append(f"bad models entry {m!r}")
+                continue
+            params = dict(m.get("parameters") or {})
+            for k, v in params.items():
+                if isinstance(v, (list, dict)):
+                    problems.append(f"gradient/filtered parameter {k!r} of {m['model']} is not supported")
+            spec = ModelSpec(str(m["model"]), params.pop("weight", None), params)
+            if base is not None and spec.ref == str(base):
+                base_entry = spec  # mergekit lets the base appear among models (linear then includes it)
+            else:
+                models.append(spec)
+        if problems:
+            raise ConfigError("invalid mergekit plan: " + "; ".join(problems), path=source)
+        gparams = dict(data.get("parameters") or {})
+        gparams.pop("int8_mask", None)  # a mergekit memory option, no effect on the result
+        include_base = base_entry is not None and method == "linear"
+        if method == "slerp" and not models and base_entry is None:
+            raise ConfigError("slerp needs a second model besides the base", path=source)
+        return cls(models=models, method=method, base=str(base) if base is not None else None,
+                   include_base=include_base, base_weight=base_entry.weight if include_base else None,
+                   params=gparams, dtype=data.get("out_dtype") or data.get("dtype"),
+                   config_from=data.get("tokenizer_source") if isinstance(data.get("tokenizer_source"), str)
+                   and data.get("tokenizer_source") not in ("base", "union") else None, source=source)
+
+    @classmethod
+    def from_selection(cls, path: str | Path, *, method: str = "linear", **overrides) -> MergePlan:
+        """A plan from the select stage's output: ``base`` and ``donors[].ref/.weight`` are used."""
+        path = Path(path)
+        data = _load_file(path)
+        if not isinstance(data, dict) or not isinstance(data.get("donors"), list) or not data["donors"]:
+            raise ConfigError("selection file needs a non-empty 'donors' list", path=path)
+        models = []
+        for d in data["donors"]:
+            if not isinstance(d, dict) or "ref" not in d:
+                raise ConfigError(f"selection donor without 'ref': {d!r}", path=path)
+            models.append(ModelSpec(str(d["ref"]), d.get("weight"), score=d.get("score")))
+        metric = str(data.get("metric") or "loss")
+        kw = {"method": method, "base": data.get("base"), "source": str(path),
+              "higher_is_better": "loss" not in metric and "perplexity" not in metric, **overrides}
+        return cls(models=models, **kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        d["models"] = [{k: v for k, v in dataclasses.asdict(m).items() if v not in (None, {})} for m in self.models]
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        return {k: v for k, v in d.items() if k in ("models", "method") or v != defaults.get(k, object())
+                and v not in ({}, None)}
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _model_spec(m, problems: list[str]) -> ModelSpec:
+    if isinstance(m, ModelSpec):
+        return m
+    if isinstance(m, str):
+        return ModelSpec(m)
+    if isinstance(m, dict) and "ref" in m:
+        extra = set(m) - {"ref", "weight", "params", "score"}
+        if extra:
+            problems.append(f"unknown key(s) {sorted(extra)} in model {m['ref']!r}")
+        w = m.get("weight")
+        if w is not None and not isinstance(w, (int, float)):
+            problems.append(f"weight of {m['ref']!r} must be a number, got {w!r}")
+        return ModelSpec(str(m["ref"]), w, dict(m.get("params") or {}), m.get("score"))
+    problems.append(f"bad model entry {m!r} (expected a path or {{ref: ..., weight: ...}})")
+    return ModelSpec(str(m))
+
+
+def _load_file(path: Path):
+    import yaml
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("plan file not found", path=path) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read plan file ({e.strerror})", path=path) from None
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"not valid YAML/JSON ({str(e).splitlines()[0]})", path=path) from None
+
+
+def parse_size(s: str | int) -> int:
+    """'2GB' → bytes (decimal units, as transformers' max_shard_size)."""
+    if isinstance(s, int):
+        return s
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = str(s).strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * units[u])
+            except ValueError:
+                break
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"bad size {s!r} (use e.g. 500MB, 2GB)")
+
+
+__all__ = ["MergePlan", "ModelSpec", "parse_size"]
