@@ -89,6 +89,19 @@ def test_run_resumes_after_failure_and_reports(setup, tmp_path, monkeypatch):
     assert wmeta["config"] == bmeta["config"]
     assert wmeta["eval_data"]["fingerprint"] == bmeta["eval_data"]["fingerprint"]
 
+    # the CLI re-renders the report and tabulates runs
+    from typer.testing import CliRunner
+
+    from warmstart.cli import app
+
+    r = CliRunner().invoke(app, ["report", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["parity"] == rep["parity"]
+    r = CliRunner().invoke(app, ["compare", str(out), str(out)])
+    assert r.exit_code == 0 and "| capitals |" in r.stdout and "| mean |" in r.stdout
+    r = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert isinstance(r.exception, ConfigError) and "not a warmstart run directory" in str(r.exception)
+
     # a third run has nothing left to do; a different config is refused
     again = run(target, lib, base, out, cfg)
     assert again.ran == [] and len(again.skipped) == 6

@@ -362,14 +362,24 @@ def _stage_baseline(ctx: _Ctx, t0: float) -> None:
 
 
 def _stage_report(ctx: _Ctx, t0: float) -> None:
+    render_report(ctx.rd.root, _t0=t0)
+
+
+def render_report(run_dir: str | Path, *, _t0: float | None = None) -> dict:
+    """(Re-)write RUN/report from the logged curves and markers; no model is loaded."""
     from .report import report_run
 
-    with atomic_dir(ctx.rd.stage("report"), force=True) as tmp:
-        report_run(ctx.rd.root, out=tmp)
+    rd = RunDir(run_dir)
+    if not (rd.root / "run.json").is_file():
+        raise ConfigError("not a warmstart run directory (no run.json)", path=rd.root)
+    t0 = time.perf_counter() if _t0 is None else _t0
+    with atomic_dir(rd.stage("report"), force=True) as tmp:
+        rep = report_run(rd.root, out=tmp)
         _write_marker(tmp, "report", t0, {"files": sorted(p.name for p in tmp.iterdir())})
+    return rep
 
 
 _STAGE_FNS = {"split": _stage_split, "select": _stage_select, "merge": _stage_merge, "warm": _stage_warm,
               "baseline": _stage_baseline, "report": _stage_report}
 
-__all__ = ["FAIL_ENV", "MARKER", "STAGES", "RunConfig", "RunDir", "RunResult", "run"]
+__all__ = ["FAIL_ENV", "MARKER", "STAGES", "RunConfig", "RunDir", "RunResult", "render_report", "run"]
