@@ -79,10 +79,13 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     lora_errors: dict[str, float] | None = None  # LoRA merges: relative ΔW error per module
+    state_dict: dict | None = field(default=None, repr=False)  # in-memory adapter merges (out=None)
+    adapter_config: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["out"] = str(self.out)
+        d.pop("state_dict")
+        d["out"] = str(self.out) if self.out is not None else None
         return d
 
 
