@@ -258,7 +258,8 @@ def render_markdown(rep: dict, plots: list[str] = ()) -> str:
                  f"{_f(w['train_time_s'], '.1f')} | |")
     lines.append("")
     if rep.get("parity"):
-        lines += parity_sentence(rep["parity"]) + [""]
+        for sentence in parity_sentence(rep["parity"]):
+            lines += [sentence, ""]
     lines += _donor_lines(rep) + _stage_lines(rep)
     if plots:
         lines += ["## Curves", ""] + [f"![{p}]({p})" for p in plots] + [""]
