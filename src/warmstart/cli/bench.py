@@ -74,5 +74,110 @@ def tasks_cmd(
             print(f"{k}\t{v}")
 
 
+@app.command("run", epilog="""
+Examples:
+
+  nice -n 10 warmstart bench run --out bench-out --seed 0 --seed 1
+
+  warmstart bench run --out bench-out --target country_de --target add --variant main --variant k1
+
+  warmstart bench run --out bench-out --variant main --variant k1 --variant k3 --variant cat --variant factors
+
+Re-running the same command resumes: finished runs are skipped.
+""")
+def run_cmd(
+    out: Path = typer.Option(Path("bench-out"), "--out", "-o", help="Bench directory (created; resumable)."),
+    task: list[str] = typer.Option(None, "--task", "-t", help="Task pool, repeatable (default: all tasks)."),
+    target: list[str] = typer.Option(None, "--target", help="Targets to run, repeatable (default: the pool)."),
+    seed: list[int] = typer.Option(None, "--seed", help="Training seed, repeatable (default 0)."),
+    variant: list[str] = typer.Option(None, "--variant", help="main, k1, k3, factors, cat, mwa, select_acc, "
+                                      "select_grad; repeatable (default main)."),
+    steps: int = typer.Option(40, "--steps", help="Largest budget (training steps, constant lr)."),
+    eval_every: int = typer.Option(10, "--eval-every", help="Evaluate (and define a budget) every N steps."),
+    lr: float = typer.Option(2e-4, "--lr"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    lora_r: int = typer.Option(8, "--lora-r"),
+    test_limit: int = typer.Option(100, "--test-limit", help="Test questions per target (first N; 0 = all)."),
+    select_n: int = typer.Option(64, "--select-n", help="Target train rows used to score donors."),
+    base: Path = typer.Option(None, "--base", help="Base model dir (default: the converted SmolLM2)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Leave-one-out recycle-bench: warm start from merged donors vs. scratch, per target and budget."""
+    from ..bench.protocol import BenchConfig, run_bench
+
+    cfg = BenchConfig(tasks=task or None, targets=target or None, seeds=seed or [0], variants=variant or ["main"],
+                      steps=steps, eval_every=eval_every, lr=lr, batch_size=batch_size, lora_r=lora_r,
+                      lora_alpha=2.0 * lora_r, test_limit=test_limit or None, select_n=select_n)
+    res = run_bench(out, cfg, base=base, log=_stamp())
+    if json_out:
+        print_json(res["summary"])
+    else:
+        print((out / "results.md").read_text())
+
+
+@app.command("results", epilog="""
+Examples:
+
+  warmstart bench results --out bench-out
+""")
+def results_cmd(out: Path = typer.Option(Path("bench-out"), "--out", "-o", help="Bench directory."),
+                json_out: bool = JsonOpt) -> None:
+    """Re-read a bench directory (also while it runs) and rewrite results.md / results.json."""
+    from .._io import read_json
+    from ..bench.protocol import BenchConfig, BenchDir, write_results
+
+    cfg = BenchConfig(**read_json(out / "bench.json", "bench file")["config"])
+    res = write_results(cfg, BenchDir(out))
+    if json_out:
+        print_json(res["summary"])
+    else:
+        print((out / "results.md").read_text())
+
+
+def _stamp():
+    import time
+
+    t0 = time.perf_counter()
+    return lambda s: err.print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - t0:.0f}s] {s}",
+                               markup=False, highlight=False)
+
+
+DEMO_EPILOG = """
+Examples:
+
+  warmstart demo
+
+  warmstart demo --out /tmp/warmstart-demo --steps 30
+
+Re-running resumes where it stopped; --force starts over.
+"""
+
+
+def demo_cmd(
+    out: Path = typer.Option(Path("warmstart-demo"), "--out", "-o", help="Output directory."),
+    steps: int = typer.Option(20, "--steps", help="Training budget for both runs."),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = ForceOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """See warmstart work in minutes on a real LLM (SmolLM2-135M, CPU): library → select → merge → train vs. scratch.
+
+    Two library adapters (country names → French, → Spanish), a held-out target (→ German).
+    """
+    import shutil
+
+    from ..demo import format_table, run_demo
+
+    if force and out.exists():
+        shutil.rmtree(out)
+    row = run_demo(out, steps=steps, seed=seed, log=_stamp())
+    if json_out:
+        print_json(row)
+        return
+    print(format_table(row))
+    print(f"report: {row['report']}  (plots next to it); total {row['elapsed_s']:.0f} s")
+
+
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="bench")
+    root.command("demo", epilog=DEMO_EPILOG)(demo_cmd)

@@ -1,0 +1,338 @@
+"""The recycle-bench protocol (issue #7): leave-one-out warm start vs. scratch on real tasks.
+
+For every task, a *source run* trains a fresh LoRA from the base on the task's
+train split (the same recipe for all tasks). Seed 0's source runs are the
+library; every source run is also the scratch baseline of its own task. For each
+target, a library of the *other* tasks' adapters is built, and
+:func:`warmstart.pipeline.run` (the code path of ``warmstart run``) selects
+donors on a sample of the target's train split, merges them and trains from the
+merge with the same recipe, budget, learning rate and seed.
+
+Budgets. Training uses a constant learning rate, so the first ``b`` steps of a
+run are exactly a ``b``-step run (same seed, same data order): one run per
+(init, seed) evaluated every ``eval_every`` steps gives every budget on its
+curve, and warm and scratch are compared at each budget (``budgets``). With a
+decaying schedule each budget would need its own run.
+
+Evaluation is multiple-choice accuracy by rank classification on a fixed
+subset of each target's test split (the first ``test_limit`` rows, the same for
+every run, so comparisons are paired). Every step is resumable: finished
+outputs carry their markers and are skipped when the command is run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_write_json, atomic_write_text, read_json
+from ..errors import ConfigError
+
+METRIC = "eval_mc_accuracy"
+
+# Ablations are named variants: (select options, merge options) on top of the main recipe.
+# main = the paper's setting with warmstart's defaults: top-2 by target loss, uniform weights,
+# LoRA merged by SVD to the baseline's rank (so warm and scratch train equally many parameters).
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "main": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd"}),
+    "k1": ({"k": 1, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd"}),
+    "k3": ({"k": 3, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd"}),
+    "factors": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "factors"}),
+    "cat": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "cat"}),
+    "mwa": ({"k": 2, "metric": "loss", "weights": "mwa:loss"}, {"lora_mode": "svd"}),
+    "select_acc": ({"k": 2, "metric": "mc-accuracy", "weights": "uniform"}, {"lora_mode": "svd"}),
+    "select_grad": ({"k": 2, "metric": "loss", "scorer": "grad", "weights": "uniform"}, {"lora_mode": "svd"}),
+}
+
+
+@dataclass
+class BenchConfig:
+    tasks: list[str] | None = None  # the task pool (library); None = every registered task
+    targets: list[str] | None = None  # targets to run; None = every task in the pool
+    seeds: list[int] = field(default_factory=lambda: [0])
+    variants: list[str] = field(default_factory=lambda: ["main"])
+    steps: int = 40
+    eval_every: int = 10
+    budgets: list[int] | None = None  # None: every evaluation step after 0
+    lr: float = 2e-4
+    batch_size: int = 8
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    test_limit: int | None = 100
+    select_n: int = 64
+    task_seed: int = 0
+    eval_batch_size: int = 32
+    library_eval_limit: int | None = None  # source runs of non-target tasks may evaluate on fewer rows
+
+    # fields that change results; a resumed run must keep them
+    RECIPE = ("steps", "eval_every", "lr", "batch_size", "lora_r", "lora_alpha", "test_limit", "select_n",
+              "task_seed", "library_eval_limit")
+
+    def resolved(self) -> BenchConfig:
+        from .tasks import TASKS
+
+        tasks = list(self.tasks or TASKS)
+        targets = list(self.targets or tasks)
+        errs = [f"unknown task {t!r}" for t in {*tasks, *targets} if t not in TASKS]
+        errs += [f"target {t!r} is not in the task pool" for t in targets if t in TASKS and t not in tasks]
+        errs += [f"unknown variant {v!r} (known: {', '.join(VARIANTS)})" for v in self.variants if v not in VARIANTS]
+        if len(tasks) < 2:
+            errs.append("leave-one-out needs at least two tasks")
+        if self.steps % self.eval_every:
+            errs.append(f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every})")
+        budgets = self.budgets or list(range(self.eval_every, self.steps + 1, self.eval_every))
+        errs += [f"budget {b} is not an evaluation step" for b in budgets if b % self.eval_every or not 0 < b <= self.steps]
+        if errs:
+            raise ConfigError("invalid bench config: " + "; ".join(errs))
+        return dataclasses.replace(self, tasks=tasks, targets=targets, budgets=sorted(budgets))
+
+    def train_config(self, seed: int):
+        from ..train import TrainConfig
+
+        return TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, scheduler="constant",
+                           seed=seed, lora_r=self.lora_r, lora_alpha=self.lora_alpha, eval_every=self.eval_every,
+                           eval_batch_size=self.eval_batch_size, metrics=["loss", "mc_accuracy"])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------
+# Layout of the output directory
+
+
+class BenchDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def task(self, t: str) -> Path:
+        return self.root / "tasks" / t
+
+    def eval_file(self, t: str) -> Path:
+        return self.root / "eval" / f"{t}.jsonl"
+
+    def source(self, t: str, seed: int) -> Path:
+        return self.root / "source" / f"{t}-s{seed}"
+
+    def library(self, target: str) -> Path:
+        return self.root / "libraries" / f"{target}.db"
+
+    def run(self, target: str, variant: str, seed: int) -> Path:
+        return self.root / "runs" / target / f"{variant}-s{seed}"
+
+
+def _finished(d: Path) -> bool:
+    return (d / "warmstart.json").is_file() and (d / "curve.json").is_file()
+
+
+# ----------------------------------------------------------------------------
+# Steps
+
+
+def prepare_data(cfg: BenchConfig, bd: BenchDir, log: Callable[[str], None]) -> None:
+    """Task files, and each task's fixed evaluation subset (the first ``test_limit`` test rows)."""
+    from .tasks import write_tasks
+
+    write_tasks(bd.root / "tasks", cfg.tasks, cfg.task_seed, progress=log)
+    for t in cfg.tasks:
+        f = bd.eval_file(t)
+        if not f.is_file():
+            lines = (bd.task(t) / "test.jsonl").read_text().splitlines(keepends=True)
+            atomic_write_text(f, "".join(lines[: cfg.test_limit] if cfg.test_limit else lines))
+
+
+def source_run(cfg: BenchConfig, bd: BenchDir, base: Path, t: str, seed: int, log) -> Path:
+    """Fresh LoRA from the base on task ``t`` (library adapter for seed 0, scratch baseline for ``t``)."""
+    from ..data import load_target
+    from ..train import finetune
+
+    out = bd.source(t, seed)
+    if _finished(out):
+        return out
+    tc = cfg.train_config(seed)
+    ev = load_target(bd.eval_file(t))
+    if cfg.library_eval_limit and t not in cfg.targets:
+        ev = dataclasses.replace(ev, examples=ev.examples[: cfg.library_eval_limit])
+    log(f"source run {t} seed {seed}: {cfg.steps} steps from the base")
+    res = finetune(base, bd.task(t) / "train.jsonl", ev, out, tc, force=True, label=f"scratch {t}")
+    _tag_task(out, t)
+    log(f"source run {t} seed {seed}: {METRIC.removeprefix('eval_')} "
+        f"{res.curve.points[0].get(METRIC, float('nan')):.3f} → {res.final.get(METRIC, float('nan')):.3f} "
+        f"({res.train_time_s:.0f} s training)")
+    return out
+
+
+def _tag_task(out: Path, t: str) -> None:
+    """Record the task in warmstart.json so `library scan` and select know what the adapter is for."""
+    meta = read_json(out / "warmstart.json")
+    if meta.get("task") != t:
+        meta["task"] = t
+        atomic_write_json(out / "warmstart.json", meta)
+
+
+def build_library(cfg: BenchConfig, bd: BenchDir, target: str) -> Path:
+    """A catalog holding the seed-0 adapter of every task except ``target`` (leave-one-out)."""
+    from ..library import Library
+
+    path = bd.library(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Library(path) as lib:
+        for t in cfg.tasks:
+            if t != target:
+                lib.add(bd.source(t, 0), task=t)
+    return path
+
+
+def warm_run(cfg: BenchConfig, bd: BenchDir, base: Path, target: str, variant: str, seed: int, log):
+    """select → merge → train from the merge, through :func:`warmstart.pipeline.run`."""
+    from ..pipeline import RunConfig, run
+
+    sel, mrg = VARIANTS[variant]
+    rc = RunConfig(train=cfg.train_config(seed), select={"n": cfg.select_n, **sel}, merge=dict(mrg),
+                   eval_max=None, baseline=False)
+    lib = build_library(cfg, bd, target)
+    out = bd.run(target, variant, seed)
+    log(f"warm start {target} [{variant}] seed {seed}")
+    return run(bd.task(target) / "train.jsonl", lib, base, out, rc, eval=bd.eval_file(target),
+               log=lambda s: log(f"  {target}/{variant}/s{seed} {s}"))
+
+
+# ----------------------------------------------------------------------------
+# The whole protocol
+
+
+def run_bench(out: str | Path, config: BenchConfig | None = None, *, base: str | Path | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the protocol into ``out``; returns the aggregated results (also written)."""
+    from .model import prepare_model
+
+    cfg = (config or BenchConfig()).resolved()
+    bd = BenchDir(out)
+    _claim(bd, cfg)
+    base = Path(base) if base else prepare_model(progress=log)
+    prepare_data(cfg, bd, log)
+    t0 = time.perf_counter()
+    # Order = what finishes first is most useful: the library, the main comparison on seed 0,
+    # then more seeds, then the ablations.
+    for seed in cfg.seeds:
+        for t in (cfg.tasks if seed == 0 else cfg.targets):
+            source_run(cfg, bd, base, t, seed, log)
+        for variant in cfg.variants:
+            for target in cfg.targets:
+                warm_run(cfg, bd, base, target, variant, seed, log)
+                write_results(cfg, bd)
+    res = write_results(cfg, bd)
+    log(f"bench finished in {time.perf_counter() - t0:.0f} s; results in {bd.root / 'results.md'}")
+    return res
+
+
+def _claim(bd: BenchDir, cfg: BenchConfig) -> None:
+    """A resumed run must keep the recipe; targets, seeds and variants may grow."""
+    path = bd.root / "bench.json"
+    if path.is_file():
+        old = read_json(path, "bench file").get("config", {})
+        diff = [k for k in BenchConfig.RECIPE if old.get(k) != getattr(cfg, k)]
+        if diff:
+            raise ConfigError(f"this bench directory was run with different {', '.join(diff)}", path=bd.root,
+                              hint="use the same settings to resume, or another --out")
+        if set(old.get("tasks") or []) != set(cfg.tasks):
+            raise ConfigError("this bench directory has a different task pool", path=bd.root,
+                              hint=f"it used: {', '.join(old.get('tasks') or [])}")
+    bd.root.mkdir(parents=True, exist_ok=True)
+    from ..train import versions
+
+    atomic_write_json(path, {"config": cfg.to_dict(), "versions": versions(),
+                             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+# ----------------------------------------------------------------------------
+# Results
+
+
+def _truncate(curve, budget: int):
+    from ..report import Curve
+
+    pts = [p for p in curve.points if p["step"] <= budget]
+    return Curve(points=pts, meta={**curve.meta, "max_steps": budget,
+                                   "train_time_s": max((p.get("time_s") or 0 for p in pts), default=0)})
+
+
+def compare(warm_dir: Path, scratch_dir: Path, budget: int) -> dict:
+    """Warm vs. scratch at one budget: accuracies, zero-shots, parity in steps and wall clock."""
+    from ..pipeline import RunDir
+    from ..report import Curve, compute_parity
+
+    rd = RunDir(warm_dir)
+    warm = _truncate(Curve.from_file(rd.stage("warm")), budget)
+    scratch = _truncate(Curve.from_file(scratch_dir), budget)
+    overhead = {k: m["wall_s"] for k in ("select", "merge") if (m := rd.marker(k))}
+    par = compute_parity(warm, scratch, METRIC, overhead)
+    donors = (rd.marker("select") or {}).get("outputs", {}).get("donors") or []
+    return {"budget": budget, "base_zero_shot": scratch.points[0].get(METRIC), "scratch": scratch.final(METRIC),
+            "merged_zero_shot": warm.points[0].get(METRIC), "warm": warm.final(METRIC),
+            "delta": warm.final(METRIC) - scratch.final(METRIC), "parity_status": par.status,
+            "parity_steps_pct": par.percent_steps, "parity_wall_pct": par.percent_wall,
+            "overhead_s": sum(overhead.values()), "donors": [_donor_task(d) for d in donors]}
+
+
+def _donor_task(d: dict) -> str:
+    name = Path(str(d.get("ref", ""))).name  # source/<task>-s0
+    return name.rsplit("-s", 1)[0] if "-s" in name else name
+
+
+def collect(cfg: BenchConfig, bd: BenchDir) -> list[dict]:
+    from ..pipeline import RunDir
+
+    rows = []
+    for variant in cfg.variants:
+        for seed in cfg.seeds:
+            for target in cfg.targets:
+                wd, sd = bd.run(target, variant, seed), bd.source(target, seed)
+                if not (RunDir(wd).done("warm") and _finished(sd)):
+                    continue
+                for b in cfg.budgets:
+                    rows.append({"target": target, "variant": variant, "seed": seed, **compare(wd, sd, b)})
+    return rows
+
+
+def summarize(rows: list[dict], keys=("base_zero_shot", "scratch", "merged_zero_shot", "warm", "delta")) -> list[dict]:
+    """Per (variant, budget, target): mean and std over seeds; plus the mean over targets."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["budget"], r["target"]), []).append(r)
+    out = []
+    for (variant, budget, target), rs in groups.items():
+        s = {"variant": variant, "budget": budget, "target": target, "n_seeds": len(rs)}
+        for k in keys:
+            vals = [r[k] for r in rs if r[k] is not None]
+            s[k] = statistics.fmean(vals) if vals else None
+            s[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+        for k in ("parity_steps_pct", "parity_wall_pct"):
+            vals = [r[k] for r in rs if r[k] is not None]
+            s[k] = statistics.fmean(vals) if vals else None
+        s["parity_reached"] = sum(r["parity_status"] != "never" for r in rs)
+        s["donors"] = rs[0]["donors"]
+        out.append(s)
+    return out
+
+
+def write_results(cfg: BenchConfig, bd: BenchDir) -> dict:
+    from .results import render_markdown, write_plots
+
+    rows = collect(cfg, bd)
+    summary = summarize(rows)
+    res = {"config": cfg.to_dict(), "rows": rows, "summary": summary}
+    atomic_write_json(bd.root / "results.json", res)
+    plots = write_plots(cfg, bd, summary)
+    atomic_write_text(bd.root / "results.md", render_markdown(cfg, summary, plots))
+    return res
+
+
+__all__ = ["BenchConfig", "BenchDir", "METRIC", "VARIANTS", "collect", "compare", "run_bench", "summarize",
+           "write_results"]

@@ -1,0 +1,85 @@
+"""CI smoke run of the recycle-bench protocol: a tiny Llama, three tiny generated tasks."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from warmstart.bench import protocol as P
+from warmstart.bench import tasks as T
+from warmstart.errors import ConfigError
+
+
+def _tiny(word: str):
+    def build(rng: random.Random):
+        labels = ["red", "blue", "green", "gold", "gray"]
+        return [T.Item(f"{word} {i}?", labels[i % 5], tuple(l for l in labels if l != labels[i % 5]))
+                for i in range(30)]
+
+    build.__doc__ = f"tiny task {word}"
+    return build
+
+
+@pytest.fixture
+def tiny_tasks(monkeypatch):
+    monkeypatch.setattr(T, "TASKS", dict(T.TASKS))
+    for name in ("ta", "tb", "tc"):
+        T.task(name, "test")(_tiny(name))
+    return ["ta", "tb", "tc"]
+
+
+def _cfg(tasks, **kw):
+    return P.BenchConfig(tasks=tasks, steps=2, eval_every=1, batch_size=2, lora_r=2, lora_alpha=4,
+                         test_limit=4, select_n=4, eval_batch_size=8, **kw)
+
+
+def test_protocol_smoke_and_resume(tiny_tasks, models, tmp_path):
+    out = tmp_path / "bench"
+    cfg = _cfg(tiny_tasks, targets=["tc"], variants=["main", "k1"])
+    res = P.run_bench(out, cfg, base=models / "base", log=lambda s: None)
+    rows = res["rows"]
+    assert {(r["variant"], r["budget"]) for r in rows} == {("main", 1), ("main", 2), ("k1", 1), ("k1", 2)}
+    main2 = next(r for r in rows if r["variant"] == "main" and r["budget"] == 2)
+    # leave-one-out: the target's own adapter is never a donor
+    assert sorted(main2["donors"]) == ["ta", "tb"]
+    assert next(r for r in rows if r["variant"] == "k1")["donors"][0] in ("ta", "tb")
+    for r in rows:
+        assert abs(r["delta"] - (r["warm"] - r["scratch"])) < 1e-12
+        assert 0 <= r["scratch"] <= 1 and 0 <= r["merged_zero_shot"] <= 1
+    # the scratch baseline is the target's own source run, evaluated on the same rows
+    scratch = json.loads((out / "source" / "tc-s0" / "curve.json").read_text())["points"]
+    assert main2["scratch"] == scratch[-1]["eval_mc_accuracy"]
+    assert (out / "results.md").is_file() and (out / "curves.png").is_file()
+    assert "budget 2 steps" in (out / "results.md").read_text()
+
+    # resume: everything is skipped (no file rewritten), the same results come back
+    before = {p: p.stat().st_mtime_ns for p in (out / "source").rglob("adapter_model.safetensors")}
+    again = P.run_bench(out, cfg, base=models / "base", log=lambda s: None)
+    assert again["rows"] == rows
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "source").rglob("adapter_model.safetensors")}
+
+    # a different recipe in the same directory is refused
+    with pytest.raises(ConfigError, match="steps"):
+        P.run_bench(out, _cfg(tiny_tasks, targets=["tc"]) if False else
+                    P.BenchConfig(tasks=tiny_tasks, steps=4, eval_every=1), base=models / "base", log=lambda s: None)
+
+
+def test_config_validation(tiny_tasks):
+    with pytest.raises(ConfigError) as e:
+        P.BenchConfig(tasks=["ta"], targets=["nope"], variants=["zzz"], steps=5, eval_every=2).resolved()
+    msg = str(e.value)
+    for part in ("unknown task 'nope'", "unknown variant", "at least two tasks", "multiple of eval_every"):
+        assert part in msg
+
+
+def test_summary_mean_and_std():
+    rows = [{"variant": "main", "budget": 2, "target": "x", "seed": s, "base_zero_shot": 0.25, "scratch": sc,
+             "merged_zero_shot": 0.4, "warm": w, "delta": w - sc, "parity_status": "reached",
+             "parity_steps_pct": 50.0, "parity_wall_pct": 70.0, "donors": ["a"]}
+            for s, sc, w in ((0, 0.5, 0.6), (1, 0.7, 0.6))]
+    (s,) = P.summarize(rows)
+    assert s["n_seeds"] == 2 and abs(s["delta"] - 0.0) < 1e-12
+    assert abs(s["delta_std"] - 0.1414213562) < 1e-6  # stdev of (+0.1, -0.1)
+    assert abs(s["scratch"] - 0.6) < 1e-12
