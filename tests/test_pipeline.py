@@ -108,6 +108,10 @@ def test_run_resumes_after_failure_and_reports(setup, tmp_path, monkeypatch):
     other = RunConfig(train=TrainConfig(steps=5, eval_every=2, batch_size=4), select={"n": 8, "k": 1})
     with pytest.raises(ConfigError, match="different config"):
         run(target, lib, base, out, other)
+    with open(target, "a") as f:  # the same path with other content is another target
+        f.write(json.dumps({"question": "capital of Peru?", "choices": ["Lima", "Rome"], "answer": 0}) + "\n")
+    with pytest.raises(ConfigError, match="target_sha256"):
+        run(target, lib, base, out, cfg)
 
 
 def test_unfinished_training_stage_is_redone(setup, tmp_path, monkeypatch):

@@ -209,7 +209,8 @@ def run(target: str | Path, library: str | Path, base: str | Path, out: str | Pa
 
 def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
     """Record the run's settings, or check that a resumed run uses the same ones."""
-    info = {"target": str(ctx.target), "eval": str(ctx.eval) if ctx.eval else None, "base": base_ref,
+    info = {"target": str(ctx.target), "target_sha256": _file_hash(ctx.target),
+            "eval": str(ctx.eval) if ctx.eval else None, "eval_sha256": _file_hash(ctx.eval),
             "base_path": str(ctx.base), "library": str(ctx.library), "config": ctx.cfg.to_dict()}
     path = ctx.rd.root / "run.json"
     if path.is_file() and not force:
@@ -229,8 +230,21 @@ def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
     ctx.rd.root.mkdir(parents=True, exist_ok=True)
     from .train import versions
 
-    atomic_write_json(path, {**info, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    atomic_write_json(path, {**info, "base": base_ref, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "versions": versions()})
+
+
+def _file_hash(p: Path | None) -> str | None:
+    """Content hash of a data file (a directory dataset is identified by its path only)."""
+    if p is None or not p.is_file():
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:32]
 
 
 # ----------------------------------------------------------------------------
