@@ -107,3 +107,20 @@ def test_config_validates_all_fields_at_once_and_roundtrips_yaml(tmp_path):
 def test_bad_lora_targets_is_a_user_error(models, data, tmp_path):
     with pytest.raises(ConfigError, match="LoRA targets"):
         finetune(models / "base", *data, tmp_path / "x", TrainConfig(**{**FAST, "lora_targets": ["nope_proj"]}))
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(models, data, tmp_path):
+    """The multi-GPU path (DDP) on two CPU processes: one output, one report, a full curve."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "warmstart",
+           "finetune", "--init", str(models / "base"), "--train", str(data[0]), "--eval", str(data[1]),
+           "--out", str(tmp_path / "ddp"), "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count('"kind": "lora"') == 1
+    assert [p["step"] for p in Curve.from_file(tmp_path / "ddp").points] == [0, 2, 4]
+    assert not list(tmp_path.glob("ddp.tmp-*"))

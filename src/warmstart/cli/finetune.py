@@ -84,6 +84,10 @@ def finetune_cmd(
     from ..train import finetune
 
     res = finetune(init, train, eval_, out, cfg, adapter=adapter, force=force, progress=not json_out)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process reports
+        return
     if json_out:
         print_json(res.to_dict())
         return
