@@ -67,7 +67,7 @@ class TrainConfig:
     rslora: bool = False
     eval_every: int = 10
     eval_batch_size: int = 16
-    eval_limit: int | None = None  # evaluate on at most this many held-out rows (seeded sample)
+    eval_limit: int | None = None  # evaluate on at most this many held-out rows (fixed-seed sample)
     metrics: list[str] | None = None  # None: evaluate's default for the data format
     max_length: int = 512
     precision: str = "auto"
@@ -231,7 +231,8 @@ def _setup_data(data, cfg: TrainConfig, limit: int | None = None):
 
     if not isinstance(data, TargetData):
         data = load_target(data, format=cfg.format, mc_style=cfg.mc_style)
-    return data.sample(limit, seed=cfg.seed) if limit else data
+    # a fixed sample seed: runs that differ only in their training seed are scored on the same rows
+    return data.sample(limit, seed=0) if limit else data
 
 
 def _setup_tokenizer(init: Path, adapter: Path | None):
