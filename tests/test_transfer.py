@@ -222,3 +222,10 @@ def test_cli_dry_run_json_and_error_exit(zoo, tmp_path):
                                  "--base-new", str(zoo / "new"), "--out", str(tmp_path / "o"), "--alpha", "0.5,1"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "o" / "alpha-0.5" / "model.safetensors").exists()
+
+
+def test_adapter_of_another_base_is_warned(zoo, models):
+    rep = transfer(zoo / "old", models / "lora_a", zoo / "new", dry_run=True)
+    assert any("names" in w and "as its base" in w for w in rep.warnings)
+    rep = transfer(zoo / "old", zoo / "lora", zoo / "new", dry_run=True)
+    assert not any("as its base" in w for w in rep.warnings)

@@ -340,8 +340,7 @@ def _plan(old: Checkpoint, fin: _Finetuned, new: Checkpoint, vmap_for) -> list[T
     for name in fin.names():
         if name not in mo and name not in mn:
             plan.append(TensorReport(name, "dropped", "only in the fine-tune: no old-base counterpart to diff against"))
-        elif name not in mo and fin.touches(name):
-            pass  # reported above as only in the new base (kept)
+        # (a fine-tune tensor missing from the old base but present in the new one is reported above, kept)
     return plan
 
 
@@ -501,7 +500,7 @@ def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, 
                 d.mkdir(exist_ok=True)
             writers = [_ShardWriter(d, _parse_size(max_shard_size)) for d in dirs]
             _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tensor)
-            _finish_report(report, stats)
+            _finish_report(report, stats, old, fin.ck)
             for w, d, a in zip(writers, dirs, alphas):
                 w.finish()
                 _write_side_files(d, cfg, old, fin.ck, new, config_from, a, report, opts)
@@ -510,14 +509,17 @@ def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, 
         out = Path(out)
         report.outputs = [str(out if len(alphas) == 1 else out / alpha_dirname(a)) for a in alphas]
         return report
-    _finish_report(report, stats)
+    _finish_report(report, stats, old, fin.ck)
     return report
 
 
-def _finish_report(report: TransferReport, stats: _Stats) -> None:
+def _finish_report(report: TransferReport, stats: _Stats, old: Checkpoint, ft: Checkpoint) -> None:
     report.layers = stats.layers()
     report.summary = {**stats.overall(), "counts": report.counts()}
     report.warnings = _warnings(report.summary, report.layers, report.tensors)
+    named = ft.base_model
+    if ft.kind == "lora" and named and Path(named).expanduser().exists() and Path(named).resolve() != old.path:
+        report.warnings.append(f"the adapter names {named} as its base, not --base-old {old.path}")
 
 
 class _Vocabs:
