@@ -35,8 +35,7 @@ def run_demo(out: str | Path = "warmstart-demo", *, steps: int = 20, seed: int =
     """Run (or resume) the demo into ``out``; returns the comparison at the full budget."""
     t0 = time.perf_counter()
     cfg = (config or demo_config(steps, seed)).resolved()
-    stamp = lambda s: log(f"[{time.perf_counter() - t0:5.0f}s] {s}")  # noqa: E731
-    run_bench(out, cfg, base=base, log=stamp)
+    run_bench(out, cfg, base=base, log=log, progress=True)
     bd = BenchDir(out)
     target = cfg.targets[0]
     row = compare(bd.run(target, "main", cfg.seeds[0]), bd.source(target, cfg.seeds[0]), cfg.steps)

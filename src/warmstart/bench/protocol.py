@@ -147,7 +147,7 @@ def prepare_data(cfg: BenchConfig, bd: BenchDir, log: Callable[[str], None]) -> 
             atomic_write_text(f, "".join(lines[: cfg.test_limit] if cfg.test_limit else lines))
 
 
-def source_run(cfg: BenchConfig, bd: BenchDir, base: Path, t: str, seed: int, log) -> Path:
+def source_run(cfg: BenchConfig, bd: BenchDir, base: Path, t: str, seed: int, log, progress: bool = False) -> Path:
     """Fresh LoRA from the base on task ``t`` (library adapter for seed 0, scratch baseline for ``t``)."""
     from ..data import load_target
     from ..train import finetune
@@ -160,7 +160,7 @@ def source_run(cfg: BenchConfig, bd: BenchDir, base: Path, t: str, seed: int, lo
     if cfg.library_eval_limit and t not in cfg.targets:
         ev = dataclasses.replace(ev, examples=ev.examples[: cfg.library_eval_limit])
     log(f"source run {t} seed {seed}: {cfg.steps} steps from the base")
-    res = finetune(base, bd.task(t) / "train.jsonl", ev, out, tc, force=True, label=f"scratch {t}")
+    res = finetune(base, bd.task(t) / "train.jsonl", ev, out, tc, force=True, label=f"scratch {t}", progress=progress)
     _tag_task(out, t)
     log(f"source run {t} seed {seed}: {METRIC.removeprefix('eval_')} "
         f"{res.curve.points[0].get(METRIC, float('nan')):.3f} → {res.final.get(METRIC, float('nan')):.3f} "
@@ -208,8 +208,10 @@ def warm_run(cfg: BenchConfig, bd: BenchDir, base: Path, target: str, variant: s
 
 
 def run_bench(out: str | Path, config: BenchConfig | None = None, *, base: str | Path | None = None,
-              log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) the protocol into ``out``; returns the aggregated results (also written)."""
+              log: Callable[[str], None] = print, progress: bool = False) -> dict:
+    """Run (or resume) the protocol into ``out``; returns the aggregated results (also written).
+
+    ``progress`` shows the Trainer's progress bar during source runs."""
     from .model import prepare_model
 
     cfg = (config or BenchConfig()).resolved()
@@ -218,15 +220,17 @@ def run_bench(out: str | Path, config: BenchConfig | None = None, *, base: str |
     base = Path(base) if base else prepare_model(progress=log)
     prepare_data(cfg, bd, log)
     t0 = time.perf_counter()
-    # Order = what finishes first is most useful: the library, the main comparison on seed 0,
-    # then more seeds, then the ablations.
-    for seed in cfg.seeds:
-        for t in (cfg.tasks if seed == 0 else cfg.targets):
-            source_run(cfg, bd, base, t, seed, log)
-        for variant in cfg.variants:
-            for target in cfg.targets:
-                warm_run(cfg, bd, base, target, variant, seed, log)
-                write_results(cfg, bd)
+    # Order = what finishes first is most useful: the library and the main comparison on the first
+    # seed, the main comparison on the other seeds, then the ablations.
+    jobs = [(s, v) for v in cfg.variants[:1] for s in cfg.seeds] + [(s, v) for s in cfg.seeds for v in cfg.variants[1:]]
+    for t in cfg.tasks:  # seed 0's source runs are the library, whatever seeds are compared
+        source_run(cfg, bd, base, t, 0, log, progress)
+    for seed, variant in jobs:
+        for t in cfg.targets:
+            source_run(cfg, bd, base, t, seed, log, progress)
+        for target in cfg.targets:
+            warm_run(cfg, bd, base, target, variant, seed, log)
+            write_results(cfg, bd)
     res = write_results(cfg, bd)
     log(f"bench finished in {time.perf_counter() - t0:.0f} s; results in {bd.root / 'results.md'}")
     return res
