@@ -175,7 +175,7 @@ def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: T
     """
     cfg = (config or TrainConfig()).validate()
     out = Path(out)
-    init, adapter = _resolve_init(Path(init), Path(adapter) if adapter else None)
+    init, adapter = _resolve_init(_local(init), _local(adapter) if adapter else None)
     check_output(out, force=force, inputs=[init] + ([adapter] if adapter else []))
     train_data, eval_data = _setup_data(train_data, cfg), _setup_data(eval_data, cfg, limit=cfg.eval_limit)
 
@@ -191,12 +191,20 @@ def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: T
         evaluator = _EvalCurve(tokenizer, eval_data, cfg, label=label)
         trainer = _setup_trainer(model, tokenizer, train_data, cfg, tmp / "trainer", evaluator, progress)
         trainer.train()
-        curve = evaluator.curve(init=_describe_init(init, adapter, cfg), max_steps=cfg.steps)
+        curve = evaluator.curve(init=_describe_init(init, adapter, cfg), max_steps=cfg.steps,
+                                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
         if main:
             _save(trainer, tokenizer, tmp, kind=kind, init=init, adapter=adapter, cfg=cfg, curve=curve,
                   train_data=train_data, eval_data=eval_data)
     final = curve.points[-1] if curve.points else {}
     return TrainResult(out=out, curve=curve, kind=kind, train_time_s=curve.train_time_s, final=final)
+
+
+def _local(ref: str | Path) -> Path:
+    """A directory as is; a hub id (``org/name[@rev]``) through the local cache."""
+    from .checkpoints import is_hub_id, resolve
+
+    return Path(ref) if Path(ref).exists() or not is_hub_id(str(ref)) else resolve(str(ref))
 
 
 def _resolve_init(init: Path, adapter: Path | None) -> tuple[Path, Path | None]:
@@ -447,6 +455,7 @@ def _save(trainer, tokenizer, tmp: Path, *, kind, init, adapter, cfg, curve, tra
             "train_data": {"path": train_data.path, "rows": len(train_data), "fingerprint": train_data.fingerprint()},
             "eval_data": {"path": eval_data.path, "rows": len(eval_data), "fingerprint": eval_data.fingerprint()},
             "final": curve.points[-1] if curve.points else None, "train_time_s": curve.train_time_s,
+            "trainable_params": curve.meta.get("trainable_params"),
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write_json(tmp / "warmstart.json", meta)
     atomic_write_text(tmp / "README.md", _model_card(meta))
