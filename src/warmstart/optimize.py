@@ -23,7 +23,6 @@ normalized costs by default).
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -137,7 +136,7 @@ def search(fn: Callable[[list[float], float | None], tuple[list[float], list[dic
         d = float(x[n]) if search_density else density
         costs, raw = fn(w, d)
         if not ref:
-            ref.extend(max(abs(c), 1e-12) for c in costs)
+            ref.extend(abs(c) if abs(c) > 1e-6 else 1.0 for c in costs)  # a perfect uniform score: no scaling
         obj = sum(c / r for c, r in zip(costs, ref)) / len(costs) + l1 * sum(abs(v) for v in w)
         ev = Evaluation(len(evals), w, d, [float(c) for c in costs], float(obj), raw)
         evals.append(ev)
@@ -322,8 +321,9 @@ def optimize(candidates: Sequence[str | Path], base: str | Path, targets: Sequen
                  density=params.get("density"), search_density=search_density, seed=seed, on_eval=on_eval)
     result = OptimizeResult([c.ref for c in cks], kind, base_ck.ref, [d.path for d in datas], metric,
                             "task_arithmetic" if kind == "lora" else method, params, res)
+    mixer = None  # free the donors before the engine streams them again from disk
     if out is not None:
-        _write_outputs(Path(out), result, mixer, tok, base_ck, cks, force)
+        _write_outputs(Path(out), result, force)
     result.seconds = time.time() - t0
     return result
 
@@ -372,58 +372,40 @@ def _selection_dict(result: OptimizeResult) -> dict:
             "costs": {"uniform": s.uniform.costs, "chosen": s.best.costs}, "n_evaluations": len(s.evaluations)}
 
 
-def _write_outputs(out: Path, result: OptimizeResult, mixer, tok, base_ck, cks, force: bool) -> None:
+def _write_outputs(out: Path, result: OptimizeResult, force: bool) -> None:
     import yaml
 
     with atomic_dir(out, force=force) as tmp:
         atomic_write_json(tmp / "selection.json", _selection_dict(result))
         atomic_write_text(tmp / "merge_plan.yaml", yaml.safe_dump(_plan_dict(result), sort_keys=False))
         plot_history(result, tmp / "objective.png")
-        _save_model(tmp / "model", result, mixer, tok, base_ck)
+        _save_model(tmp / "model", result)
         result.outputs = {k: str(out / v) for k, v in (("selection", "selection.json"), ("plan", "merge_plan.yaml"),
                           ("plot", "objective.png"), ("model", "model"), ("report", "optimize.json"))}
         atomic_write_json(tmp / "optimize.json", result.to_dict())
 
 
-def _save_model(d: Path, result: OptimizeResult, mixer, tok, base_ck) -> None:
-    """The merged model at the chosen weights, built from the objects already in memory."""
-    import torch
+def _save_model(d: Path, result: OptimizeResult) -> None:
+    """The merged model at the chosen weights, written by the merge engine from the same plan.
 
-    best = result.search.best
-    if result.kind == "lora":
-        for layer in mixer.layers:
-            for name in mixer.names:
-                layer.set_scale(name, 1.0)
-        # `cat` stacks the factors with wᵢ·sᵢ folded into A: exact, rank Σrᵢ.
-        mixer.model.add_weighted_adapter(mixer.names, best.weights, "mix", combination_type="cat")
-        staging = d.with_name(d.name + "-staging")
-        mixer.model.save_pretrained(staging, selected_adapters=["mix"])
-        (staging / "mix").rename(d)
-        shutil.rmtree(staging)  # PEFT also leaves a README.md at the top level
-        _fix_cat_config(d / "adapter_config.json", base_ck.path)
-    else:
-        mixer.apply(best.weights, best.density)
-        dt = base_ck.config.get("dtype") or base_ck.config.get("torch_dtype") or "float32"
-        mixer.model.to(getattr(torch, str(dt).replace("torch.", ""), torch.float32)).save_pretrained(d)
-    tok.save_pretrained(d)
-    meta = {"warmstart": "optimize", "method": result.method, "base_model": result.base, "kind": result.kind,
-            "donors": _donors(result), "params": _plan_dict(result)["params"], "metric": result.metric,
-            "targets": result.targets, "costs_uniform": result.search.uniform.costs, "costs": best.costs,
-            "n_evaluations": len(result.search.evaluations), "versions": _versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write_json(d / "warmstart.json", meta)
-    (d / "README.md").write_text(_model_card(meta))
-
-
-def _fix_cat_config(path: Path, base_path: Path) -> None:
-    # PEFT's add_weighted_adapter gives the new adapter lora_alpha = r (scaling 1) but copies
-    # use_rslora from the first source, which would scale the stacked factors by √r: turn it off.
+    Full models: the streaming engine computes the same per-tensor function the search
+    evaluated in memory; LoRA: an adapter-space ``cat`` merge, exact like the search's
+    scaled mixture (rank Σrᵢ).
+    """
     import json
 
-    cfg = json.loads(path.read_text())
-    cfg["use_rslora"] = False
-    cfg["base_model_name_or_path"] = str(base_path)
-    atomic_write_json(path, cfg)
+    from .merge import MergePlan, merge
+
+    merge(MergePlan.from_dict(_plan_dict(result)), d)
+    best = result.search.best
+    extra = {"optimize": {"metric": result.metric, "targets": result.targets,
+                          "costs_uniform": result.search.uniform.costs, "costs": best.costs,
+                          "n_evaluations": len(result.search.evaluations), "cma": _versions()["cma"]}}
+    meta_path = d / "warmstart.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    atomic_write_json(meta_path, {**meta, **extra})
+    with open(d / "README.md", "a") as f:
+        f.write(_card_section(result))
 
 
 def _versions() -> dict[str, str]:
@@ -438,17 +420,16 @@ def _versions() -> dict[str, str]:
             "peft": peft.__version__, "cma": cma.__version__}
 
 
-def _model_card(meta: dict) -> str:
-    rows = "\n".join(f"| `{d['ref']}` | {d['weight']:.4f} |" for d in meta["donors"])
-    kind = "LoRA adapter (exact `cat` mixture, rank Σrᵢ)" if meta["kind"] == "lora" else "full model"
-    return (f"---\nbase_model: {meta['base_model']}\ntags: [warmstart, merge, cma-es]\n---\n\n"
-            f"# Optimized merge ({kind})\n\n"
-            f"Made by warmstart {meta['versions']['warmstart']} `optimize`: CMA-ES over merge weights "
-            f"({meta['n_evaluations']} evaluations) minimizing {meta['metric']} on {', '.join(meta['targets'])}, "
-            "after [Recycle Them](https://arxiv.org/abs/2406.13955) and [LoraHub](https://arxiv.org/abs/2307.13269).\n\n"
-            f"Method `{meta['method']}` over base `{meta['base_model']}`, params {meta['params']}.\n\n"
+def _card_section(result: OptimizeResult) -> str:
+    s = result.search
+    rows = "\n".join(f"| `{r}` | {w:.4f} |" for r, w in zip(result.candidates, s.best.weights))
+    return (f"\n\n## Weights found by `warmstart optimize`\n\n"
+            f"CMA-ES over merge weights ({len(s.evaluations)} evaluations) minimizing {result.metric} on "
+            f"{', '.join(Path(t).name for t in result.targets)}, after "
+            "[Recycle Them](https://arxiv.org/abs/2406.13955) and [LoraHub](https://arxiv.org/abs/2307.13269).\n\n"
             f"| donor | weight |\n|---|---|\n{rows}\n\n"
-            f"Cost per target (lower is better): uniform weights {meta['costs_uniform']}, these weights {meta['costs']}.\n")
+            f"Cost per target (lower is better): uniform weights {[round(c, 4) for c in s.uniform.costs]}, "
+            f"these weights {[round(c, 4) for c in s.best.costs]}.\n")
 
 
 def plot_history(result: OptimizeResult, path: Path) -> None:
