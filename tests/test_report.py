@@ -60,6 +60,12 @@ def test_parity_already_at_step_zero():
     assert par.percent_wall == pytest.approx(100 * 8.0 / 80.0)
 
 
+def test_first_evaluation_after_step_zero_is_not_at_start():
+    warm = curve([0.70, 0.80], steps=[10, 20])
+    par = compute_parity(warm, BASELINE)
+    assert par.status == "reached" and par.step == 10  # no extrapolation before the first evaluation
+
+
 def test_parity_exactly_equal_counts_as_reached():
     warm = curve([0.30, 0.60, 0.61])
     par = compute_parity(warm, BASELINE)

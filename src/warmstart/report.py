@@ -120,8 +120,8 @@ def pick_metric(*curves: Curve, prefer: str | None = None) -> str:
 class Parity:
     """When the warm start first matched the baseline's final metric.
 
-    ``status`` is ``"at_start"`` (already there at the first evaluation, normally
-    step 0), ``"reached"`` or ``"never"``. Percentages are of the baseline's steps
+    ``status`` is ``"at_start"`` (already there at the step-0 evaluation, before any
+    training), ``"reached"`` or ``"never"``. Percentages are of the baseline's steps
     and of the baseline's training time; ``wall_s`` includes the itemised overhead.
     """
 
@@ -179,7 +179,7 @@ def compute_parity(warm: Curve, baseline: Curve, metric: str | None = None,
     if hit is None:
         return par
     step, t = hit
-    par.status = "at_start" if pts and step == pts[0][0] else "reached"
+    par.status = "at_start" if step == 0 else "reached"
     par.step, par.train_time_s = step, t
     par.percent_steps = 100.0 * step / par.baseline_steps if par.baseline_steps else None
     par.wall_s = t + sum(overhead.values())
@@ -229,7 +229,7 @@ def parity_sentence(par: dict) -> list[str]:
     if par["status"] == "never":
         return [f"**Steps to parity: never** — the warm start did not reach the baseline's final "
                 f"{name} ({par['target']:.4f}) within its {par['baseline_steps']} steps."]
-    when = ("already at the first evaluation (step 0)" if par["status"] == "at_start"
+    when = ("already at step 0, before any training" if par["status"] == "at_start"
             else f"at step {par['step']:.1f}")
     items = " + ".join(f"{k} {v:.1f} s" for k, v in par["overhead_s"].items())
     items = f"{items} + training {par['train_time_s']:.1f} s" if items else f"training {par['train_time_s']:.1f} s"
