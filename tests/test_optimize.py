@@ -71,6 +71,15 @@ def test_multi_objective_front_and_chosen_point():
     assert res.chosen in res.pareto and len(res.pareto) >= 2
 
 
+def test_density_is_searched_within_bounds():
+    def fn(w, d):
+        return [(d - 0.3) ** 2 + (w[0] - 0.5) ** 2 + w[1] ** 2], [{}]
+
+    res = search(fn, 2, budget=50, search_density=True, seed=0)
+    assert all(0.05 <= e.density <= 1.0 for e in res.evaluations)
+    assert res.uniform.density == 0.5 and abs(res.best.density - 0.3) < 0.15
+
+
 def test_search_user_errors():
     with pytest.raises(ConfigError):
         search(lambda w, d: ([0.0], [{}]), 1, budget=10)
@@ -209,6 +218,11 @@ def test_user_errors(problem, tmp_path):
         optimize([p / "ft0", p / "lora0"], p / "base", [p / "t0.jsonl"], budget=4)
     with pytest.raises(ConfigError, match="full models"):
         optimize([p / "lora0", p / "lora1"], p / "base", [p / "t0.jsonl"], method="ties", budget=4)
+    res = optimize([p / "ft0", p / "ft1"], p / "base", [p / "t0.jsonl"], method="ties", search_density=True,
+                   budget=3, sample=4)
+    assert res.search.best.density is not None and res.method == "ties"
+    with pytest.raises(ConfigError, match="search-density"):
+        optimize([p / "ft0", p / "ft1"], p / "base", [p / "t0.jsonl"], search_density=True, budget=3)
     with pytest.raises(ConfigError, match="metric"):
         optimize([p / "ft0", p / "ft1"], p / "base", [p / "t0.jsonl"], metric="bleu", budget=4)
 
