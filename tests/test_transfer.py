@@ -229,3 +229,20 @@ def test_adapter_of_another_base_is_warned(zoo, models):
     assert any("names" in w and "as its base" in w for w in rep.warnings)
     rep = transfer(zoo / "old", zoo / "lora", zoo / "new", dry_run=True)
     assert not any("as its base" in w for w in rep.warnings)
+
+
+def test_tensor_only_in_finetune_is_dropped_and_named(zoo, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    ft = tmp_path / "ft_extra"
+    shutil.copytree(zoo / "ft", ft)
+    sd = load_file(ft / "model.safetensors")
+    sd["value_head.weight"] = torch.ones(1, 32)
+    save_file(sd, str(ft / "model.safetensors"), metadata={"format": "pt"})
+    rep = transfer(zoo / "old", ft, zoo / "new", tmp_path / "out")
+    extra = next(t for t in rep.tensors if t.name == "value_head.weight")
+    assert extra.action == "dropped" and "only in the fine-tune" in extra.reason
+    assert "value_head.weight" not in _sd(tmp_path / "out")
+    assert any("dropped" in w for w in rep.warnings)
