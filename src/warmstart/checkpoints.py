@@ -586,7 +586,27 @@ def _open_full(ref: str, d: Path, allow_pickle: bool) -> Checkpoint:
         files, pickle = _pickle_or_fail(d, allow_pickle, "full model"), True
     ck = Checkpoint(ref, d, "full", files, config, metrics=_metrics_for(d), pickle=pickle, meta=_read_meta(d))
     ck.weights()  # validate headers now: errors name the file before any work starts
+    _check_config_matches(ck)
     return ck
+
+
+_LAYER_RE = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+
+
+def _check_config_matches(ck: Checkpoint) -> None:
+    """A config.json that disagrees with the weights would be copied into every output and only fail
+    at load time; compare the two fields every causal LM has (header metadata only, no tensor read)."""
+    cfg, meta = ck.config, ck.weights().meta
+    layers = {int(m.group(1)) for k in meta if (m := _LAYER_RE.search(k))}
+    n = cfg.get("num_hidden_layers")
+    if layers and isinstance(n, int) and n > max(layers) + 1:  # more is fine: e.g. DeepSeek's extra MTP layer
+        raise CheckpointError(f"config.json says num_hidden_layers={n}, the weights have {max(layers) + 1} layers",
+                              path=ck.path / "config.json")
+    emb = next((m for k, m in meta.items() if k.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    v = cfg.get("vocab_size")
+    if emb is not None and isinstance(v, int) and len(emb.shape) == 2 and emb.shape[0] != v:
+        raise CheckpointError(f"config.json says vocab_size={v}, {emb.name} has {emb.shape[0]} rows",
+                              path=ck.path / "config.json")
 
 
 def _open_adapter(ref: str, d: Path, allow_pickle: bool) -> Checkpoint:
