@@ -124,9 +124,19 @@ def test_unfinished_training_stage_is_redone(setup, tmp_path, monkeypatch):
         run(target, lib, base, out, cfg)
     assert (out / "warm" / "curve.json").is_file() and not RunDir(out).done("warm")
     monkeypatch.delenv("WARMSTART_FAIL_AT")
-    res = run(target, lib, base, out, cfg)
-    assert res.ran == ["warm", "report"]
-    rep = res.report
+    # resume through the CLI, with the settings from YAML
+    from typer.testing import CliRunner
+
+    from warmstart.cli import app
+
+    (tmp_path / "run.yaml").write_text(cfg.to_yaml())
+    r = CliRunner().invoke(app, ["run", "--target", str(target), "--library", str(lib), "--base", str(base),
+                                 "--out", str(out), "--config", str(tmp_path / "run.yaml"), "--no-baseline",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["ran"] == ["warm", "report"] and res["skipped"] == ["split", "select", "merge"]
+    rep = res["report"]
     assert "parity" not in rep and rep["warm"]["final"] is not None
 
 
