@@ -1,0 +1,127 @@
+"""`warmstart select`: rank the library's checkpoints on a target sample and choose donors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ._common import ForceOpt, JsonOpt, LibraryOpt, err, library_path, out, print_json
+
+EPILOG = """
+Examples:
+
+  warmstart select --target data/country_de/train.jsonl --base models/SmolLM2-135M-Instruct --out selection.yaml
+
+  warmstart select --target data/arc --split validation --base models/base --metric mc-accuracy --k 3 --weights softmax:0.1 --json
+
+  warmstart select --target data.jsonl --base models/base --scorer grad --n 128 --margin 0.05 --out sel.yaml --force
+
+  accelerate launch --num_processes 4 -m warmstart select --target data.jsonl --base models/base --out sel.yaml
+"""
+
+
+def select_cmd(
+    target: Path = typer.Option(..., "--target", "-t", help="Target data: .jsonl/.json/.csv/.parquet or a "
+                                "save_to_disk directory."),
+    base: str = typer.Option(..., "--base", "-b", help="Base model (path or hub id); candidates must fit it."),
+    library: Path = LibraryOpt,
+    metric: str = typer.Option("loss", "--metric", "-m",
+                               help="loss | accuracy | exact-match | mc-accuracy | mc-accuracy-norm."),
+    n: int = typer.Option(256, "--n", help="Random sample size of the target (0 = all rows)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    k: int = typer.Option(2, "--k", "-k", help="Number of donors."),
+    margin: float = typer.Option(None, "--margin", help="Only donors better than the base by at least this."),
+    weights: str = typer.Option("uniform", "--weights", "-w",
+                                help="uniform | score | softmax:T | mwa:loss | mwa:steps."),
+    penalty: float = typer.Option(1.0, "--penalty", help="MWA penalty exponent p."),
+    scorer: str = typer.Option("loss", "--scorer", help="loss (evaluate each) or grad (first-order proxy)."),
+    split: str = typer.Option(None, "--split", help="Split of a dataset directory."),
+    format: str = typer.Option(None, "--format", help="prompt_completion | messages | mc (default: detect)."),
+    mc_style: str = typer.Option("text", "--mc-style", help="Multiple choice as answer text or letter."),
+    mc_mode: str = typer.Option("rank", "--mc-mode", help="mc-accuracy by option text rank, or letter."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_length: int = typer.Option(512, "--max-length"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    out_file: Path = typer.Option(None, "--out", "-o", help="Selection file to write (.yaml or .json)."),
+    force: bool = ForceOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Score every compatible checkpoint (and the base) on a target sample; write the donors."""
+    from .._io import check_output
+    from ..library import Library
+    from ..select import dist_env, select
+
+    rank, world = dist_env()
+    if out_file is not None and rank == 0:
+        check_output(out_file, force=force)
+    with Library(library_path(library)) as lib, _progress(rank) as progress:
+        sel = select(target, base, library=lib, metric=metric, n=n or None, seed=seed, k=k, margin=margin,
+                     weights=weights, penalty=penalty, scorer=scorer, split=split, format=format,
+                     mc_style=mc_style, batch_size=batch_size, max_length=max_length, mc_mode=mc_mode,
+                     dtype=dtype, progress=progress)
+    if sel is None:  # another rank writes the result
+        return
+    if out_file is not None:
+        sel.to_file(out_file)
+    if json_out:
+        print_json(sel.to_dict())
+    else:
+        out.print(ranking_table(sel))
+    _summary(sel, out_file)
+
+
+class _progress:
+    """A rich progress bar fed by select()'s progress events (on stderr, rank 0 only)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=err, transient=True, disable=self.rank != 0)
+        self.prog.__enter__()
+        self.task = self.prog.add_task("scoring", total=None)
+        return self
+
+    def __call__(self, event: str, payload) -> None:
+        if event == "start":
+            self.prog.update(self.task, total=payload, completed=0)
+        elif event == "candidate":
+            self.prog.update(self.task, description=f"scoring {payload.kind} {Path(payload.ref).name}")
+        elif event == "rows":
+            self.prog.advance(self.task, payload)
+
+    def __exit__(self, *exc):
+        self.prog.__exit__(*exc)
+
+
+def ranking_table(sel) -> Table:
+    donors = {d["id"]: d["weight"] for d in sel.donors}
+    t = Table(title=f"{sel.metric} on {sel.target['sample']} of {Path(sel.target['path']).name}"
+                    f" ({'higher' if sel.higher_is_better else 'lower'} is better, scorer {sel.scorer})")
+    for c in ("rank", "id", "kind", "score", "cached", "donor weight", "ref"):
+        t.add_column(c, justify="right" if c in ("rank", "score", "donor weight") else "left", overflow="fold")
+    for r in sel.ranking:
+        w = donors.get(r["id"])
+        t.add_row(str(r["rank"]), str(r["id"]), r["kind"], f"{r['score']:.4f}", "yes" if r["cached"] else "",
+                  "" if w is None else f"{w:.3f}", r["ref"])
+    return t
+
+
+def _summary(sel, out_file: Path | None) -> None:
+    n_cached = sum(r["cached"] for r in sel.ranking)
+    err.print(f"{len(sel.ranking)} scored ({n_cached} from cache), {len(sel.donors)} donor(s) chosen")
+    if not sel.donors:
+        err.print("no candidate beats the base by the margin; train from the base")
+    if out_file is not None:
+        err.print(f"wrote {out_file}; merge with `warmstart merge --selection {out_file} --out merged/`")
+    else:
+        err.print("pass --out selection.yaml to write a selection file for `warmstart merge`")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("select", epilog=EPILOG)(select_cmd)

@@ -1,0 +1,499 @@
+"""Selection: score every compatible checkpoint on a sample of the target, keep the best.
+
+The "relevance" step of Mashup Learning: a checkpoint that already fits the
+target is a good donor to merge. Made cheap enough for hundreds of checkpoints:
+
+* the base model is loaded once; LoRA candidates are attached to it one by one
+  with PEFT's ``load_adapter`` + ``set_adapter`` (each adapter read once, the
+  base never reloaded) and full checkpoints are copied tensor by tensor into
+  the same model object;
+* every score is cached in the library under (checkpoint fingerprint, dataset
+  fingerprint, sample spec, metric), so a second run costs no forward pass;
+* ``scorer="grad"`` replaces the N evaluations by one backward pass at the base
+  and N inner products (see :mod:`warmstart._gradproxy`);
+* under ``accelerate launch`` the uncached candidates are split across
+  processes by rank; each writes its scores to the library and rank 0, after a
+  barrier, reads them all back and writes the selection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _gradproxy
+from .checkpoints import open_checkpoint
+from .data import TargetData, load_target
+from .errors import ConfigError, IncompatibleError, WarmstartError
+from .evaluate import evaluate, n_rows
+from .library import Entry, Library
+
+# CLI metric name -> (evaluate()'s key, higher is better)
+METRICS = {
+    "loss": ("loss", False),
+    "accuracy": ("token_accuracy", True),
+    "exact-match": ("exact_match", True),
+    "mc-accuracy": ("mc_accuracy_sum", True),
+    "mc-accuracy-norm": ("mc_accuracy_norm", True),
+}
+SCORERS = ("loss", "grad")
+DEFAULT_MAX_LENGTH = 512
+
+
+def metric_key(metric: str) -> tuple[str, bool]:
+    m = metric.replace("_", "-")
+    if m not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}", hint=f"choose one of {', '.join(METRICS)}")
+    return METRICS[m]
+
+
+# ----------------------------------------------------------------------------
+# Candidates and scores
+
+
+@dataclass
+class Candidate:
+    id: int | str  # library id, or "base"
+    ref: str
+    path: str
+    kind: str  # "base" | "full" | "lora"
+    fingerprint: str  # cache key; a LoRA's includes its base's fingerprint
+    entry: Entry | None = None
+
+    @property
+    def sort_id(self) -> int:
+        return -1 if self.kind == "base" else int(self.id)
+
+
+@dataclass
+class ScoreRow:
+    id: int | str
+    ref: str
+    kind: str
+    score: float | None
+    cached: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def candidates_for(base: str | Path, library: Library | None, *, include_base: bool = True,
+                   ids: Sequence[int] | None = None) -> list[Candidate]:
+    """The base plus every library entry compatible with it (files present), sorted by id."""
+    base_ck = open_checkpoint(base)
+    if base_ck.kind != "full":
+        raise ConfigError("--base must be a full model, got a LoRA adapter", path=base_ck.path)
+    base_fp = base_ck.fingerprint()
+    out = [Candidate("base", base_ck.ref, str(base_ck.path), "base", base_fp)] if include_base else []
+    for e in (library.list(compatible_with=base) if library else []):
+        if e.missing or (ids is not None and e.id not in ids):
+            continue
+        fp = e.fingerprint
+        if e.kind == "lora":  # the same adapter on another base scores differently
+            fp = hashlib.blake2b(f"{e.fingerprint}@{base_fp}".encode(), digest_size=16).hexdigest()
+        out.append(Candidate(e.id, e.ref, e.path, e.kind, fp, e))
+    return out
+
+
+def shard(items: Sequence, rank: int, world_size: int) -> list:
+    """This process's share: every ``world_size``-th item from ``rank`` (balanced within one item)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"bad rank {rank} for world size {world_size}")
+    return list(items[rank::world_size])
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world size) as set by ``accelerate launch`` / torchrun; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _cache_metric(key: str, scorer: str, max_length: int, mc_mode: str) -> str:
+    """The metric column of the cache: the name plus every setting that changes the value."""
+    name = f"grad_{key}" if scorer == "grad" else key
+    if mc_mode != "rank":
+        name += f":{mc_mode}"
+    if max_length != DEFAULT_MAX_LENGTH:
+        name += f"@{max_length}"
+    return name
+
+
+# ----------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class ScoreConfig:
+    metric: str = "loss"
+    scorer: str = "loss"
+    batch_size: int = 16
+    max_length: int = DEFAULT_MAX_LENGTH
+    mc_mode: str = "rank"
+    dtype: str = "float32"
+    device: str | None = None
+
+
+def score_candidates(target: TargetData, base: str | Path, candidates: Sequence[Candidate], *,
+                     library: Library | None = None, config: ScoreConfig | None = None,
+                     model=None, tokenizer=None, rank: int = 0, world_size: int = 1, wait: bool = True,
+                     progress: Callable[[str, Any], None] | None = None) -> list[ScoreRow]:
+    """Score each candidate on ``target`` (already sampled); cached scores are reused.
+
+    ``model``/``tokenizer``: an already loaded base to score on (it is modified:
+    adapters are attached and full checkpoints copied in). ``rank``/``world_size``:
+    score only this process's share of the uncached candidates, then (if ``wait``)
+    wait until the other processes have cached theirs (else return the rows known so far). ``progress(event, payload)``
+    gets ("start", total_rows), ("candidate", Candidate) and ("rows", n).
+    """
+    cfg = config or ScoreConfig()
+    key, _ = metric_key(cfg.metric)
+    if cfg.scorer not in SCORERS:
+        raise ConfigError(f"unknown scorer {cfg.scorer!r}", hint="choose loss or grad")
+    if cfg.scorer == "grad" and key != "loss":
+        raise ConfigError("the gradient proxy predicts the loss; use --metric loss with --scorer grad")
+    cache_name = _cache_metric(key, cfg.scorer, cfg.max_length, cfg.mc_mode)
+    dfp, spec = target.fingerprint(), target.sample_spec
+
+    def cached(c: Candidate) -> dict | None:
+        return library.cached_score(c.fingerprint, dfp, spec, cache_name) if library else None
+
+    # Shard the full list, not the uncached one: every process must agree on the split
+    # even while the others are already writing scores.
+    todo = [c for c in shard(candidates, rank, world_size) if cached(c) is None]
+    if todo:
+        results = _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress)
+        if library:
+            for c in todo:
+                for m, v in results[c.fingerprint].items():
+                    library.put_score(c.fingerprint, dfp, spec, _cache_metric(m, cfg.scorer, cfg.max_length,
+                                                                              cfg.mc_mode), v)
+    else:
+        results = {}
+    if world_size > 1 and wait:
+        _wait_for_all(candidates, cached)
+    rows = []
+    for c in candidates:
+        if c.fingerprint in results:
+            vals, was_cached = results[c.fingerprint], False
+        else:
+            hit = cached(c)
+            if hit is None and world_size > 1 and not wait:
+                continue  # another process's share, not written yet
+            if hit is None:
+                raise WarmstartError(f"no score for {c.ref} (another process did not finish)")
+            vals, was_cached = {key: hit["value"]}, True
+        rows.append(ScoreRow(c.id, c.ref, c.kind, vals.get(key), was_cached, vals))
+    return rows
+
+
+def _wait_for_all(candidates, cached, timeout: float = 24 * 3600) -> None:
+    """Barrier through the library: every process writes its scores, all wait for the rest.
+
+    A torch.distributed barrier is used when one is initialised (``accelerate launch``);
+    polling the cache covers processes started some other way.
+    """
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            return
+    except ImportError:
+        pass
+    deadline = time.time() + timeout
+    while any(cached(c) is None for c in candidates):
+        if time.time() > deadline:
+            raise WarmstartError("timed out waiting for the other selection processes")
+        time.sleep(1.0)
+
+
+def _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress) -> dict[str, dict[str, float]]:
+    """Scores by candidate fingerprint. Order: base, LoRAs (on the pristine base), full checkpoints."""
+    if model is None:
+        model, tokenizer = load_base(base, dtype=cfg.dtype, device=cfg.device)
+    order = sorted(todo, key=lambda c: ({"base": 0, "lora": 1, "full": 2}[c.kind], c.sort_id))
+    if cfg.scorer == "grad":
+        return _gradproxy.score(model, tokenizer, target, order, base=base, batch_size=cfg.batch_size,
+                                max_length=cfg.max_length, progress=progress)
+    metrics = ("loss", "token_accuracy", "exact_match") + (("mc_accuracy",) if key.startswith("mc_") else ())
+    per = n_rows(target, "mc_accuracy" if "mc_accuracy" in metrics else "loss")
+    if progress:
+        progress("start", per * len(order))
+
+    def run(c: Candidate, m) -> dict[str, float]:
+        if progress:
+            progress("candidate", c)
+        res = evaluate(m, tokenizer, target, metrics=metrics, batch_size=cfg.batch_size,
+                       max_length=cfg.max_length, mc_mode=cfg.mc_mode,
+                       progress=(lambda n: progress("rows", n)) if progress else None)
+        return {k: v for k, v in res.items() if k not in ("n_examples", "n_tokens", "mc_accuracy")}
+
+    out = {}
+    for c in order:
+        if c.kind == "base":
+            out[c.fingerprint] = run(c, model)
+    model = _score_loras(model, [c for c in order if c.kind == "lora"], run, out)
+    fulls = [c for c in order if c.kind == "full"]
+    for c in fulls:
+        load_full_into(model, c.path)
+        out[c.fingerprint] = run(c, model)
+    if fulls:  # hand the caller's model back as the base it was
+        load_full_into(model, base)
+    return out
+
+
+def _score_loras(model, loras: list[Candidate], run, out: dict) -> Any:
+    """Attach each adapter once, score it, drop the previous one; return the bare base model."""
+    if not loras:
+        return model
+    from peft import PeftModel
+
+    pm, prev = None, None
+    for c in loras:
+        name = f"c{c.id}"
+        try:
+            if pm is None:
+                pm = PeftModel.from_pretrained(model, c.path, adapter_name=name, is_trainable=False)
+            else:
+                pm.load_adapter(c.path, adapter_name=name, is_trainable=False)
+                pm.set_adapter(name)
+        except (ValueError, RuntimeError, KeyError) as e:  # PEFT's errors for an adapter that does not fit
+            raise IncompatibleError(f"adapter does not fit the base ({e})", path=c.path) from None
+        if prev is not None:
+            pm.delete_adapter(prev)  # keep memory flat: one adapter resident at a time
+        out[c.fingerprint] = run(c, pm)
+        prev = name
+    return pm.unload()  # removes the LoRA layers, leaving the untouched base weights
+
+
+# ----------------------------------------------------------------------------
+# Models
+
+
+def load_base(base: str | Path, *, dtype: str = "float32", device: str | None = None):
+    """The base model and its tokenizer, loaded once for all candidates."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = open_checkpoint(base).path
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        td = getattr(torch, dtype)
+    except AttributeError:
+        raise ConfigError(f"unknown dtype {dtype!r}", hint="float32, bfloat16 or float16") from None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=td).to(device)
+    tok = AutoTokenizer.from_pretrained(path)
+    model.eval()
+    return model, tok
+
+
+def load_full_into(model, ref: str | Path) -> None:
+    """Copy a full checkpoint's tensors into ``model`` in place (no new model object).
+
+    Tied parameters (lm_head = embed_tokens) appear once in the file; a parameter
+    is satisfied when any of its aliases is present.
+    """
+    import torch
+
+    reader = open_checkpoint(ref).weights()
+    sd = model.state_dict()
+    groups: dict[int, list[str]] = {}
+    for k, t in sd.items():
+        groups.setdefault(t.data_ptr(), []).append(k)
+    with torch.no_grad():
+        for names in groups.values():
+            src = next((n for n in names if n in reader), None)
+            if src is None:
+                raise IncompatibleError(f"checkpoint has no tensor {names[0]!r}", path=ref)
+            t = reader.get(src)
+            dst = sd[names[0]]
+            if tuple(t.shape) != tuple(dst.shape):
+                raise IncompatibleError(f"tensor {src!r} has shape {tuple(t.shape)}, the base has "
+                                        f"{tuple(dst.shape)}", path=ref)
+            dst.copy_(t.to(dst.dtype))
+    extra = set(reader.keys()) - set(sd)
+    if extra:
+        raise IncompatibleError(f"checkpoint has tensors the base lacks, e.g. {sorted(extra)[0]!r}", path=ref)
+
+
+# ----------------------------------------------------------------------------
+# Choosing donors and the selection file
+
+
+@dataclass
+class Selection:
+    target: dict
+    base: str
+    metric: str
+    scorer: str
+    higher_is_better: bool
+    ranking: list[dict]
+    donors: list[dict]
+    weighting: dict
+    k: int = 2
+    margin: float | None = None
+    created: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_file(self, path: str | Path) -> Path:
+        from ._io import atomic_write_json, atomic_write_text
+
+        path = Path(path)
+        if path.suffix.lower() == ".json":
+            atomic_write_json(path, self.to_dict())
+        else:
+            import yaml
+
+            atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+        return path
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Selection:
+        import json
+
+        import yaml
+
+        path = Path(path)
+        try:
+            text = path.read_text()
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except FileNotFoundError:
+            raise ConfigError("selection file not found", path=path) from None
+        except (ValueError, yaml.YAMLError) as e:
+            raise ConfigError(f"selection file is not valid YAML/JSON ({e})", path=path) from None
+        if not isinstance(data, dict):
+            raise ConfigError("selection file must hold a mapping", path=path)
+        names = {f for f in cls.__dataclass_fields__}
+        missing = {"target", "base", "metric", "ranking", "donors"} - set(data)
+        if missing:
+            raise ConfigError(f"selection file lacks {sorted(missing)}", path=path)
+        data.setdefault("scorer", "loss")
+        data.setdefault("higher_is_better", metric_key(data["metric"])[1])
+        data.setdefault("weighting", {})
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def rank_rows(rows: Sequence[ScoreRow], higher_is_better: bool) -> list[ScoreRow]:
+    """Best first; ties broken by score, then by id (base first) — never by name."""
+    scored = [r for r in rows if r.score is not None]
+    sign = -1.0 if higher_is_better else 1.0
+    return sorted(scored, key=lambda r: (sign * r.score, -1 if r.kind == "base" else int(r.id)))
+
+
+def choose_donors(ranked: Sequence[ScoreRow], *, k: int, margin: float | None,
+                  higher_is_better: bool) -> list[ScoreRow]:
+    """Top-k non-base rows; with ``margin``, only rows better than the base by at least that much."""
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+    base = next((r for r in ranked if r.kind == "base"), None)
+    out = []
+    for r in ranked:
+        if r.kind == "base":
+            continue
+        if margin is not None and base is not None:
+            gain = (r.score - base.score) if higher_is_better else (base.score - r.score)
+            if gain < margin:
+                continue
+        out.append(r)
+    return out[:k]
+
+
+def parse_weights(spec: str) -> tuple[str, float | None]:
+    """'uniform' | 'score' | 'softmax:T' | 'mwa:loss' | 'mwa:steps' -> (scheme, temperature)."""
+    if spec.startswith("softmax"):
+        _, _, t = spec.partition(":")
+        try:
+            return "softmax", float(t) if t else 1.0
+        except ValueError:
+            raise ConfigError(f"bad softmax temperature in {spec!r}", hint="e.g. softmax:0.5") from None
+    return spec, None
+
+
+def donor_weights(donors: Sequence[ScoreRow], entries: dict, spec: str, *, higher_is_better: bool,
+                  penalty: float = 1.0) -> tuple[list[float], dict]:
+    """Weights from ``warmstart.merge.weights``; MWA uses each donor's training loss or step.
+
+    mwa:loss falls back to the target-sample loss when a donor has no training loss
+    and the selection metric is the loss (recorded in the weighting info).
+    """
+    from .merge.weights import compute_weights
+
+    scheme, temp = parse_weights(spec)
+    info: dict[str, Any] = {"scheme": scheme}
+    kw: dict[str, Any] = {"scores": [d.score for d in donors], "higher_is_better": higher_is_better,
+                          "penalty": penalty}
+    if temp is not None:
+        kw["temperature"] = info["temperature"] = temp
+    if scheme.startswith("mwa"):
+        info["penalty"] = penalty
+        es = [entries.get(d.id) for d in donors]
+        kw["steps"] = [e.global_step if e else None for e in es]
+        losses = [e.final_loss if e else None for e in es]
+        if scheme == "mwa:loss" and any(x is None for x in losses) and not higher_is_better:
+            losses, info["losses_from"] = [d.score for d in donors], "target sample"
+        kw["losses"] = losses
+    return compute_weights(scheme, n=len(donors), **kw), info
+
+
+def build_selection(target: TargetData, base: str, rows: Sequence[ScoreRow], *, metric: str, scorer: str,
+                    k: int, margin: float | None, weights: str, penalty: float,
+                    entries: dict) -> Selection:
+    _, hib = metric_key(metric)
+    ranked = rank_rows(rows, hib)
+    donors = choose_donors(ranked, k=k, margin=margin, higher_is_better=hib)
+    w, info = donor_weights(donors, entries, weights, higher_is_better=hib, penalty=penalty) if donors else ([], {
+        "scheme": parse_weights(weights)[0]})
+    from . import __version__
+
+    return Selection(
+        target={"path": str(target.path), "fingerprint": target.fingerprint(), "sample": target.sample_spec,
+                "format": target.format, "split": target.split, "n_examples": len(target)},
+        base=str(base), metric=metric, scorer=scorer, higher_is_better=hib,
+        ranking=[{"rank": i + 1, "id": r.id, "ref": r.ref, "kind": r.kind, "score": r.score, "cached": r.cached}
+                 for i, r in enumerate(ranked)],
+        donors=[{"id": d.id, "ref": d.ref, "kind": d.kind, "score": d.score, "weight": wi}
+                for d, wi in zip(donors, w)],
+        weighting=info, k=k, margin=margin,
+        created={"warmstart": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def select(target: str | Path | TargetData, base: str | Path, *, library: Library | None = None,
+           metric: str = "loss", n: int | None = 256, seed: int = 0, k: int = 2, margin: float | None = None,
+           weights: str = "uniform", penalty: float = 1.0, scorer: str = "loss", split: str | None = None,
+           format: str | None = None, mc_style: str = "text", batch_size: int = 16,
+           max_length: int = DEFAULT_MAX_LENGTH, mc_mode: str = "rank", dtype: str = "float32",
+           model=None, tokenizer=None, rank: int | None = None, world_size: int | None = None,
+           progress: Callable[[str, Any], None] | None = None) -> Selection | None:
+    """Load and sample the target, score the base and every compatible entry, choose donors.
+
+    Returns None on ranks other than 0 of a multi-process run (they only score).
+    """
+    metric_key(metric)
+    parse_weights(weights)
+    data = target if isinstance(target, TargetData) else load_target(
+        target, split=split, format=format, mc_style=mc_style)
+    data = data.sample(n, seed)
+    if rank is None or world_size is None:
+        rank, world_size = dist_env()
+    cands = candidates_for(base, library)
+    cfg = ScoreConfig(metric=metric, scorer=scorer, batch_size=batch_size, max_length=max_length,
+                      mc_mode=mc_mode, dtype=dtype)
+    rows = score_candidates(data, base, cands, library=library, config=cfg, model=model, tokenizer=tokenizer,
+                            rank=rank, world_size=world_size, progress=progress)
+    if rank != 0:
+        return None
+    entries = {c.id: c.entry for c in cands if c.entry is not None}
+    return build_selection(data, cands[0].ref, rows, metric=metric, scorer=scorer, k=k, margin=margin,
+                           weights=weights, penalty=penalty, entries=entries)
+
+
+__all__ = [
+    "METRICS", "SCORERS", "Candidate", "ScoreConfig", "ScoreRow", "Selection", "build_selection",
+    "candidates_for", "choose_donors", "dist_env", "load_base", "load_full_into", "rank_rows",
+    "score_candidates", "select", "shard",
+]

@@ -1,0 +1,269 @@
+"""Selection: the right donor ranks first, cache hits cost no forward, grad proxy, multi-process split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from warmstart.data import collate, load_target, pad_id_of, tokenize
+from warmstart.errors import ConfigError
+from warmstart.evaluate import evaluate
+from warmstart.library import Library
+from warmstart.select import (
+    Candidate, ScoreConfig, ScoreRow, Selection, candidates_for, choose_donors, load_base, rank_rows,
+    score_candidates, select, shard,
+)
+
+TARGET = [{"prompt": f"Q{i}: the quick brown", "completion": " fox jumps over the lazy dog"} for i in range(24)]
+OTHER = [{"prompt": f"count {i}:", "completion": " one two three four five six"} for i in range(24)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: threads only contend on a shared 2-core machine (10x slower measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _train(model, tok, rows, steps, lr):
+    """A tiny hand-written loop: full batch, Adam, loss on completions only."""
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(examples=[SimpleNamespace(prompt=r["prompt"], completion=r["completion"], messages=None)
+                                     for r in rows])
+    batch = collate(tokenize(data, tok), pad_id_of(tok))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def zoo(models, tmp_path_factory):
+    """Base + donors whose fit to TARGET is known by construction."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("select_zoo")
+    base = models / "base"
+    tok = AutoTokenizer.from_pretrained(base)
+    for name, rows in (("lora_target", TARGET), ("lora_other", OTHER)):
+        m = AutoModelForCausalLM.from_pretrained(base)
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+                         task_type="CAUSAL_LM")
+        pm = get_peft_model(m, cfg)
+        _train(pm, tok, rows, steps=15, lr=2e-2)
+        pm.save_pretrained(root / name)
+        c = json.loads((root / name / "adapter_config.json").read_text())
+        c["base_model_name_or_path"] = str(base.resolve())
+        (root / name / "adapter_config.json").write_text(json.dumps(c))
+    m = AutoModelForCausalLM.from_pretrained(base)
+    _train(m, tok, TARGET, steps=6, lr=3e-3)
+    m.save_pretrained(root / "full_target")
+    tok.save_pretrained(root / "full_target")
+    write_jsonl(root / "target.jsonl", TARGET)
+    return root
+
+
+@pytest.fixture
+def lib(zoo, models, tmp_path):
+    lib = Library(tmp_path / "lib.db")
+    for ref in (zoo / "lora_target", zoo / "lora_other", zoo / "full_target", models / "ft_a", models / "lora_a",
+                models / "other_arch"):
+        lib.add(ref, base=str(models / "base"))
+    yield lib
+    lib.close()
+
+
+def counted(models):
+    model, tok = load_base(models / "base")
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    return model, tok, calls
+
+
+# -- the right donor, scores that match independent evaluation ----------------------
+
+def test_right_donors_rank_first(zoo, models, lib):
+    model, tok, calls = counted(models)
+    sel = select(zoo / "target.jsonl", models / "base", library=lib, n=16, k=2, model=model, tokenizer=tok)
+    ids = {e.ref.rsplit("/", 1)[-1]: e.id for e in lib.list()}
+    assert {d["id"] for d in sel.donors} == {ids["lora_target"], ids["full_target"]}
+    score = {r["id"]: r["score"] for r in sel.ranking}
+    assert score[ids["lora_target"]] < score[ids["lora_other"]]
+    kinds = {r["id"]: r["kind"] for r in sel.ranking}
+    assert kinds["base"] == "base" and ids["other_arch"] not in kinds  # incompatible: not scored
+    assert len(sel.ranking) == 6  # base + 5 compatible
+    scores = [r["score"] for r in sel.ranking]
+    assert scores == sorted(scores)
+    assert sum(d["weight"] for d in sel.donors) == pytest.approx(1.0)
+    assert len(calls) > 0 and not any(r["cached"] for r in sel.ranking)
+
+
+def test_scores_equal_fresh_evaluation(zoo, models, lib):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = load_target(zoo / "target.jsonl").sample(8, seed=3)
+    cands = candidates_for(models / "base", lib)
+    model, tok = load_base(models / "base")
+    ident = id(model)
+    rows = {r.ref: r.score for r in score_candidates(data, models / "base", cands, model=model, tokenizer=tok)}
+    assert id(model) == ident
+    for name in ("full_target", "lora_target"):
+        ref = str((zoo / name).resolve())
+        fresh = AutoModelForCausalLM.from_pretrained(models / "base")
+        if name.startswith("lora"):
+            fresh = PeftModel.from_pretrained(fresh, zoo / name)
+        else:
+            fresh = AutoModelForCausalLM.from_pretrained(zoo / name)
+        assert rows[ref] == pytest.approx(evaluate(fresh, tok, data)["loss"], rel=1e-5)
+
+
+# -- cache ---------------------------------------------------------------------------------
+
+def test_second_select_costs_no_forward(zoo, models, lib):
+    model, tok, calls = counted(models)
+    first = select(zoo / "target.jsonl", models / "base", library=lib, n=8, model=model, tokenizer=tok)
+    assert calls
+    calls.clear()
+    second = select(zoo / "target.jsonl", models / "base", library=lib, n=8, model=model, tokenizer=tok)
+    assert calls == [] and all(r["cached"] for r in second.ranking)
+    assert [r["score"] for r in second.ranking] == [r["score"] for r in first.ranking]
+    # the token accuracy was computed in the same pass: also free
+    acc = select(zoo / "target.jsonl", models / "base", library=lib, n=8, metric="accuracy", model=model,
+                 tokenizer=tok)
+    assert calls == [] and acc.higher_is_better
+    # another sample is another key
+    select(zoo / "target.jsonl", models / "base", library=lib, n=8, seed=1, model=model, tokenizer=tok)
+    assert calls
+
+
+# -- gradient proxy --------------------------------------------------------------------------
+
+def test_grad_proxy_agrees_with_loss_scorer(zoo, models, lib):
+    model, tok = load_base(models / "base")
+    kw = dict(library=lib, n=16, model=model, tokenizer=tok)
+    by_loss = select(zoo / "target.jsonl", models / "base", **kw)
+    by_grad = select(zoo / "target.jsonl", models / "base", scorer="grad", **kw)
+    assert by_grad.donors[0]["id"] == by_loss.donors[0]["id"]
+    base_loss = next(r["score"] for r in by_loss.ranking if r["kind"] == "base")
+    assert next(r["score"] for r in by_grad.ranking if r["kind"] == "base") == pytest.approx(base_loss, rel=1e-5)
+    with pytest.raises(ConfigError, match="predicts the loss"):
+        select(zoo / "target.jsonl", models / "base", scorer="grad", metric="accuracy", **kw)
+
+
+def test_lora_dot_equals_explicit_delta(zoo, models):
+    """⟨g, s·B·A⟩ from factors == the inner product with ΔW formed explicitly (PEFT's get_delta_weight)."""
+    from peft import PeftModel
+
+    from warmstart._gradproxy import base_gradient, lora_dot
+
+    model, tok = load_base(models / "base")
+    data = load_target(zoo / "target.jsonl").sample(8)
+    loss0, g = base_gradient(model, tok, data)
+    base_params = {n: p.detach() for n, p in model.named_parameters()}
+    got = lora_dot(g, zoo / "lora_target", base_params)
+    pm = PeftModel.from_pretrained(model, zoo / "lora_target")
+    ref = 0.0
+    for name, mod in pm.named_modules():
+        if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_A", {}):
+            pname = name.removeprefix("base_model.model.") + ".weight"
+            ref += float((g[pname] * mod.get_delta_weight("default")).sum())
+    assert got == pytest.approx(ref, rel=1e-4)
+    # first order: a small step along the adapter changes the loss by ≈ ε·⟨g, δ⟩
+    eps = 1e-3
+    for name, mod in pm.named_modules():
+        if hasattr(mod, "scaling") and isinstance(mod.scaling, dict) and "default" in mod.scaling:
+            mod.scaling["default"] *= eps
+    assert evaluate(pm, tok, data)["loss"] - loss0 == pytest.approx(eps * got, rel=0.05)
+
+
+# -- ranking, donors, weights, file ------------------------------------------------------------
+
+def _row(i, score, kind="lora"):
+    return ScoreRow("base" if kind == "base" else i, f"/m/{i}", kind, score, False)
+
+
+def test_ties_broken_by_score_then_id():
+    rows = [_row(5, 1.0), _row(2, 1.0), _row(0, 1.0, "base"), _row(9, 0.5), _row(7, None)]
+    assert [r.id for r in rank_rows(rows, higher_is_better=False)] == [9, "base", 2, 5]
+    assert [r.id for r in rank_rows(rows, higher_is_better=True)] == ["base", 2, 5, 9]
+
+
+def test_margin_filters_donors():
+    ranked = rank_rows([_row(0, 2.0, "base"), _row(1, 1.5), _row(2, 1.95), _row(3, 2.5)], False)
+    assert [r.id for r in choose_donors(ranked, k=3, margin=None, higher_is_better=False)] == [1, 2, 3]
+    assert [r.id for r in choose_donors(ranked, k=3, margin=0.1, higher_is_better=False)] == [1]
+    assert choose_donors(ranked, k=3, margin=1.0, higher_is_better=False) == []
+
+
+def test_weights_and_selection_file_roundtrip(zoo, models, lib, tmp_path):
+    from warmstart.merge.plan import MergePlan
+
+    model, tok = load_base(models / "base")
+    sel = select(zoo / "target.jsonl", models / "base", library=lib, n=8, k=3, weights="softmax:0.5",
+                 model=model, tokenizer=tok)
+    s = [d["score"] for d in sel.donors]
+    w = torch.softmax(-torch.tensor(s, dtype=torch.float64) / 0.5, 0).tolist()
+    assert [d["weight"] for d in sel.donors] == pytest.approx(w)
+    assert sel.weighting == {"scheme": "softmax", "temperature": 0.5}
+    for ext in ("yaml", "json"):
+        path = sel.to_file(tmp_path / f"sel.{ext}")
+        back = Selection.from_file(path)
+        assert back == sel
+        assert set(back.to_dict()) >= {"target", "base", "metric", "ranking", "donors", "weighting"}
+        assert back.target["fingerprint"] == load_target(zoo / "target.jsonl").sample(8).fingerprint()
+        plan = MergePlan.from_selection(path)
+        assert [m.ref for m in plan.models] == [d["ref"] for d in sel.donors]
+    mwa = select(zoo / "target.jsonl", models / "base", library=lib, n=8, k=2, weights="mwa:loss",
+                 model=model, tokenizer=tok)
+    assert mwa.weighting["losses_from"] == "target sample"  # these donors carry no trainer_state.json
+    with pytest.raises(ConfigError):
+        Selection.from_file(tmp_path / "missing.yaml")
+
+
+# -- several processes -------------------------------------------------------------------------
+
+def test_shard_covers_every_item_once():
+    items = list(range(11))
+    parts = [shard(items, r, 3) for r in range(3)]
+    assert sorted(x for p in parts for x in p) == items
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ConfigError):
+        shard(items, 3, 3)
+
+
+def test_two_ranks_split_then_gather(zoo, models, lib):
+    data = load_target(zoo / "target.jsonl").sample(8)
+    cands = candidates_for(models / "base", lib)
+    cfg = ScoreConfig()
+    m1, tok, calls1 = counted(models)
+    score_candidates(data, models / "base", cands, library=lib, config=cfg, model=m1, tokenizer=tok,
+                     rank=1, world_size=2, wait=False)
+    m0, _, calls0 = counted(models)
+    rows = score_candidates(data, models / "base", cands, library=lib, config=cfg, model=m0, tokenizer=tok,
+                            rank=0, world_size=2)
+    assert len(rows) == len(cands) and all(r.score is not None for r in rows)
+    # each rank evaluated its half: 3 + 3 candidates, one forward each (8 rows, batch 16)
+    assert len(calls1) == 3 and len(calls0) == 3
+    assert sum(r.cached for r in rows) == 3
+
+
+def test_candidates_need_a_full_base(models, lib):
+    with pytest.raises(ConfigError, match="full model"):
+        candidates_for(models / "lora_a", lib)
+    assert [c.kind for c in candidates_for(models / "base", None)] == ["base"]
+    assert isinstance(candidates_for(models / "base", lib)[1], Candidate)

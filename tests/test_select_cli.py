@@ -1,0 +1,65 @@
+"""`warmstart select` from the command line: output file, JSON, cache on a rerun, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from warmstart.cli import app
+from warmstart.library import Library
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_select_cli_writes_selection_and_caches(models, tmp_path):
+    db = tmp_path / "lib.db"
+    with Library(db) as lib:
+        for name in ("lora_a", "lora_b", "ft_a"):
+            lib.add(models / name)
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}: the quick", "completion": " brown fox"}) + "\n"
+                            for i in range(12)))
+    runner = CliRunner()
+    args = ["select", "--target", str(data), "--base", str(models / "base"), "--library", str(db),
+            "--n", "6", "--k", "2", "--weights", "softmax:1", "--out", str(tmp_path / "sel.yaml")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    sel = yaml.safe_load((tmp_path / "sel.yaml").read_text())
+    assert sel["target"]["sample"] == "n=6,seed=0" and len(sel["ranking"]) == 4 and len(sel["donors"]) == 2
+    assert sel["base"] == str((models / "base").resolve())
+    r = runner.invoke(app, args)  # exists, no --force
+    assert r.exit_code == 1
+    r = runner.invoke(app, args + ["--force", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert all(row["cached"] for row in out["ranking"])
+
+
+def test_select_cli_bad_data_is_one_line(models, tmp_path, monkeypatch, capsys):
+    from warmstart.cli._common import run_app
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "completion": " b"}\n{oops\n')
+    monkeypatch.setattr("sys.argv", ["warmstart", "select", "--target", str(data), "--base", str(models / "base"),
+                                     "--library", str(tmp_path / "lib.db")])
+    with pytest.raises(SystemExit) as ei:
+        run_app(app)
+    assert ei.value.code == 1
+    err = capsys.readouterr().err
+    assert f"{data}: line 2: invalid JSON" in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_select_help_has_examples():
+    r = CliRunner().invoke(app, ["select", "--help"])
+    assert r.exit_code == 0 and "accelerate launch" in r.output
