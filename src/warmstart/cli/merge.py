@@ -83,6 +83,8 @@ def merge_cmd(
     vocab: str = typer.Option(None, "--vocab", help="Vocabulary size mismatch: error | reference (resize rows)."),
     device: str = typer.Option(None, "--device", help="Device for the math (cpu, cuda)."),
     threads: int = typer.Option(None, "--threads", help="I/O threads."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
+                                         help="Merge inputs that hold NaN/Inf values (refused by default)."),
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -117,7 +119,7 @@ def merge_cmd(
     data.update(flags)
     data["params"] = {**data.get("params", {}), **mparams}
     plan = MergePlan.from_dict(data, source=str(config or selection) if (config or selection) else None)
-    result = _run(plan, out, force, quiet=json_out)
+    result = _run(plan, out, force, quiet=json_out, allow_nonfinite=allow_nonfinite)
     if json_out:
         print_json(result.to_dict())
     else:
@@ -127,7 +129,7 @@ def merge_cmd(
             err.print(f"note: {n}")
 
 
-def _run(plan, out, force, quiet):
+def _run(plan, out, force, quiet, allow_nonfinite=False):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..merge import merge
@@ -139,7 +141,7 @@ def _run(plan, out, force, quiet):
         def progress(done, total, name):
             bar.update(task, completed=done, total=total, description=name)
 
-        return merge(plan, out, force=force, progress=progress)
+        return merge(plan, out, force=force, progress=progress, allow_nonfinite=allow_nonfinite)
 
 
 def register(app: typer.Typer) -> None:

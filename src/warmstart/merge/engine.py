@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_dir, atomic_write_json, check_output
-from ..checkpoints import Checkpoint, TensorMeta, open_checkpoint
+from ..checkpoints import Checkpoint, TensorMeta, _check_finite, open_checkpoint
 from ..errors import ConfigError, IncompatibleError
 from .methods import get_method, tensor_seed, validate
 from .plan import MergePlan, parse_size
@@ -363,12 +363,15 @@ def _resize_rows(t: torch.Tensor, rows: int, fill: torch.Tensor | None) -> torch
 
 
 def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
-          progress: Callable[[int, int, str], None] | None = None) -> MergeResult:
-    """Run ``plan`` and write the merged model (or adapter) to ``out`` atomically."""
+          progress: Callable[[int, int, str], None] | None = None, allow_nonfinite: bool = False) -> MergeResult:
+    """Run ``plan`` and write the merged model (or adapter) to ``out`` atomically.
+
+    NaN/Inf in any input tensor is refused unless ``allow_nonfinite`` (it would poison the merge)."""
     t0 = time.perf_counter()
     out = Path(out)
-    base_ck = open_checkpoint(plan.base) if plan.base else None
-    cks = [open_checkpoint(m.ref) for m in plan.models]
+    _check_device(plan.device)
+    base_ck = open_checkpoint(plan.base, allow_nonfinite=allow_nonfinite) if plan.base else None
+    cks = [open_checkpoint(m.ref, allow_nonfinite=allow_nonfinite) for m in plan.models]
     kinds = {c.kind for c in cks}
     if kinds == {"lora"}:
         from .lora import merge_plan_adapters
@@ -404,6 +407,19 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
     return result
 
 
+def _check_device(name: str) -> None:
+    """Fail before any work, in one line, when the device cannot run here (not mid-merge with a traceback)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {name!r} ({e})", hint="use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but this machine has no usable CUDA GPU",
+                          hint="use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} requested but MPS is not available", hint="use --device cpu")
+
+
 def _params(plan: MergePlan, method, n: int, use_base: bool) -> dict:
     params = validate(method, n, use_base or not method.needs_base, dict(plan.params))
     per_model = {k for m in plan.models for k in m.params}
@@ -427,8 +443,15 @@ def _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, re
             meta_owner[(m.file, m.name)] = id(c)
     dev, cdt = torch.device(plan.device), _dtype(plan.compute_dtype, torch.float32)
 
+    owners = {id(c): c for c in donors + [ref]}
+
+    def rd(m: TensorMeta) -> torch.Tensor:
+        t = reader.read(m, digests[meta_owner[(m.file, m.name)]])
+        if not owners[meta_owner[(m.file, m.name)]].allow_nonfinite:  # pread bypasses WeightReader.get's check
+            _check_finite(t, m.name, m.file)
+        return t
+
     def load(it: _Item):
-        rd = lambda m: reader.read(m, digests[meta_owner[(m.file, m.name)]])  # noqa: E731
         return (rd(it.base) if it.base is not None else None), [rd(m) for _, m in it.srcs]
 
     try:
