@@ -453,7 +453,7 @@ def alpha_dirname(a: float) -> str:
 def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, out: str | Path | None = None, *,
              alpha: float | str | Sequence[float] = 1.0, dtype: str | None = None, compute_dtype: str = "float32",
              vocab_new_rows: str = "base", config_from: str = "new", max_shard_size: str | int = "2GB",
-             dry_run: bool = False, force: bool = False, allow_pickle: bool = False,
+             dry_run: bool = False, force: bool = False, allow_pickle: bool = False, allow_nonfinite: bool = False,
              on_tensor: Callable[[str], None] | None = None,
              on_plan: Callable[[TransferReport], None] | None = None) -> TransferReport:
     """Write ``base_new + α·(finetuned − base_old)`` to ``out`` (one model per α) and return the report.
@@ -463,7 +463,8 @@ def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, 
     (``"base"``) or from the fine-tune when it has the token (``"finetuned"``).
     ``config_from``: config, generation config and chat template from the new
     base (``"new"``) or the fine-tune (``"finetuned"``). ``on_plan`` sees the
-    report before any tensor is read; ``dry_run`` computes the report only.
+    report before any tensor is read; ``dry_run`` computes the report only. NaN/Inf in any
+    input tensor is refused unless ``allow_nonfinite``.
     """
     alphas = _alphas(alpha)
     out_dtype, cdt = _torch_dtype(dtype), _torch_dtype(compute_dtype)
@@ -475,11 +476,12 @@ def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, 
         raise ConfigError(f"config_from must be 'new' or 'finetuned', got {config_from!r}")
     if out is None and not dry_run:
         raise ConfigError("an output directory is required (or use dry_run)")
-    old, new = (open_checkpoint(r, allow_pickle=allow_pickle) for r in (base_old, base_new))
+    old, new = (open_checkpoint(r, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+                for r in (base_old, base_new))
     for ck, what in ((old, "--base-old"), (new, "--base-new")):
         if ck.kind != "full":
             raise IncompatibleError(f"{what} must be a full model, not a LoRA adapter", path=ck.path)
-    fin = _Finetuned(open_checkpoint(finetuned, allow_pickle=allow_pickle))
+    fin = _Finetuned(open_checkpoint(finetuned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite))
     if out is not None and not dry_run:
         check_output(Path(out), force=force, inputs=[old.path, new.path, fin.ck.path])
     cfg = _output_config(old, fin.ck, new, config_from)

@@ -63,6 +63,8 @@ def transfer_cmd(
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output shard."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print the compatibility report only; write nothing."),
     allow_pickle: bool = AllowPickleOpt,
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
+                                         help="Use inputs that hold NaN/Inf values (refused by default)."),
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -87,7 +89,7 @@ def transfer_cmd(
         report = transfer(base_old, finetuned, base_new, out_dir, alpha=alpha, dtype=dtype,
                           compute_dtype=compute_dtype, vocab_new_rows=vocab_new_rows, config_from=config_from,
                           max_shard_size=max_shard_size, dry_run=dry_run, force=force, allow_pickle=allow_pickle,
-                          on_tensor=tick, on_plan=show_plan)
+                          allow_nonfinite=allow_nonfinite, on_tensor=tick, on_plan=show_plan)
     if json_out:
         print_json(report.to_dict())
     else:
