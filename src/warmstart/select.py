@@ -278,8 +278,8 @@ def load_base(base: str | Path, *, dtype: str = "float32", device: str | None = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = open_checkpoint(base).path
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:  # one GPU per process under accelerate/torchrun
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     try:
         td = getattr(torch, dtype)
     except AttributeError:

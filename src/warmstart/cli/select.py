@@ -18,7 +18,9 @@ Examples:
 
   warmstart select --target data.jsonl --base models/base --scorer grad --n 128 --margin 0.05 --out sel.yaml --force
 
-  accelerate launch --num_processes 4 -m warmstart select --target data.jsonl --base models/base --out sel.yaml
+  accelerate launch --multi_gpu --num_processes 4 -m warmstart select --target data.jsonl --base models/base --out sel.yaml
+
+  torchrun --nproc_per_node 2 -m warmstart select --target data.jsonl --base models/base --sample-size 128 --out sel.yaml
 """
 
 
@@ -29,7 +31,8 @@ def select_cmd(
     library: Path = LibraryOpt,
     metric: str = typer.Option("loss", "--metric", "-m",
                                help="loss | accuracy | exact-match | mc-accuracy | mc-accuracy-norm."),
-    n: int = typer.Option(256, "--n", help="Random sample size of the target (0 = all rows)."),
+    n: int = typer.Option(256, "--n", "--sample-size",
+                          help="Random sample size of the target (0 = all rows)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     k: int = typer.Option(2, "--k", "-k", help="Number of donors."),
     margin: float = typer.Option(None, "--margin", help="Only donors better than the base by at least this."),
