@@ -151,6 +151,11 @@ def test_vocab_mismatch_policy(models, tmp_path):
     assert got[emb].shape == b0[emb].shape
     want = b0[emb] + 0.5 * (a[emb] - b0[emb]) + 0.5 * (bb[emb][:rows] - b0[emb])  # uniform weights
     assert torch.allclose(got[emb], want, atol=1e-5)
+    # the other way round: a donor with fewer rows is padded with the base's rows (δ = 0 there)
+    merge(MergePlan(models=[str(models / "ft_a")], method="task_arithmetic", base=str(big), vocab="reference",
+                    missing="reference"), tmp_path / "o3")
+    got = _sd(tmp_path / "o3")[emb]
+    assert torch.allclose(got[:rows], a[emb], atol=1e-6) and torch.allclose(got[rows:], bb[emb][rows:])
 
 
 def test_tied_embeddings(models, tmp_path):
