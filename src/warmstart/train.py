@@ -35,7 +35,7 @@ from typing import Any
 from transformers import ProgressCallback, TrainerCallback
 
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, IncompatibleError
 from .report import Curve
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -177,6 +177,10 @@ def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: T
     out = Path(out)
     init, adapter = _resolve_init(_local(init), _local(adapter) if adapter else None)
     check_output(out, force=force, inputs=[init] + ([adapter] if adapter else []))
+    from .checkpoints import open_checkpoint
+
+    for ref in [init] + ([adapter] if adapter else []):
+        open_checkpoint(ref)  # corrupt weights, bad config or PEFT type: one line naming the file, not a traceback
     train_data, eval_data = _setup_data(train_data, cfg), _setup_data(eval_data, cfg, limit=cfg.eval_limit)
 
     import transformers
@@ -184,6 +188,7 @@ def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: T
     transformers.set_seed(cfg.seed)  # before the model: a fresh LoRA's init draws from the RNG
     tokenizer = _setup_tokenizer(init, adapter)
     model, kind = _setup_model(init, adapter, cfg)
+    _check_finite_params(model, adapter or init)
     from accelerate import PartialState
 
     main = PartialState().is_main_process
@@ -262,7 +267,11 @@ def _setup_model(init: Path, adapter: Path | None, cfg: TrainConfig):
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=not cfg.full)
+        try:
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=not cfg.full)
+        except RuntimeError as e:  # size mismatch: an adapter trained on another architecture
+            raise IncompatibleError(f"adapter does not fit the model in --init ({str(e).splitlines()[0][:300]})",
+                                    path=adapter) from None
         if cfg.full:  # fold the initial adapter in, then train every weight
             return _all_trainable(model.merge_and_unload()), "full"
         return model, "lora"
@@ -276,6 +285,14 @@ def _setup_model(init: Path, adapter: Path | None, cfg: TrainConfig):
         return get_peft_model(model, lcfg), "lora"
     except ValueError as e:  # PEFT: target modules not found in the model
         raise ConfigError(f"LoRA targets {cfg.lora_targets} do not fit this model ({e})", path=init) from None
+
+
+def _check_finite_params(model, where: Path) -> None:
+    """NaN/Inf in the initialization would train to NaN silently; refuse (in memory, one pass)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(p.detach().isfinite().all()):
+            raise CheckpointError(f"tensor {name!r} contains NaN/Inf values", path=where,
+                                  hint="repair or re-export the checkpoint")
 
 
 def _all_trainable(model):
