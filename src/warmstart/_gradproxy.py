@@ -22,6 +22,7 @@ from typing import Any
 from .checkpoints import open_checkpoint
 from .data import IGNORE_INDEX, collate, pad_id_of, tokenize
 from .errors import ConfigError, IncompatibleError
+from .evaluate import target_logits
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _PEFT_PREFIX = "base_model.model."
@@ -52,10 +53,9 @@ def base_gradient(model, tokenizer, target, *, params: set[str] | None = None, b
             p.grad = None
         for start in range(0, len(rows), batch_size):
             t = collate(rows[start:start + batch_size], pad_id_of(tokenizer))
-            logits = model(input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)).logits
-            labels = t["labels"][:, 1:].to(device)
-            mask = labels != IGNORE_INDEX
-            nll = -logits[:, :-1][mask].float().log_softmax(-1).gather(-1, labels[mask][:, None]).sum()
+            logits, labels, mask = target_logits(model, t["input_ids"].to(device), t["attention_mask"].to(device),
+                                                 t["labels"][:, 1:].to(device))
+            nll = -logits[mask].float().log_softmax(-1).gather(-1, labels[mask][:, None]).sum()
             (nll / n_tok).backward()  # token-weighted mean over the whole sample, as evaluate() reports
             total += nll.item()
             if progress:

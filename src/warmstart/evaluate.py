@@ -66,15 +66,35 @@ def score_rows(model, rows: list[dict], *, pad_id: int, batch_size: int = 16,
     return out  # type: ignore[return-value]
 
 
+def target_logits(model, input_ids, attention_mask, labels):
+    """Logits at the positions that predict a target token, with the labels and mask there.
+
+    ``labels`` are already shifted (label p is predicted at position p). The LM
+    head over every position is a large share of a small model's forward
+    (SmolLM2-135M: 49k × 576 of ~135M parameters) and most positions are
+    prompt; transformers' ``logits_to_keep`` with a tensor of positions skips
+    the rest. Models without that argument get the full logits.
+    """
+    mask = labels != IGNORE_INDEX
+    keep = mask.any(0).nonzero().squeeze(-1)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        if logits.shape[1] == len(keep):
+            return logits, labels[:, keep], mask[:, keep]
+    except TypeError:
+        pass
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    return logits, labels, mask
+
+
 def _score_batch(model, batch: list[dict], pad_id: int, device) -> list[RowScore]:
     import torch
 
     t = collate(batch, pad_id)
-    logits = model(input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)).logits
     labels = t["labels"][:, 1:].to(device)  # token t is predicted at position t-1
-    mask = labels != IGNORE_INDEX
+    logits, labels, mask = target_logits(model, t["input_ids"].to(device), t["attention_mask"].to(device), labels)
     # log_softmax only at target positions: (n_targets, vocab) instead of (batch, len, vocab)
-    sel = logits[:, :-1][mask].float().log_softmax(-1)
+    sel = logits[mask].float().log_softmax(-1)
     tgt = labels[mask]
     lp = sel.gather(-1, tgt[:, None]).squeeze(-1)
     hit = (sel.argmax(-1) == tgt).long()
