@@ -228,3 +228,14 @@ def test_mwa_formula():
 def test_weight_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         compute_weights(n=2, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kth_smallest_equals_sort(dtype):
+    from warmstart.merge.methods import kth_smallest
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300_000, generator=g).abs().to(dtype).float()  # bf16: many exact ties
+    s = x.sort().values
+    for k in [1, 2, 1000, 150_000, 299_999, 300_000]:
+        assert kth_smallest(x, k) == s[k - 1], k

@@ -432,37 +432,31 @@ def _params(plan: MergePlan, method, n: int, use_base: bool) -> dict:
 
 
 def _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, result, progress) -> dict:
-    """Read (prefetching one tensor ahead), merge, and hand each result to the shard writer."""
+    """Read (every input of the next tensor in parallel), merge, and hand each result to the shard writer."""
     entries = [(it.name, it.out_dtype, it.shape) for it in items]
     writer = _ShardWriter(tmp, _shard_layout(entries, parse_size(plan.shard_size)))
     reader = _Reader()
-    digests: dict[int, dict] = {id(c): {} for c in donors + [ref]}
-    meta_owner = {}
-    for c in donors + [ref]:
-        for m in c.weights().meta.values():
-            meta_owner[(m.file, m.name)] = id(c)
+    # Inputs whose digests the library's cache already holds are not hashed again; the others are
+    # hashed from the bytes read here (and the cache filled), so fingerprints never cost a second read.
+    digests = {id(c): ({} if not _digests_cached(c) else None) for c in donors + [ref]}
+    owner = {(m.file, m.name): digests[id(c)] for c in donors + [ref] for m in c.weights().meta.values()}
     dev, cdt = torch.device(plan.device), _dtype(plan.compute_dtype, torch.float32)
 
-    owners = {id(c): c for c in donors + [ref]}
-
-    def rd(m: TensorMeta) -> torch.Tensor:
-        t = reader.read(m, digests[meta_owner[(m.file, m.name)]])
-        if not owners[meta_owner[(m.file, m.name)]].allow_nonfinite:  # pread bypasses WeightReader.get's check
-            _check_finite(t, m.name, m.file)
-        return t
-
-    def load(it: _Item):
-        return (rd(it.base) if it.base is not None else None), [rd(m) for _, m in it.srcs]
+    def submit(pool, it: _Item):
+        metas = ([it.base] if it.base is not None else []) + [m for _, m in it.srcs]
+        return it.base is not None, [pool.submit(reader.read, m, owner[(m.file, m.name)]) for m in metas]
 
     try:
         with ThreadPoolExecutor(max(1, plan.threads)) as pool:
-            ahead = deque(pool.submit(load, it) for it in items[:1])
+            ahead = deque([submit(pool, items[0])] if items else [])
             for k, it in enumerate(items):
-                base_t, ins = ahead.popleft().result()
+                has_base, futs = ahead.popleft()
                 if k + 1 < len(items):
-                    ahead.append(pool.submit(load, items[k + 1]))
-                res = _merge_item(it, method, params, base_t, ins, use_base, weights, dev, cdt)
-                writer.put(res)
+                    ahead.append(submit(pool, items[k + 1]))  # prefetch one tensor ahead
+                ts = [f.result() for f in futs]
+                base_t, ins = (ts[0], ts[1:]) if has_base else (None, ts)
+                writer.put(_merge_item(it, method, params, base_t, ins, use_base, weights, dev, cdt))
+                del ts, base_t, ins
                 result.tensors.append(TensorReport(it.name, list(it.shape), str(it.out_dtype).replace("torch.", ""),
                                                    len(it.srcs), it.action, it.note))
                 if progress:
@@ -473,7 +467,44 @@ def _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, re
             writer.close()
         finally:
             reader.close()
+    for c in donors + [ref]:
+        _store_digests(c, digests[id(c)])
     return digests
+
+
+def _digests_cached(ck: Checkpoint) -> bool:
+    """True when the digest cache is current for every weight file (a lookup, no hashing)."""
+    from ..checkpoints import default_digest_cache
+
+    if ck.pickle:
+        return True  # pickle checkpoints are fingerprinted by Checkpoint.fingerprint itself
+    try:
+        conn = default_digest_cache()._conn()  # noqa: SLF001 — a read-only peek at the library's cache
+        for f in ck.weight_files:
+            st = Path(f).stat()
+            row = conn.execute("SELECT size, mtime_ns FROM digests WHERE path=?", (str(Path(f).resolve()),)).fetchone()
+            if not row or row[0] != st.st_size or row[1] != st.st_mtime_ns:
+                return False
+        return True
+    except Exception:  # a broken cache is only a cache
+        return False
+
+
+def _store_digests(ck: Checkpoint, digests: dict | None) -> None:
+    from ..checkpoints import default_digest_cache
+
+    if not digests or ck.pickle:
+        return
+    try:
+        conn = default_digest_cache()._conn()  # noqa: SLF001 — same row format as DigestCache.tensor_digests
+        for f in ck.weight_files:
+            names = [m.name for m in ck.weights().meta.values() if m.file == f]
+            if all(n in digests for n in names):
+                st = Path(f).stat()
+                conn.execute("INSERT OR REPLACE INTO digests VALUES (?,?,?,?)", (str(Path(f).resolve()), st.st_size,
+                             st.st_mtime_ns, json.dumps({n: digests[n] for n in names})))
+    except Exception:
+        pass
 
 
 def _merge_item(it, method, params, base_t, ins, use_base, weights, dev, cdt) -> torch.Tensor:

@@ -6,7 +6,10 @@ schema)::
     fn(tensors: list[Tensor], base: Tensor | None, weights: list[float], **params) -> Tensor
 
 ``tensors`` are the donors (fp32, same shape), ``base`` is θ₀ (required by the
-task-vector methods), ``weights`` one float per donor. Parameter names and
+task-vector methods), ``weights`` one float per donor. Methods marked
+``mutates`` work in place in the donor tensors: fresh memory costs more than
+the arithmetic here (first-touch page faults are ~15× an fp32 add), so the
+streaming engine hands them buffers it owns; :func:`merge_tensors` copies first. Parameter names and
 defaults follow mergekit 0.1.5 (``density``, ``gamma``, ``lambda``,
 ``normalize``, ``t``, ``rescale``, ``filter_wise``); where we differ, the
 function says so and docs/merge.md lists it.
@@ -37,19 +40,20 @@ class Method:
     max_models: int | None = None
     uses_weights: bool = True
     doc: str = ""
+    mutates: bool = False  # overwrites the donor tensors it is given (the engine owns its buffers)
 
 
 REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, url: str, *, needs_base: bool, defaults: dict | None = None, min_models: int = 1,
-             max_models: int | None = None, uses_weights: bool = True, **bound):
+             max_models: int | None = None, uses_weights: bool = True, mutates: bool = False, **bound):
     """Register ``fn`` under ``name``; ``bound`` fixes family parameters (e.g. consensus for TIES)."""
 
     def deco(fn):
         f = (lambda tensors, base, weights, **kw: fn(tensors, base, weights, **bound, **kw)) if bound else fn
         REGISTRY[name] = Method(name, f, url, needs_base, dict(defaults or {}), min_models, max_models,
-                                uses_weights, (fn.__doc__ or "").strip().splitlines()[0])
+                                uses_weights, (fn.__doc__ or "").strip().splitlines()[0], mutates)
         return fn
 
     return deco
@@ -66,19 +70,20 @@ def get_method(name: str) -> Method:
 # Averages
 
 
-@register("linear", "https://arxiv.org/abs/2203.05482", needs_base=False, defaults={"normalize": True})
+@register("linear", "https://arxiv.org/abs/2203.05482", needs_base=False, defaults={"normalize": True},
+          mutates=True)
 def linear(tensors, base, weights, *, normalize=True):
     """Weighted average Σ wᵢθᵢ (/ Σ wᵢ when normalize); the base takes part only if passed as a donor."""
     total = sum(weights)
     scale = 1.0 / total if normalize and abs(total) > 1e-8 else 1.0  # mergekit's zero guard
-    out = tensors[0] * (weights[0] * scale)
+    out = tensors[0].mul_(weights[0] * scale)
     for t, w in zip(tensors[1:], weights[1:]):
-        out.add_(t, alpha=w * scale)  # in place: one output buffer, no stacked copy of the inputs
+        out.add_(t, alpha=w * scale)  # in place: no output allocation, no stacked copy of the inputs
     return out
 
 
 @register("task_arithmetic", "https://arxiv.org/abs/2212.04089", needs_base=True,
-          defaults={"lambda": 1.0, "normalize": False})
+          defaults={"lambda": 1.0, "normalize": False}, mutates=True)
 def task_arithmetic(tensors, base, weights, **params):
     """θ₀ + λ·Σ wᵢδᵢ (divided by Σ wᵢ when normalize)."""
     return _task_family(tensors, base, weights, sparsify=None, consensus=None, **params)
@@ -185,7 +190,7 @@ def _task_family(tensors, base, weights, *, sparsify, consensus, density=1.0, ga
     rescale = (sparsify == "random") if rescale is None else rescale
     wd = []
     for t, w, d in zip(tensors, weights, densities):
-        delta = t.sub(base)
+        delta = t.sub_(base)
         keep = (_magnitude_keep(delta, d) if sparsify == "magnitude" else
                 _outlier_keep(delta, d, gamma) if sparsify == "outliers" else
                 _bernoulli_keep(delta, d, gen) if sparsify == "random" else None)
@@ -205,23 +210,31 @@ def _task_family(tensors, base, weights, *, sparsify, consensus, density=1.0, ga
 
 
 def _combine(wd: list[torch.Tensor], weights, consensus):
-    """Σ wᵢδ̃ᵢ and its normaliser; with ``consensus='sum'``, only entries agreeing with the elected sign."""
+    """Σ wᵢδ̃ᵢ and its normaliser; with ``consensus='sum'``, only entries agreeing with the elected sign.
+
+    Works in place in the (owned) weighted deltas with three scratch buffers in all:
+    fresh allocations cost more than the arithmetic (see module docstring).
+    """
     if consensus is None:
         total = sum(weights)
-        mixed = wd[0].clone()
+        mixed = wd[0]
         for d in wd[1:]:
             mixed.add_(d)
         return mixed, (total if abs(total) > 1e-8 else 1.0)
-    elected = torch.zeros_like(wd[0])
-    for d in wd:
-        elected.add_(d)
-    elected = torch.where(elected >= 0, 1.0, -1.0)  # TIES: sign of the summed mass; 0 counts as +
-    mixed = torch.zeros_like(wd[0])
-    divisor = torch.zeros_like(wd[0])
+    sign = wd[0].clone()
+    for d in wd[1:]:
+        sign.add_(d)
+    sign.sign_()
+    sign[sign == 0] = 1  # TIES: the sign of the summed mass; a zero sum counts as +
+    divisor = torch.zeros_like(sign)
+    scratch = torch.empty_like(sign)
     for d, w in zip(wd, weights):
-        agree = d.sign() == elected
-        mixed.add_(d * agree)
+        agree = torch.mul(d, sign, out=scratch) > 0  # same sign as elected (zeros never agree)
+        d.mul_(agree)
         divisor.add_(agree, alpha=w)
+    mixed = wd[0]
+    for d in wd[1:]:
+        mixed.add_(d)
     divisor[divisor == 0] = 1
     return mixed, divisor
 
@@ -239,7 +252,8 @@ for _name, _url, _sp, _cons, _defaults in [
     ("breadcrumbs_ties", _CRUMBS, "outliers", "sum", {"density": 1.0, "gamma": 0.01, "normalize": False,
                                                       "lambda": 1.0}),
 ]:
-    register(_name, _url, needs_base=True, defaults=_defaults, sparsify=_sp, consensus=_cons)(_task_family)
+    register(_name, _url, needs_base=True, defaults=_defaults, mutates=True, sparsify=_sp,
+             consensus=_cons)(_task_family)
 
 
 # ----------------------------------------------------------------------------
@@ -327,7 +341,9 @@ def merge_tensors(method: str, tensors: list, base=None, weights: list[float] | 
     params = validate(m, len(tensors), base is not None, params)
     ref = base if base is not None else tensors[0]
     out_dtype = out_dtype or ref.dtype
-    ts = [t.to(compute_dtype) for t in tensors]  # every method allocates its output: inputs are never modified
+    ts = [t.to(compute_dtype) for t in tensors]
+    if m.mutates:  # never modify the caller's tensors
+        ts = [x.clone() if x is t else x for x, t in zip(ts, tensors)]
     b = base.to(compute_dtype) if base is not None else None
     return m.fn(ts, b, weights, **params).to(out_dtype)
 
