@@ -443,8 +443,10 @@ def _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, re
     dev, cdt = torch.device(plan.device), _dtype(plan.compute_dtype, torch.float32)
 
     def submit(pool, it: _Item):
-        metas = ([it.base] if it.base is not None else []) + [m for _, m in it.srcs]
-        return it.base is not None, [pool.submit(reader.read, m, owner[(m.file, m.name)]) for m in metas]
+        # the reference tensor is read only when the math or a copy/resize needs it (not for a plain linear)
+        need_base = it.base is not None and (use_base or it.action in ("copied", "vocab-resized") or not it.srcs)
+        metas = ([it.base] if need_base else []) + [m for _, m in it.srcs]
+        return need_base, [pool.submit(reader.read, m, owner[(m.file, m.name)]) for m in metas]
 
     try:
         with ThreadPoolExecutor(max(1, plan.threads)) as pool:
