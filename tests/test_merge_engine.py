@@ -274,3 +274,16 @@ def test_cli_user_errors_are_one_line(models, tmp_path):
     p = subprocess.run([sys.executable, "-m", "warmstart", "merge", str(models / "ft_a"), str(models / "ft_b"),
                         "--method", "ties", "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert p.returncode == 1 and "needs a base" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_nonfinite_inputs_refused(models, copy_of, tmp_path):
+    from warmstart.errors import CheckpointError
+
+    bad = copy_of(models / "ft_b")
+    sd = load_file(bad / "model.safetensors")
+    sd["model.norm.weight"][3] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="NaN"):
+        merge(MergePlan(models=[str(models / "ft_a"), str(bad)]), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    merge(MergePlan(models=[str(models / "ft_a"), str(bad)]), tmp_path / "o", allow_nonfinite=True)

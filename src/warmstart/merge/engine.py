@@ -439,14 +439,23 @@ def _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, re
     # Inputs whose digests the library's cache already holds are not hashed again; the others are
     # hashed from the bytes read here (and the cache filled), so fingerprints never cost a second read.
     digests = {id(c): ({} if not _digests_cached(c) else None) for c in donors + [ref]}
-    owner = {(m.file, m.name): digests[id(c)] for c in donors + [ref] for m in c.weights().meta.values()}
+    owner = {(m.file, m.name): c for c in donors + [ref] for m in c.weights().meta.values()}
     dev, cdt = torch.device(plan.device), _dtype(plan.compute_dtype, torch.float32)
+
+    def read(m: TensorMeta) -> torch.Tensor:
+        ck = owner[(m.file, m.name)]
+        t = reader.read(m, digests[id(ck)])
+        # pread bypasses WeightReader.get's NaN/Inf check. A finite sum proves every entry finite
+        # (one reduction, no mask allocation); only a non-finite sum pays for the exact check.
+        if not getattr(ck, "allow_nonfinite", False) and t.is_floating_point() and not torch.isfinite(t.sum()):
+            _check_finite(t, m.name, m.file)
+        return t
 
     def submit(pool, it: _Item):
         # the reference tensor is read only when the math or a copy/resize needs it (not for a plain linear)
         need_base = it.base is not None and (use_base or it.action in ("copied", "vocab-resized") or not it.srcs)
         metas = ([it.base] if need_base else []) + [m for _, m in it.srcs]
-        return need_base, [pool.submit(reader.read, m, owner[(m.file, m.name)]) for m in metas]
+        return need_base, [pool.submit(read, m) for m in metas]
 
     try:
         with ThreadPoolExecutor(max(1, plan.threads)) as pool:
