@@ -136,3 +136,10 @@ def test_plan_and_cli_route_adapters(models, tmp_path):
                                  "--out", str(tmp_path / "c"), "--json"])
     assert r.exit_code == 0, r.output
     assert max(json.loads(r.stdout)["lora_errors"].values()) < 1e-6
+
+
+def test_plan_base_must_match_adapters(models, tmp_path):
+    ins = [str(models / "lora_a"), str(models / "lora_b")]
+    with pytest.raises(IncompatibleError, match="trained on"):
+        merge(MergePlan(models=ins, base=str(models / "other_arch")), tmp_path / "x")
+    merge(MergePlan(models=ins, base=str(models / "base")), tmp_path / "ok")

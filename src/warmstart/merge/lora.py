@@ -273,12 +273,26 @@ def _write_adapter(out: Path, force, tensors, cfg, cks, weights, plan, result, t
         atomic_write_json(tmp / "warmstart.json", meta)
 
 
+def _check_plan_base(plan: MergePlan, cks: list[Checkpoint]) -> None:
+    """--base with adapters: it must be the base they were trained on (compared as resolved paths or ids)."""
+    def norm(ref):
+        p = Path(str(ref)).expanduser()
+        return str(p.resolve()) if p.exists() else str(ref)
+
+    theirs = {norm(c.lora.base_model) for c in cks if c.lora.base_model}
+    if theirs and norm(plan.base) not in theirs:
+        raise IncompatibleError(f"the adapters were trained on {sorted(theirs)}, not on --base {plan.base}",
+                                path=plan.source, hint="drop --base (adapters merge without it) or fix it")
+
+
 def merge_plan_adapters(plan: MergePlan, cks: list[Checkpoint], out: Path, *, force: bool = False,
                         progress=None) -> MergeResult:
     """The engine's entry for a plan whose inputs are all adapters."""
     if plan.include_base:
         raise ConfigError("include_base does not apply to adapters (an adapter merge keeps the base outside)",
                           path=plan.source)
+    if plan.base:
+        _check_plan_base(plan, cks)
     weights = resolve_weights(plan, cks, None)
     return merge_adapters(cks, weights, mode=plan.lora_mode, rank=plan.rank, method=plan.method, out=out,
                           force=force, progress=progress, plan=plan, dtype=plan.dtype, **plan.params)
