@@ -201,3 +201,16 @@ def test_bad_csv_row_and_missing_file(tmp_path):
     _raises(tmp_path / "nope.jsonl", "no such file")
     (tmp_path / "x.txt").write_text("hi")
     _raises(tmp_path / "x.txt", "unsupported file type")
+
+
+def test_chat_template_that_rewrites_history_is_refused(tmp_path, tok):
+    import copy
+
+    t = copy.deepcopy(tok)
+    # drops every earlier assistant turn once another message follows (like some reasoning templates)
+    t.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+                       "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    d = load_target(write_jsonl(tmp_path / "chat.jsonl", CHAT))
+    with pytest.raises(DataError, match="prefix by prefix"):
+        tokenize(d, t)

@@ -382,6 +382,10 @@ def encode_messages(tokenizer, messages: list[dict], *, max_length: int = 512) -
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (before.startswith(done) and upto.startswith(before)):
+            # e.g. templates that rewrite earlier turns once a later one exists
+            raise DataError("the chat template does not render conversations prefix by prefix; cannot "
+                            "locate the assistant turns", hint="use prompt/completion rows instead")
         for text, train in ((before[len(done):], False), (upto[len(before):], True)):
             t = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
             ids += t
