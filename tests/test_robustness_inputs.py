@@ -28,6 +28,7 @@ MERGE = [
     ("mixed-arch", lambda z: [z.ft_a, z.other_arch], ["other_arch", "shape"]),
     ("lora-and-full", lambda z: [z.ft_a, z.lora_a], ["cannot mix lora"]),
     ("lora-other-base", lambda z: [z.lora_a, z.lora_other_base], ["base"]),
+    ("lora-factors-unequal-rank", lambda z: [z.lora_a, z.lora_b, "--lora-mode", "factors"], ["equal ranks"]),
     ("lora-unknown-peft", lambda z: [z.lora_a, z.lora_ia3], ["lora_ia3/adapter_config.json", "IA3"]),
     ("nan-full", lambda z: [z.nan, z.ft_b], ["nan/model.safetensors", "nan/inf", "up_proj"]),
     ("nan-lora", lambda z: [z.lora_nan, z.lora_b], ["lora_nan/adapter_model.safetensors", "nan/inf"]),
@@ -87,6 +88,18 @@ def test_merge_missing_plan_and_selection(cli, tmp_path):
     assert_user_error(cli("merge", "--config", tmp_path / "nope.yaml", "--out", out), "nope.yaml", "not found",
                       out=out)
     assert_user_error(cli("merge", "--selection", tmp_path / "nope.yaml", "--out", out), "nope.yaml", out=out)
+
+
+def test_merge_adapters_with_different_targets_says_how(cli, z, tmp_path):
+    """Not an error: a module an adapter lacks counts as ΔW = 0, and the merge says so."""
+    import json
+
+    out = tmp_path / "merged"
+    r = cli("merge", z.lora_a, z.lora_kv, "--out", out)
+    assert r.code == 0, r.err
+    assert "target different modules" in " ".join(r.err.split())
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
 
 
 def test_merge_nonfinite_allowed_with_flag(cli, z, tmp_path):
@@ -264,16 +277,23 @@ FINETUNE = [
     ("bad-lora-targets", lambda z, t: ["--init", z.base, "--train", z.train, "--eval", z.eval,
                                        "--lora-targets", "nonexistent_proj"], ["nonexistent_proj"]),
     ("bad-config-key", None, ["train.yaml", "stpes"]),
+    ("out-inside-init", "inside", ["overlaps an input"]),
 ]
 
 
 @pytest.mark.parametrize("argv,needles", [pytest.param(a, n, id=i) for i, a, n in FINETUNE])
 def test_finetune_bad_input(cli, z, tmp_path, argv, needles):
+    out = tmp_path / "ft"
     if argv is None:
         (tmp_path / "train.yaml").write_text("stpes: 3\n")
         argv = lambda z, t: ["--init", z.base, "--train", z.train, "--eval", z.eval,  # noqa: E731
                              "--config", t / "train.yaml"]
-    out = tmp_path / "ft"
+    elif argv == "inside":
+        import shutil
+
+        shutil.copytree(z.base, tmp_path / "base")
+        out = tmp_path / "base" / "ft"
+        argv = lambda z, t: ["--init", t / "base", "--train", z.train, "--eval", z.eval]  # noqa: E731
     r = cli("finetune", *argv(z, tmp_path), "--steps", 2, "--batch-size", 2, "--max-length", 32, "--out", out)
     assert_user_error(r, *needles, out=out)
 
@@ -316,6 +336,8 @@ OPTIMIZE = [
     ("nan-model", lambda z, t: [z.nan, z.ft_b, "--base", z.base, "--target", z.train], ["nan", "nan/inf"]),
     ("empty-target", lambda z, t: [z.ft_a, z.ft_b, "--base", z.base, "--target", z.empty], ["empty.jsonl"]),
     ("budget", lambda z, t: [z.ft_a, z.ft_b, "--base", z.base, "--target", z.train, "--budget", 1], ["budget"]),
+    ("malformed-target", lambda z, t: [z.ft_a, z.ft_b, "--base", z.base, "--target", z.malformed],
+     ["malformed.jsonl", "line 2"]),
 ]
 
 
