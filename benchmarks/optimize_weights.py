@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/optbench"))
     ap.add_argument("--donors", default="country_fr,country_es,rhyme,add")
     ap.add_argument("--target", default="country_de")
+    ap.add_argument("--donor-dirs", default=None,
+                    help="Comma-separated existing LoRA adapters on the model (e.g. `warmstart demo` source runs) "
+                         "instead of training donors here.")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--budget", type=int, default=24)
     ap.add_argument("--sample", type=int, default=24)
@@ -80,7 +83,13 @@ def main() -> None:
     torch.set_num_threads(2)
     base = prepare_model()
     t0 = time.time()
-    donors = [_train_donor(base, t, args.work, args.steps) for t in args.donors.split(",")]
+    if args.donor_dirs:
+        donors = [(Path(d), _final_train_loss(json.loads((Path(d) / "warmstart.json").read_text()),
+                                              json.loads((Path(d) / "curve.json").read_text())))
+                  for d in args.donor_dirs.split(",")]
+        args.donors = ",".join(Path(d).name for d, _ in donors)
+    else:
+        donors = [_train_donor(base, t, args.work, args.steps) for t in args.donors.split(",")]
     t_train = time.time() - t0
     splits = generate(args.target)
     val = _write_jsonl(splits["validation"], args.work / "data" / args.target / "validation.jsonl")

@@ -27,9 +27,10 @@ import sys, torch
 from transformers import AutoModelForCausalLM
 old, ft, new, out = sys.argv[1:5]
 m = {k: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for k, p in (("o", old), ("f", ft), ("n", new))}
-so, sf = m["o"].state_dict(), m["f"].state_dict()
+# named_parameters() lists a tied embedding once; a loop over state_dict() would add its diff twice
+so, sf = dict(m["o"].named_parameters()), dict(m["f"].named_parameters())
 with torch.no_grad():
-    for k, v in m["n"].state_dict().items():
+    for k, v in m["n"].named_parameters():
         v.add_(sf[k] - so[k])
 m["n"].save_pretrained(out)
 """

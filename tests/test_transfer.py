@@ -246,3 +246,20 @@ def test_tensor_only_in_finetune_is_dropped_and_named(zoo, tmp_path):
     assert extra.action == "dropped" and "only in the fine-tune" in extra.reason
     assert "value_head.weight" not in _sd(tmp_path / "out")
     assert any("dropped" in w for w in rep.warnings)
+
+
+def test_nonfinite_input_is_refused_and_nothing_written(zoo, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from warmstart.errors import CheckpointError
+
+    ft = tmp_path / "ft_nan"
+    shutil.copytree(zoo / "ft", ft)
+    sd = load_file(ft / "model.safetensors")
+    sd["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(sd, str(ft / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="up_proj"):
+        transfer(zoo / "old", ft, zoo / "new", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))

@@ -38,7 +38,7 @@ from typing import Any
 
 from ._io import atomic_dir, atomic_write_json, check_output
 from .checkpoints import Checkpoint, open_checkpoint
-from .errors import ConfigError, IncompatibleError
+from .errors import CheckpointError, ConfigError, IncompatibleError
 
 # A relative drift ||base_new − base_old|| / ||base_old|| above this, or a cosine
 # between the two bases below FAR_COSINE, means the bases are probably not
@@ -118,6 +118,7 @@ class _Finetuned:
         self.ck = ck
         self.reader = ck.weights()
         self.lora_modules: dict[str, dict[str, str]] = {}
+        self.read = None  # set by the pass to its pread-based reader
         if ck.kind == "lora":
             self._index_lora()
 
@@ -141,6 +142,9 @@ class _Finetuned:
         for name, parts in self.lora_modules.items():
             if "full" not in parts and len(parts) != 2:
                 raise IncompatibleError(f"adapter has only {sorted(parts)} for {name!r}", path=self.ck.path)
+
+    def _get(self, key: str, dtype):
+        return self.read(key, dtype) if self.read is not None else self.reader.get(key, dtype)
 
     @property
     def is_lora(self) -> bool:
@@ -171,23 +175,23 @@ class _Finetuned:
         module = name[: -len(".weight")] if name.endswith(".weight") else name
         s = self.ck.lora.scaling(module)
         if "lora_A" in parts:
-            d = self.reader.get(parts["lora_B"], dtype) @ self.reader.get(parts["lora_A"], dtype)
+            d = self._get(parts["lora_B"], dtype) @ self._get(parts["lora_A"], dtype)
             if self.ck.config.get("fan_in_fan_out"):
                 d = d.T
             return d * s
         # Embedding: PEFT computes transpose(B @ A) (peft.tuners.lora.layer.Embedding.get_delta_weight).
-        d = self.reader.get(parts["lora_embedding_B"], dtype) @ self.reader.get(parts["lora_embedding_A"], dtype)
+        d = self._get(parts["lora_embedding_B"], dtype) @ self._get(parts["lora_embedding_A"], dtype)
         return d.T * s
 
     def full(self, name: str, old: Any, dtype) -> Any:
         """The fine-tuned tensor (for an adapter: old + ΔW, or its modules_to_save copy)."""
         if not self.is_lora:
-            return self.reader.get(name, dtype)
+            return self._get(name, dtype)
         parts = self.lora_modules.get(name)
         if parts is None:
             return old
         if "full" in parts:
-            return self.reader.get(parts["full"], dtype)
+            return self._get(parts["full"], dtype)
         return old + self.delta(name, dtype)
 
 
@@ -250,53 +254,23 @@ def _parse_size(s: str | int) -> int:
     return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
 
 
-class _ShardWriter:
-    """Writes tensors into shards of at most ``max_bytes``; names them like transformers at the end.
+def _open_writers(dirs: list[Path], report: TransferReport, new: Checkpoint, out_dtype, max_bytes: int) -> list:
+    """One streamed shard writer per output: headers fixed up front from the plan, bytes appended in order.
 
-    Hand-written rather than ``save_pretrained`` because the whole state dict is
-    never in memory: shards are flushed as they fill.
+    The merge engine's writer (and reader, below) are reused rather than duplicated: with
+    ``save_file`` a whole shard would sit in memory, and with ``safe_open``'s memory maps
+    every page read stays resident — three models' worth for a transfer.
     """
+    from .merge.engine import ST_DTYPES, _shard_layout, _ShardWriter
 
-    def __init__(self, out: Path, max_bytes: int):
-        self.out, self.max_bytes = out, max_bytes
-        self.buf: dict[str, Any] = {}
-        self.size = 0
-        self.shards: list[tuple[Path, list[str]]] = []
-        self.total = 0
-
-    def add(self, name: str, t) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.buf and self.size + nbytes > self.max_bytes:
-            self._flush()
-        self.buf[name] = t.contiguous()
-        self.size += nbytes
-        self.total += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        f = self.out / f"shard-{len(self.shards):05d}.partial"
-        save_file(self.buf, str(f), metadata={"format": "pt"})
-        self.shards.append((f, list(self.buf)))
-        self.buf, self.size = {}, 0
-
-    def finish(self) -> list[Path]:
-        if self.buf or not self.shards:
-            self._flush()
-        n = len(self.shards)
-        if n == 1:
-            final = self.out / "model.safetensors"
-            self.shards[0][0].rename(final)
-            return [final]
-        weight_map, files = {}, []
-        for i, (f, names) in enumerate(self.shards):
-            final = self.out / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            f.rename(final)
-            files.append(final)
-            weight_map.update({k: final.name for k in names})
-        atomic_write_json(self.out / "model.safetensors.index.json",
-                          {"metadata": {"total_size": self.total}, "weight_map": weight_map})
-        return files
+    mn = new.weights().meta
+    entries = []
+    for t in report.tensors:
+        if t.action != "dropped":
+            dt = ST_DTYPES.get(mn[t.name].dtype, out_dtype)
+            entries.append((t.name, out_dtype if out_dtype is not None and dt.is_floating_point else dt,
+                            tuple(mn[t.name].shape)))
+    return [_ShardWriter(d, _shard_layout(entries, max_bytes)) for d in dirs]
 
 
 # ----------------------------------------------------------------------------
@@ -500,11 +474,14 @@ def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, 
             dirs = [tmp] if len(alphas) == 1 else [tmp / alpha_dirname(a) for a in alphas]
             for d in dirs:
                 d.mkdir(exist_ok=True)
-            writers = [_ShardWriter(d, _parse_size(max_shard_size)) for d in dirs]
-            _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tensor)
+            writers = _open_writers(dirs, report, new, out_dtype, _parse_size(max_shard_size))
+            try:
+                _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tensor)
+            finally:
+                for w in writers:
+                    w.close()
             _finish_report(report, stats, old, fin.ck)
-            for w, d, a in zip(writers, dirs, alphas):
-                w.finish()
+            for d, a in zip(dirs, alphas):
                 _write_side_files(d, cfg, old, fin.ck, new, config_from, a, report, opts)
             if len(alphas) > 1:
                 atomic_write_json(tmp / "transfer_report.json", report.to_dict())
@@ -532,7 +509,18 @@ class _Vocabs:
         self._v = None
         self._maps: dict[tuple[int, int, int], _VocabMap] = {}
 
+    def _same_files(self) -> bool:
+        # Byte-identical tokenizer files mean identical vocabularies: skip loading three tokenizers.
+        def blob(p: Path) -> bytes | None:
+            fs = [p / f for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "added_tokens.json") if (p / f).exists()]
+            return b"".join(f.read_bytes() for f in fs) if fs else None
+
+        old, ft, new = (blob(p) for p in self.paths)
+        return old is not None and old == new and ft in (None, old)
+
     def map(self, n_new: int, n_old: int, n_ft: int) -> _VocabMap:
+        if n_new == n_old == n_ft and self._v is None and self._same_files():
+            return _VocabMap(list(range(n_new)), list(range(n_new)), True)
         if self._v is None:
             self._v = tuple(_vocab(p) for p in self.paths)
         key = (n_new, n_old, n_ft)
@@ -543,28 +531,43 @@ class _Vocabs:
 
 
 def _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tensor) -> None:
-    cdt = opts["cdt"]
-    ro, rn = old.weights(), new.weights()
-    for t in report.tensors:
-        if on_tensor:
-            on_tensor(t.name)
-        if t.action == "dropped":
-            continue
-        n = rn.get(t.name, cdt if t.action != "keep-new" else None)
-        if t.action == "keep-new":
-            outs = [n] * len(alphas)
-        elif t.action == "transfer":
-            o = ro.get(t.name, cdt)
-            d = fin.delta(t.name, cdt) if fin.is_lora and "full" not in fin.lora_modules[t.name] else \
-                fin.full(t.name, o, cdt) - o
-            _set_stats(t, stats.add(t.name, o, n, d))
-            outs = [n + a * d for a in alphas]
-        else:
-            outs = _transfer_vocab(t, ro.get(t.name, cdt), fin, n, vocabs, stats, alphas, opts)
-        if writers:
-            target = rn.meta[t.name].dtype
-            for w, x in zip(writers, outs):
-                w.add(t.name, _cast(x, opts["out_dtype"], target))
+    from .merge.engine import _Reader
+
+    cdt, reader = opts["cdt"], _Reader()
+
+    def get(ck: Checkpoint, name: str, dtype=None):
+        if ck.pickle:
+            return ck.weights().get(name, dtype)
+        t = reader.read(ck.weights().meta[name])
+        return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+    fin.read = lambda key, dtype: get(fin.ck, key, dtype)
+    try:
+        for t in report.tensors:
+            if on_tensor:
+                on_tensor(t.name)
+            if t.action == "dropped":
+                continue
+            n = get(new, t.name, cdt if t.action != "keep-new" else None)
+            if t.action == "keep-new":
+                outs = [n] * len(alphas)
+            elif t.action == "transfer":
+                o = get(old, t.name, cdt)
+                d = fin.delta(t.name, cdt) if fin.is_lora and "full" not in fin.lora_modules[t.name] else \
+                    fin.full(t.name, o, cdt) - o
+                _set_stats(t, stats.add(t.name, o, n, d))
+                outs = [n + a * d for a in alphas]
+            else:
+                outs = _transfer_vocab(t, get(old, t.name, cdt), fin, n, vocabs, stats, alphas, opts)
+            # One finiteness check on the result covers all three inputs (NaN/Inf propagate).
+            if outs[0].is_floating_point() and not bool(outs[0].isfinite().all()):
+                raise CheckpointError(f"tensor {t.name!r} of the result has NaN/Inf values: one of the inputs does",
+                                      hint="check the three models with `warmstart library add`")
+            for w, x in zip(writers or (), outs):
+                w.put(_cast(x, opts["out_dtype"], new.weights().meta[t.name].dtype))
+    finally:
+        fin.read = None
+        reader.close()
 
 
 def _set_stats(t: TensorReport, r: dict) -> None:
