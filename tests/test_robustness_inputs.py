@@ -102,6 +102,19 @@ def test_merge_adapters_with_different_targets_says_how(cli, z, tmp_path):
     assert sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
 
 
+def test_merge_adapters_whose_base_was_copied(cli, z, tmp_path):
+    """Adapters record their base as a path; the same weights elsewhere (a copied or converted base, a hub
+    id vs a local dir) are the same base. `select` accepts them, so `merge --base` (and `run`) must too."""
+    import shutil
+
+    base = tmp_path / "base_copy"
+    shutil.copytree(z.base, base)
+    r = cli("merge", z.lora_a, z.lora_b, "--base", base, "--out", tmp_path / "ok")
+    assert r.code == 0, r.err
+    out = tmp_path / "bad"
+    assert_user_error(cli("merge", z.lora_a, z.lora_b, "--base", z.base2, "--out", out), "trained on", out=out)
+
+
 def test_merge_nonfinite_allowed_with_flag(cli, z, tmp_path):
     """The NaN check is what refuses the merge above, and the flag turns exactly that check off."""
     out = tmp_path / "merged"

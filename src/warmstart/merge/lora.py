@@ -274,13 +274,20 @@ def _write_adapter(out: Path, force, tensors, cfg, cks, weights, plan, result, t
 
 
 def _check_plan_base(plan: MergePlan, cks: list[Checkpoint]) -> None:
-    """--base with adapters: it must be the base they were trained on (compared as resolved paths or ids)."""
+    """--base with adapters: it must be the base they were trained on (compared as resolved paths or ids).
+
+    A recorded path that differs is refused only when it exists here with other weights: the same base
+    under another path (copied, converted, a hub id vs a local dir) passes, as it does in `select`."""
     def norm(ref):
         p = Path(str(ref)).expanduser()
         return str(p.resolve()) if p.exists() else str(ref)
 
     theirs = {norm(c.lora.base_model) for c in cks if c.lora.base_model}
-    if theirs and norm(plan.base) not in theirs:
+    if not theirs or norm(plan.base) in theirs:
+        return
+    local = [r for r in theirs if Path(r).is_dir()]
+    mine = open_checkpoint(plan.base).fingerprint() if local else None
+    if any(open_checkpoint(r).fingerprint() != mine for r in local):
         raise IncompatibleError(f"the adapters were trained on {sorted(theirs)}, not on --base {plan.base}",
                                 path=plan.source, hint="drop --base (adapters merge without it) or fix it")
 
