@@ -257,8 +257,6 @@ def test_select_bad_input(cli, z, tmp_path, argv, needles):
     assert_user_error(r, *needles, out=out)
 
 
-@pytest.mark.xfail(strict=True, reason="select.load_base accepts any torch attribute as --dtype (int4 passes "
-                   "getattr(torch, ...)); transformers then raises ValueError with a traceback")
 def test_select_non_float_dtype(cli, z, tmp_path):
     out = tmp_path / "sel.yaml"
     r = cli("select", "--target", z.train, "--base", z.base, "--dtype", "int4", "--n", 4,

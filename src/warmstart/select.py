@@ -280,10 +280,9 @@ def load_base(base: str | Path, *, dtype: str = "float32", device: str | None = 
     path = open_checkpoint(base).path
     if device is None:  # one GPU per process under accelerate/torchrun
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    try:
-        td = getattr(torch, dtype)
-    except AttributeError:
-        raise ConfigError(f"unknown dtype {dtype!r}", hint="float32, bfloat16 or float16") from None
+    td = getattr(torch, str(dtype), None)
+    if not isinstance(td, torch.dtype) or not td.is_floating_point:  # torch.int4 exists but cannot hold a model
+        raise ConfigError(f"unknown dtype {dtype!r}", hint="float32, bfloat16 or float16")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=td).to(device)
     tok = AutoTokenizer.from_pretrained(path)
     model.eval()
