@@ -560,14 +560,27 @@ def _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tens
             else:
                 outs = _transfer_vocab(t, get(old, t.name, cdt), fin, n, vocabs, stats, alphas, opts)
             # One finiteness check on the result covers all three inputs (NaN/Inf propagate).
-            if outs[0].is_floating_point() and not bool(outs[0].isfinite().all()):
-                raise CheckpointError(f"tensor {t.name!r} of the result has NaN/Inf values: one of the inputs does",
-                                      hint="check the three models with `warmstart library add`")
+            if outs[0].is_floating_point() and not new.allow_nonfinite and not bool(outs[0].isfinite().all()):
+                _raise_nonfinite(t.name, old, fin, new, get)
             for w, x in zip(writers or (), outs):
                 w.put(_cast(x, opts["out_dtype"], new.weights().meta[t.name].dtype))
     finally:
         fin.read = None
         reader.close()
+
+
+def _raise_nonfinite(name: str, old: Checkpoint, fin: _Finetuned, new: Checkpoint, get) -> None:
+    """The result is not finite: re-read this tensor's inputs to name the file that holds the NaN/Inf
+    (only on this failure path; the per-output check above is the fast path)."""
+    from .checkpoints import _check_finite
+
+    keys = [(ck, name) for ck in (old, new) if name in ck.weights().meta]
+    keys += [(fin.ck, k) for k in fin.lora_modules.get(name, {}).values()] if fin.is_lora else \
+        [(fin.ck, name)] if name in fin.ck.weights().meta else []
+    for ck, k in keys:
+        _check_finite(get(ck, k), k, ck.weights().meta[k].file)
+    raise CheckpointError(f"tensor {name!r} of the result has NaN/Inf values: one of the inputs does",
+                          hint="check the three models with `warmstart library add`, or pass --allow-nonfinite")
 
 
 def _set_stats(t: TensorReport, r: dict) -> None:
