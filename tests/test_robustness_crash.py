@@ -182,7 +182,7 @@ def test_transfer_killed_mid_write_then_rerun_matches(cli, models, tmp_path):
     ref = tmp_path / "ref"
     assert cli(*argv, "--out", ref).code == 0
     out = tmp_path / "moved"
-    assert kill_at(tmp_path, "warmstart.transfer:_ShardWriter.add#30", *argv, "--out", out) is None
+    assert kill_at(tmp_path, "warmstart.merge.engine:_ShardWriter.put#30", *argv, "--out", out) is None
     assert not out.exists() and leftovers(tmp_path)
     r = cli(*argv, "--out", out)
     assert r.code == 0, r.err
