@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _robustness import assert_nothing_written, assert_user_error, write_mc
+from _robustness import assert_user_error, write_mc
 from safetensors.torch import load_file, save_file
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "warmstart"
