@@ -5,6 +5,7 @@
 #
 #   nohup nice -n 10 bash benchmarks/recycle_bench.sh > bench-out/bench.log 2>&1 &
 set -euo pipefail
+# On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids OpenMP spin-waiting (more work per CPU-second).
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-bench-out/full}
 exec warmstart bench run --out "$OUT" --steps 40 --eval-every 10 --test-limit 100 --select-n 64 \

@@ -35,6 +35,8 @@ from .._io import atomic_write_json, atomic_write_text, read_json
 from ..errors import ConfigError
 
 METRIC = "eval_mc_accuracy"
+# rank classification by summed log-likelihood (lm-eval "acc") or per byte of option text ("acc_norm")
+METRICS = {"sum": "eval_mc_accuracy", "norm": "eval_mc_accuracy_norm"}
 
 # Ablations are named variants: (select options, merge options) on top of the main recipe.
 # main = the paper's setting with warmstart's defaults: top-2 by target loss, uniform weights,
@@ -69,6 +71,7 @@ class BenchConfig:
     task_seed: int = 0
     eval_batch_size: int = 32
     library_eval_limit: int | None = None  # source runs of non-target tasks may evaluate on fewer rows
+    metric: str = METRIC  # what the tables compare (both are logged; changing it needs no re-run)
 
     # fields that change results; a resumed run must keep them
     RECIPE = ("steps", "eval_every", "lr", "batch_size", "lora_r", "lora_alpha", "test_limit", "select_n",
@@ -82,6 +85,8 @@ class BenchConfig:
         errs = [f"unknown task {t!r}" for t in {*tasks, *targets} if t not in TASKS]
         errs += [f"target {t!r} is not in the task pool" for t in targets if t in TASKS and t not in tasks]
         errs += [f"unknown variant {v!r} (known: {', '.join(VARIANTS)})" for v in self.variants if v not in VARIANTS]
+        if self.metric not in METRICS.values():
+            errs.append(f"metric must be one of {', '.join(METRICS.values())}, got {self.metric!r}")
         if len(tasks) < 2:
             errs.append("leave-one-out needs at least two tasks")
         if self.steps % self.eval_every:
@@ -267,7 +272,7 @@ def _truncate(curve, budget: int):
                                    "train_time_s": max((p.get("time_s") or 0 for p in pts), default=0)})
 
 
-def compare(warm_dir: Path, scratch_dir: Path, budget: int) -> dict:
+def compare(warm_dir: Path, scratch_dir: Path, budget: int, metric: str = METRIC) -> dict:
     """Warm vs. scratch at one budget: accuracies, zero-shots, parity in steps and wall clock."""
     from ..pipeline import RunDir
     from ..report import Curve, compute_parity
@@ -276,11 +281,11 @@ def compare(warm_dir: Path, scratch_dir: Path, budget: int) -> dict:
     warm = _truncate(Curve.from_file(rd.stage("warm")), budget)
     scratch = _truncate(Curve.from_file(scratch_dir), budget)
     overhead = {k: m["wall_s"] for k in ("select", "merge") if (m := rd.marker(k))}
-    par = compute_parity(warm, scratch, METRIC, overhead)
+    par = compute_parity(warm, scratch, metric, overhead)
     donors = (rd.marker("select") or {}).get("outputs", {}).get("donors") or []
-    return {"budget": budget, "base_zero_shot": scratch.points[0].get(METRIC), "scratch": scratch.final(METRIC),
-            "merged_zero_shot": warm.points[0].get(METRIC), "warm": warm.final(METRIC),
-            "delta": warm.final(METRIC) - scratch.final(METRIC), "parity_status": par.status,
+    return {"budget": budget, "base_zero_shot": scratch.points[0].get(metric), "scratch": scratch.final(metric),
+            "merged_zero_shot": warm.points[0].get(metric), "warm": warm.final(metric),
+            "delta": warm.final(metric) - scratch.final(metric), "parity_status": par.status,
             "parity_steps_pct": par.percent_steps, "parity_wall_pct": par.percent_wall,
             "overhead_s": sum(overhead.values()), "donors": [_donor_task(d) for d in donors]}
 
@@ -301,7 +306,8 @@ def collect(cfg: BenchConfig, bd: BenchDir) -> list[dict]:
                 if not (RunDir(wd).done("warm") and _finished(sd)):
                     continue
                 for b in cfg.budgets:
-                    rows.append({"target": target, "variant": variant, "seed": seed, **compare(wd, sd, b)})
+                    rows.append({"target": target, "variant": variant, "seed": seed,
+                                 **compare(wd, sd, b, cfg.metric)})
     return rows
 
 
@@ -338,5 +344,5 @@ def write_results(cfg: BenchConfig, bd: BenchDir) -> dict:
     return res
 
 
-__all__ = ["BenchConfig", "BenchDir", "METRIC", "VARIANTS", "collect", "compare", "run_bench", "summarize",
+__all__ = ["BenchConfig", "BenchDir", "METRIC", "METRICS", "VARIANTS", "collect", "compare", "run_bench", "summarize",
            "write_results"]

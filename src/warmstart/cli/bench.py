@@ -100,14 +100,16 @@ def run_cmd(
     test_limit: int = typer.Option(100, "--test-limit", help="Test questions per target (first N; 0 = all)."),
     select_n: int = typer.Option(64, "--select-n", help="Target train rows used to score donors."),
     base: Path = typer.Option(None, "--base", help="Base model dir (default: the converted SmolLM2)."),
+    metric: str = typer.Option("sum", "--metric", help="Table metric: sum (lm-eval acc) or norm (acc_norm)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Leave-one-out recycle-bench: warm start from merged donors vs. scratch, per target and budget."""
-    from ..bench.protocol import BenchConfig, run_bench
+    from ..bench.protocol import METRICS, BenchConfig, run_bench
 
-    cfg = BenchConfig(tasks=task or None, targets=target or None, seeds=seed or [0], variants=variant or ["main"],
+    cfg = BenchConfig(metric=METRICS.get(metric, metric), tasks=task or None, targets=target or None, seeds=seed or [0], variants=variant or ["main"],
                       steps=steps, eval_every=eval_every, lr=lr, batch_size=batch_size, lora_r=lora_r,
                       lora_alpha=2.0 * lora_r, test_limit=test_limit or None, select_n=select_n)
+    _quiet()
     res = run_bench(out, cfg, base=base, log=_stamp())
     if json_out:
         print_json(res["summary"])
@@ -119,19 +121,37 @@ def run_cmd(
 Examples:
 
   warmstart bench results --out bench-out
+
+  warmstart bench results --out bench-out --metric norm
 """)
 def results_cmd(out: Path = typer.Option(Path("bench-out"), "--out", "-o", help="Bench directory."),
+                metric: str = typer.Option(None, "--metric", help="sum or norm (default: the run's)."),
                 json_out: bool = JsonOpt) -> None:
     """Re-read a bench directory (also while it runs) and rewrite results.md / results.json."""
     from .._io import read_json
-    from ..bench.protocol import BenchConfig, BenchDir, write_results
+    from ..bench.protocol import METRICS, BenchConfig, BenchDir, write_results
 
     cfg = BenchConfig(**read_json(out / "bench.json", "bench file")["config"])
+    if metric:
+        cfg.metric = METRICS.get(metric, metric)
+    cfg = cfg.resolved()
     res = write_results(cfg, BenchDir(out))
     if json_out:
         print_json(res["summary"])
     else:
         print((out / "results.md").read_text())
+
+
+def _quiet() -> None:
+    """Keep the terminal to our progress lines: no per-load progress bars or library deprecation noise."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _stamp():
@@ -170,6 +190,7 @@ def demo_cmd(
 
     if force and out.exists():
         shutil.rmtree(out)
+    _quiet()
     row = run_demo(out, steps=steps, seed=seed, log=_stamp())
     if json_out:
         print_json(row)
