@@ -378,3 +378,30 @@ def test_library_and_bench_bad_input(cli, z, tmp_path, monkeypatch, argv, needle
     monkeypatch.chdir(tmp_path)
     r = cli(*argv(z, tmp_path))
     assert_user_error(r, *needles)
+
+
+@pytest.mark.parametrize("damage", ["newer-schema", "locked"])
+@pytest.mark.parametrize("command", ["library-list", "library-add", "select"])
+def test_damaged_or_busy_library(cli, z, tmp_path, monkeypatch, damage, command):
+    import sqlite3
+
+    from warmstart.library import Library
+
+    lib = tmp_path / "lib.db"
+    Library(lib).close()
+    holder = sqlite3.connect(lib, isolation_level=None)
+    if damage == "newer-schema":
+        holder.execute("INSERT INTO schema_migrations VALUES (99, 'm099_future', 0)")
+    else:
+        monkeypatch.setenv("WARMSTART_DB_TIMEOUT", "0.3")
+        holder.execute("BEGIN EXCLUSIVE")  # another process mid-write
+    argv = {"library-list": ["library", "list"], "library-add": ["library", "add", z.lora_a],
+            "select": ["select", "--target", z.train, "--base", z.base, "--n", 4, "--out", tmp_path / "sel.yaml"]}
+    try:
+        r = cli(*argv[command], "--library", lib)
+    finally:
+        if damage == "locked":
+            holder.execute("ROLLBACK")
+        holder.close()
+    assert_user_error(r, "lib.db", "upgrade warmstart" if damage == "newer-schema" else "locked",
+                      out=tmp_path / "sel.yaml")
