@@ -287,3 +287,35 @@ def test_nonfinite_inputs_refused(models, copy_of, tmp_path):
         merge(MergePlan(models=[str(models / "ft_a"), str(bad)]), tmp_path / "o")
     assert not (tmp_path / "o").exists()
     merge(MergePlan(models=[str(models / "ft_a"), str(bad)]), tmp_path / "o", allow_nonfinite=True)
+
+
+def test_mwa_metrics_from_library(full_run, models, copy_of, tmp_path):
+    from warmstart.library import Library
+
+    cks = [copy_of(c, f"ck{i}") for i, c in enumerate(sorted(full_run.glob("checkpoint-*")))]
+    db = tmp_path / "lib.db"
+    with Library(db) as lib:
+        for c in cks:
+            lib.add(c)  # registered with its trainer_state metrics
+    for c in cks:
+        (c / "trainer_state.json").unlink()  # now only the library knows them
+    plan = MergePlan(models=[str(c) for c in cks], weighting="mwa:steps", penalty=1.0, library=str(db))
+    assert merge(plan, tmp_path / "out").weights == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    with pytest.raises(ConfigError, match="missing"):
+        merge(MergePlan(models=[str(c) for c in cks], weighting="mwa:steps", library=str(tmp_path / "none.db")),
+              tmp_path / "o2")
+
+
+def test_cli_flags_override_config(models, tmp_path):
+    from typer.testing import CliRunner
+
+    from warmstart.cli import app
+
+    f = tmp_path / "plan.yaml"
+    f.write_text(MergePlan(models=[str(models / "ft_a"), str(models / "ft_b")], method="ties",
+                           base=str(models / "base"), params={"density": 0.2}).to_yaml())
+    r = CliRunner().invoke(app, ["merge", "--config", str(f), "--density", "0.7", "--out", str(tmp_path / "o"),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "o" / "warmstart.json").read_text())
+    assert meta["plan"]["params"]["density"] == 0.7 and meta["plan"]["method"] == "ties"

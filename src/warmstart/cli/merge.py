@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._common import ForceOpt, JsonOpt, err, print_json
+from ._common import ForceOpt, JsonOpt, LibraryOpt, err, print_json
 
 EPILOG = """
 Examples:
@@ -85,6 +85,7 @@ def merge_cmd(
     threads: int = typer.Option(None, "--threads", help="I/O threads."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Merge inputs that hold NaN/Inf values (refused by default)."),
+    library: Path = LibraryOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -95,7 +96,8 @@ def merge_cmd(
     scheme, given = _weights(weights)
     flags = {"method": method, "base": base, "penalty": penalty, "dtype": dtype, "shard_size": shard_size,
              "lora_mode": lora_mode, "rank": rank, "include_base": include_base, "base_weight": base_weight,
-             "missing": missing, "vocab": vocab, "device": device, "threads": threads, "weighting": scheme}
+             "missing": missing, "vocab": vocab, "device": device, "threads": threads, "weighting": scheme,
+             "library": str(library) if library else None}
     flags = {k: v for k, v in flags.items() if v is not None}
     mparams = {k: v for k, v in {"density": density, "gamma": gamma, "lambda": lam, "t": t, "seed": seed}.items()
                if v is not None}

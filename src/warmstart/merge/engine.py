@@ -245,6 +245,8 @@ def resolve_weights(plan: MergePlan, cks: list[Checkpoint], base_ck: Checkpoint 
                           hint="give every model a weight (and base_weight with include_base), or use --weights uniform")
     losses = [c.metrics.final_loss if c.metrics else None for c in cks]
     steps = [c.metrics.global_step if c.metrics else None for c in cks]
+    if scheme.startswith("mwa:") and None in (losses if scheme == "mwa:loss" else steps):
+        losses, steps = _library_metrics(plan, cks, losses, steps)
     scores = [s.score if s is not None else None for s in specs]
     try:
         return compute_weights(scheme, n=len(cks), given=ws if scheme == "given" else None, losses=
@@ -253,6 +255,27 @@ def resolve_weights(plan: MergePlan, cks: list[Checkpoint], base_ck: Checkpoint 
                                temperature=plan.temperature)
     except ConfigError as e:
         raise ConfigError(e.message, path=plan.source or e.path, hint=e.hint) from None
+
+
+def _library_metrics(plan: MergePlan, cks, losses, steps):
+    """Fill missing training metrics from the library catalog (entries registered with their metrics)."""
+    from ..library import Library, default_library_path
+
+    path = Path(plan.library) if plan.library else default_library_path()
+    if not path.exists():
+        return losses, steps
+    losses, steps = list(losses), list(steps)
+    with Library(path, create=False) as lib:
+        for i, c in enumerate(cks):
+            if c is None or (losses[i] is not None and steps[i] is not None):
+                continue
+            try:
+                e = lib.get(str(c.path))
+            except Exception:  # not registered: the weighting reports the missing metric
+                continue
+            losses[i] = losses[i] if losses[i] is not None else e.final_loss
+            steps[i] = steps[i] if steps[i] is not None else e.global_step
+    return losses, steps
 
 
 def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:

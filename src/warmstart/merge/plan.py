@@ -65,6 +65,7 @@ class MergePlan:
     threads: int = 2
     lora_mode: str = "cat"
     rank: int | None = None
+    library: str | None = None  # catalog for MWA metrics of checkpoints without trainer_state.json
     source: str | None = field(default=None, compare=False)  # the file it came from (for messages)
 
     # -- validation ---------------------------------------------------------
