@@ -319,3 +319,17 @@ def test_cli_flags_override_config(models, tmp_path):
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "o" / "warmstart.json").read_text())
     assert meta["plan"]["params"]["density"] == 0.7 and meta["plan"]["method"] == "ties"
+
+
+def test_scalar_and_integer_tensors(models, copy_of, tmp_path):
+    a, b = copy_of(models / "ft_a"), copy_of(models / "ft_b")
+    for d, v in ((a, 1.0), (b, 3.0)):
+        sd = load_file(d / "model.safetensors")
+        sd["extra.scale"] = torch.tensor(v)  # 0-dim
+        sd["extra.ids"] = torch.arange(5) * int(v)  # integer: copied from the reference
+        save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    res = merge(MergePlan(models=[str(a), str(b)]), tmp_path / "o")
+    got = _sd(tmp_path / "o")
+    assert got["extra.scale"].shape == () and got["extra.scale"].item() == pytest.approx(2.0)
+    assert torch.equal(got["extra.ids"], torch.arange(5))
+    assert next(r for r in res.tensors if r.name == "extra.ids").action == "copied"

@@ -188,7 +188,7 @@ class _ShardWriter:
                         f.close()
                     cur, f = si, open(self.out / self.names[si], "wb")
                     f.write(self._header(self.shards[si]))
-                f.write(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
             if f is None:  # a model with no tensors still gets a valid empty file
                 (self.out / self.names[0]).write_bytes(self._header([]))
         except BaseException as e:  # surfaced in put()/close()
