@@ -257,6 +257,20 @@ def test_select_bad_input(cli, z, tmp_path, argv, needles):
     assert_user_error(r, *needles, out=out)
 
 
+@pytest.mark.parametrize("bad", ["lora_nan", "nan"])
+def test_select_candidate_with_nan_weights(cli, z, tmp_path, bad):
+    """One broken checkpoint in the library: select names it in one line (it used to crash storing a NaN score)."""
+    from warmstart.library import Library
+
+    lib = tmp_path / "lib.db"
+    with Library(lib) as L:
+        L.add(z.lora_a)
+        L.add(getattr(z, bad))
+    out = tmp_path / "sel.yaml"
+    r = cli("select", "--target", z.train, "--base", z.base, "--n", 4, "--library", lib, "--out", out)
+    assert_user_error(r, bad, "nan", out=out)
+
+
 def test_select_non_float_dtype(cli, z, tmp_path):
     out = tmp_path / "sel.yaml"
     r = cli("select", "--target", z.train, "--base", z.base, "--dtype", "int4", "--n", 4,

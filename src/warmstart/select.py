@@ -29,7 +29,7 @@ from typing import Any
 from . import _gradproxy
 from .checkpoints import open_checkpoint
 from .data import TargetData, load_target
-from .errors import ConfigError, IncompatibleError, WarmstartError
+from .errors import CheckpointError, ConfigError, IncompatibleError, WarmstartError
 from .evaluate import evaluate, n_rows
 from .library import Entry, Library
 
@@ -164,6 +164,10 @@ def score_candidates(target: TargetData, base: str | Path, candidates: Sequence[
     todo = [c for c in shard(candidates, rank, world_size) if cached(c) is None]
     if todo:
         results = _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress)
+        for c in todo:  # NaN weights give a NaN score (adapters load through PEFT, unchecked); SQLite stores NULL
+            if any(v != v for v in results[c.fingerprint].values()):
+                raise CheckpointError("scoring this candidate gave NaN (NaN/Inf in its weights?)", path=c.path,
+                                      hint="repair it, or `warmstart library remove` it")
         if library:
             for c in todo:
                 for m, v in results[c.fingerprint].items():
