@@ -275,14 +275,20 @@ def slerp(tensors, base, weights, *, t=0.5, dot_threshold=0.9995, eps=1e-8):
         v0, v1 = tensors
     else:
         raise ConfigError("slerp merges exactly two models: a base and one model, or two models without a base")
-    n0, n1 = v0.double().norm(), v1.double().norm()
-    dot = float((v0.double() * v1.double()).sum() / ((n0 if n0 > eps else 1) * (n1 if n1 > eps else 1)))
+    n0, n1 = _dot64(v0, v0) ** 0.5, _dot64(v1, v1) ** 0.5
+    dot = _dot64(v0, v1) / ((n0 if n0 > eps else 1) * (n1 if n1 > eps else 1))
     if abs(dot) > dot_threshold:
         return torch.lerp(v0, v1, float(t))
     theta0 = math.acos(dot)
     s0 = math.sin(theta0 * (1 - t)) / math.sin(theta0)
     s1 = math.sin(theta0 * t) / math.sin(theta0)
-    return v0 * s0 + v1 * s1
+    return (v1 * s1).add_(v0, alpha=s0)
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """Float64 dot product in 1M-element chunks: float64 accuracy without a float64 copy of the tensor."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return sum(float(torch.dot(a[i:i + chunk].double(), b[i:i + chunk].double())) for i in range(0, a.numel(), chunk))
 
 
 @register("model_stock", "https://arxiv.org/abs/2403.19522", needs_base=True, defaults={"filter_wise": False},
