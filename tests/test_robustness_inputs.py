@@ -359,6 +359,7 @@ OPTIMIZE = [
     ("lora-other-base", lambda z, t: [z.lora_a, z.lora_other_base, "--base", z.base, "--target", z.train],
      ["different bases", "base2"]),
     ("nan-model", lambda z, t: [z.nan, z.ft_b, "--base", z.base, "--target", z.train], ["nan", "nan/inf"]),
+    ("nan-lora", lambda z, t: [z.lora_nan, z.lora_b, "--base", z.base, "--target", z.train], ["lora_nan", "nan"]),
     ("empty-target", lambda z, t: [z.ft_a, z.ft_b, "--base", z.base, "--target", z.empty], ["empty.jsonl"]),
     ("budget", lambda z, t: [z.ft_a, z.ft_b, "--base", z.base, "--target", z.train, "--budget", 1], ["budget"]),
     ("malformed-target", lambda z, t: [z.ft_a, z.ft_b, "--base", z.base, "--target", z.malformed],
