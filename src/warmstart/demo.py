@@ -73,6 +73,9 @@ def format_table(row: dict) -> str:
     ]
     if row["parity_status"] == "never":
         lines.append("  the warm start did not reach scratch's final accuracy within the budget")
+    elif row["parity_status"] == "at_start":
+        lines.append(f"  the merged start already matched scratch's final accuracy before any training; "
+                     f"selection + merge took {row['parity_wall_pct']:.0f}% of scratch's training time")
     else:
         lines.append(f"  warm start matched scratch's final accuracy in {row['parity_steps_pct']:.0f}% of the steps "
                      f"({row['parity_wall_pct']:.0f}% of the wall clock, selection + merge included)")

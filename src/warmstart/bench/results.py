@@ -80,11 +80,12 @@ def ablation_table(summary: list[dict], budgets: list[int]) -> str:
 
 def render_markdown(cfg, summary: list[dict], plots: list[str]) -> str:
     budgets = cfg.budgets
+    metric = getattr(cfg, "metric", "eval_mc_accuracy")
     out = ["# recycle-bench results", "",
            f"Tasks: {', '.join(cfg.tasks)}; targets: {', '.join(cfg.targets)}; seeds: {cfg.seeds}; "
            f"LoRA r={cfg.lora_r}, lr {cfg.lr} (constant), batch {cfg.batch_size}; test rows per target: "
            f"{cfg.test_limit or 'all'}. Accuracy = multiple-choice accuracy (rank classification, "
-           f"`{cfg.metric.removeprefix('eval_')}`: {'summed' if cfg.metric.endswith('accuracy') else 'per-byte'} "
+           f"`{metric.removeprefix('eval_')}`: {'summed' if metric.endswith('accuracy') else 'per-byte'} "
            f"log-likelihood of each option), in %; "
            f"Δ = warm − scratch at the same budget; parity = steps (or wall clock incl. selection + merge) the "
            f"warm start needs to reach scratch's accuracy at that budget, in % of scratch's.", ""]
@@ -120,7 +121,7 @@ def write_plots(cfg, bd, summary: list[dict]) -> list[str]:
     """One panel per target: scratch vs. warm accuracy over steps (seed 0, main variant)."""
     from ..pipeline import RunDir
     from ..report import Curve
-    METRIC = cfg.metric
+    METRIC = getattr(cfg, "metric", "eval_mc_accuracy")  # configs written before the field existed
     panels = []
     for t in cfg.targets:
         wd, sd = RunDir(bd.run(t, "main", cfg.seeds[0])), bd.source(t, cfg.seeds[0])
