@@ -338,10 +338,20 @@ def write_results(cfg: BenchConfig, bd: BenchDir) -> dict:
     rows = collect(cfg, bd)
     summary = summarize(rows)
     res = {"config": cfg.to_dict(), "rows": rows, "summary": summary}
-    atomic_write_json(bd.root / "results.json", res)
     plots = write_plots(cfg, bd, summary)
-    atomic_write_text(bd.root / "results.md", render_markdown(cfg, summary, plots))
+    sources = source_curves(cfg, bd)
+    res["sources"] = sources
+    atomic_write_json(bd.root / "results.json", res)
+    atomic_write_text(bd.root / "results.md", render_markdown(cfg, summary, plots, sources))
     return res
+
+
+def source_curves(cfg: BenchConfig, bd: BenchDir, seed: int = 0) -> dict[str, list[tuple[int, float]]]:
+    """(step, accuracy) of every finished source run of ``seed``, by task."""
+    from ..report import Curve
+
+    return {t: [(int(s), v) for s, v in Curve.from_file(bd.source(t, seed)).series(cfg.metric)]
+            for t in cfg.tasks if _finished(bd.source(t, seed))}
 
 
 __all__ = ["BenchConfig", "BenchDir", "METRIC", "METRICS", "VARIANTS", "collect", "compare", "run_bench", "summarize",

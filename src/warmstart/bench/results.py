@@ -78,7 +78,19 @@ def ablation_table(summary: list[dict], budgets: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(cfg, summary: list[dict], plots: list[str]) -> str:
+def source_table(sources: dict[str, list[tuple[int, float]]]) -> str:
+    """Scratch learning curves of the seed-0 source runs (the library adapters): accuracy per step."""
+    if not sources:
+        return ""
+    steps = sorted({s for pts in sources.values() for s, _ in pts})
+    lines = ["| task | " + " | ".join(f"step {s}" for s in steps) + " |", "|" + "---|" * (len(steps) + 1)]
+    for t, pts in sources.items():
+        d = dict(pts)
+        lines.append(f"| {t} | " + " | ".join(_pct(d.get(s)) for s in steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(cfg, summary: list[dict], plots: list[str], sources: dict | None = None) -> str:
     budgets = cfg.budgets
     metric = getattr(cfg, "metric", "eval_mc_accuracy")
     out = ["# recycle-bench results", "",
@@ -109,6 +121,9 @@ def render_markdown(cfg, summary: list[dict], plots: list[str]) -> str:
     abl = ablation_table(summary, budgets)
     if abl:
         out += ["## Ablations (mean over targets; Δ in points)", "", abl]
+    if sources:
+        out += ["## Source runs (seed 0): scratch accuracy by step — the library adapters", "",
+                source_table(sources)]
     out += [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
 
@@ -154,4 +169,4 @@ def write_plots(cfg, bd, summary: list[dict]) -> list[str]:
     return ["curves.png"]
 
 
-__all__ = ["ablation_table", "main_table", "render_markdown", "write_plots"]
+__all__ = ["ablation_table", "main_table", "render_markdown", "source_table", "write_plots"]
