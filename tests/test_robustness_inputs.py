@@ -286,6 +286,8 @@ FINETUNE = [
     ("config-not-json", lambda z, t: ["--init", z.config_not_json, "--train", z.train, "--eval", z.eval],
      ["config_not_json/config.json"]),
     ("nan-init", lambda z, t: ["--init", z.nan, "--train", z.train, "--eval", z.eval], ["nan", "nan/inf"]),
+    ("nan-adapter", lambda z, t: ["--init", z.base, "--adapter", z.lora_nan, "--train", z.train, "--eval", z.eval],
+     ["lora_nan", "nan/inf"]),
     ("missing-train", lambda z, t: ["--init", z.base, "--train", t / "nope.jsonl", "--eval", z.eval],
      ["nope.jsonl"]),
     ("empty-eval", lambda z, t: ["--init", z.base, "--train", z.train, "--eval", z.empty], ["empty.jsonl", "empty"]),
