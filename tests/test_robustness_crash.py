@@ -73,6 +73,11 @@ def kill_at(tmp_path: Path, block: str, *argv, timeout: float = 120) -> subproce
     return None
 
 
+def assert_killed(tmp_path: Path, block: str, *argv) -> None:
+    res = kill_at(tmp_path, block, *argv)
+    assert res is None, f"finished (rc {res.returncode}) before reaching {block}: {res.stderr.decode()[-2000:]}"
+
+
 def leftovers(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob(f"*{TMP_MARK}*"))
 
@@ -126,7 +131,7 @@ MERGE_POINTS = {
 ])
 def test_merge_killed_leaves_nothing_and_rerun_matches(cli, models, merged_ref, tmp_path, point):
     out = tmp_path / "merged"
-    assert kill_at(tmp_path, MERGE_POINTS[point], *merge_argv(models, out)) is None
+    assert_killed(tmp_path, MERGE_POINTS[point], *merge_argv(models, out))
     assert not out.exists()  # never a half-written model where a finished one is expected
     stale = leftovers(tmp_path)
     assert stale and all(s.startswith("merged" + TMP_MARK) for s in stale)  # the killed run's temp dir
@@ -145,7 +150,7 @@ def test_merge_force_killed_keeps_the_old_output(cli, models, merged_ref, tmp_pa
     r = cli("merge", models / "ft_a", models / "ft_b", "--out", out)  # linear: a different model
     assert r.code == 0, r.err
     before = tensors(out)
-    assert kill_at(tmp_path, MERGE_POINTS["mid-tensors"], *merge_argv(models, out), "--force") is None
+    assert_killed(tmp_path, MERGE_POINTS["mid-tensors"], *merge_argv(models, out), "--force")
     after = tensors(out)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     r = cli(*merge_argv(models, out), "--force")
@@ -182,7 +187,7 @@ def test_transfer_killed_mid_write_then_rerun_matches(cli, models, tmp_path):
     ref = tmp_path / "ref"
     assert cli(*argv, "--out", ref).code == 0
     out = tmp_path / "moved"
-    assert kill_at(tmp_path, "warmstart.merge.engine:_ShardWriter.put#30", *argv, "--out", out) is None
+    assert_killed(tmp_path, "warmstart.merge.engine:_ShardWriter.put#30", *argv, "--out", out)
     assert not out.exists() and leftovers(tmp_path)
     r = cli(*argv, "--out", out)
     assert r.code == 0, r.err
@@ -264,7 +269,7 @@ def test_run_killed_resumes_to_the_same_result(cli, run_setup, run_ref, tmp_path
 
     stage, block = RUN_POINTS[point]
     out = tmp_path / "run"
-    assert kill_at(tmp_path, block, *run_setup, "--out", out) is None
+    assert_killed(tmp_path, block, *run_setup, "--out", out)
     rd = RunDir(out)
     assert not rd.done(stage)
     assert not any(rd.done(s) for s in STAGES[STAGES.index(stage):])
