@@ -60,10 +60,17 @@ def test_protocol_smoke_and_resume(tiny_tasks, models, tmp_path):
     assert again["rows"] == rows
     assert before == {p: p.stat().st_mtime_ns for p in (out / "source").rglob("adapter_model.safetensors")}
 
+    # the demo is the same protocol plus the standard report: on this directory it only reports
+    from warmstart.demo import format_table, run_demo
+
+    row = run_demo(out, config=cfg, base=models / "base", log=lambda s: None)
+    assert row["delta"] == main2["delta"] and row["budget"] == 2
+    assert (out / "report" / "report.md").is_file() and "Δ" in format_table(row)
+
     # a different recipe in the same directory is refused
     with pytest.raises(ConfigError, match="steps"):
-        P.run_bench(out, _cfg(tiny_tasks, targets=["tc"]) if False else
-                    P.BenchConfig(tasks=tiny_tasks, steps=4, eval_every=1), base=models / "base", log=lambda s: None)
+        P.run_bench(out, P.BenchConfig(tasks=tiny_tasks, steps=4, eval_every=1), base=models / "base",
+                    log=lambda s: None)
 
 
 def test_config_validation(tiny_tasks):

@@ -189,6 +189,10 @@ def demo_cmd(
     from ..demo import format_table, run_demo
 
     if force and out.exists():
+        if not (out / "bench.json").is_file():  # never wipe a directory that is not a demo/bench output
+            from ..errors import ConfigError
+
+            raise ConfigError("--force only replaces a previous demo output (no bench.json here)", path=out)
         shutil.rmtree(out)
     _quiet()
     row = run_demo(out, steps=steps, seed=seed, log=_stamp())
