@@ -245,7 +245,7 @@ def _check_finite(t, name: str, file: Path) -> None:
     if t.is_floating_point() and not bool(t.isfinite().all()):
         bad = int((~t.isfinite()).sum())
         raise CheckpointError(f"tensor {name!r} contains {bad} NaN/Inf value(s)", path=file,
-                              hint="pass --allow-nonfinite to use it anyway")
+                              hint="fix the checkpoint; merge and transfer accept --allow-nonfinite to use it anyway")
 
 
 class PickleWeightReader(WeightReader):
@@ -572,7 +572,7 @@ def _pickle_or_fail(d: Path, allow_pickle: bool, what: str) -> list[Path]:
         raise CheckpointError(f"{what}: no weights found (*.safetensors)", path=d)
     if not allow_pickle:
         raise CheckpointError(f"pickle weights ({pk[0].name}) refused: loading them can run arbitrary code",
-                              path=d, hint="convert to safetensors, or pass --allow-pickle if you trust the file")
+                              path=d, hint="convert it to safetensors; `library add`/`scan` accept --allow-pickle for files you trust")
     return [p for p in pk if p.suffix == ".bin"]
 
 
