@@ -267,3 +267,25 @@ def test_candidates_need_a_full_base(models, lib):
         candidates_for(models / "lora_a", lib)
     assert [c.kind for c in candidates_for(models / "base", None)] == ["base"]
     assert isinstance(candidates_for(models / "base", lib)[1], Candidate)
+
+
+def test_mc_and_chat_targets(models, lib, tmp_path):
+    model, tok, calls = counted(models)
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": f"Capital {i}?", "choices": ["Paris", "Berlin", "Rome"],
+                                              "answer": i % 3} for i in range(9)])
+    sel = select(mc, models / "base", library=lib, metric="mc-accuracy", n=None, model=model, tokenizer=tok,
+                 batch_size=32)
+    assert sel.higher_is_better and sel.target["format"] == "mc" and sel.target["sample"] == "all"
+    scores = [r["score"] for r in sel.ranking]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    assert len(calls) == 6  # all 27 option rows of a candidate in one batch: one forward each
+    calls.clear()
+    select(mc, models / "base", library=lib, metric="mc-accuracy-norm", n=None, model=model, tokenizer=tok)
+    assert calls == []  # the normalised variant was cached by the same pass
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"hi {i}"},
+                                                               {"role": "assistant", "content": "hello"}]}
+                                                 for i in range(5)])
+    sel = select(chat, models / "base", library=lib, n=None, model=model, tokenizer=tok)
+    assert sel.target["format"] == "messages" and len(sel.ranking) == 6
+    with pytest.raises(ConfigError, match="needs question/choices/answer"):
+        select(chat, models / "base", library=lib, metric="mc-accuracy", model=model, tokenizer=tok)

@@ -153,6 +153,9 @@ def score_candidates(target: TargetData, base: str | Path, candidates: Sequence[
         raise ConfigError(f"unknown scorer {cfg.scorer!r}", hint="choose loss or grad")
     if cfg.scorer == "grad" and key != "loss":
         raise ConfigError("the gradient proxy predicts the loss; use --metric loss with --scorer grad")
+    if key.startswith("mc_") and target.format != "mc":
+        raise ConfigError(f"--metric {cfg.metric} needs question/choices/answer rows; {target.path} is "
+                          f"{target.format!r}", hint="use --metric loss or accuracy")
     cache_name = _cache_metric(key, cfg.scorer, cfg.max_length, cfg.mc_mode)
     dfp, spec = target.fingerprint(), target.sample_spec
 
