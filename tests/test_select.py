@@ -289,3 +289,29 @@ def test_mc_and_chat_targets(models, lib, tmp_path):
     assert sel.target["format"] == "messages" and len(sel.ranking) == 6
     with pytest.raises(ConfigError, match="needs question/choices/answer"):
         select(chat, models / "base", library=lib, metric="mc-accuracy", model=model, tokenizer=tok)
+
+
+def test_scores_are_cached_as_they_come(zoo, models, lib, monkeypatch):
+    """A run that dies on the third candidate keeps the first two scores; the rerun scores the rest."""
+    import warmstart.select as S
+
+    model, tok, calls = counted(models)
+    real = S.evaluate
+    seen = []
+
+    def dying(*a, **kw):
+        seen.append(1)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(S, "evaluate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        select(zoo / "target.jsonl", models / "base", library=lib, n=8, model=model, tokenizer=tok)
+    monkeypatch.setattr(S, "evaluate", real)
+    assert not any("lora" in n for n, _ in model.named_modules())  # the caller's model is clean again
+    sel = select(zoo / "target.jsonl", models / "base", library=lib, n=8, model=model, tokenizer=tok)
+    assert sum(r["cached"] for r in sel.ranking) == 2
+    data = load_target(zoo / "target.jsonl").sample(8)
+    fresh = {r.ref: r.score for r in score_candidates(data, models / "base", candidates_for(models / "base", lib))}
+    assert {r["ref"]: r["score"] for r in sel.ranking} == pytest.approx(fresh, rel=1e-6)

@@ -165,19 +165,21 @@ def score_candidates(target: TargetData, base: str | Path, candidates: Sequence[
     # Shard the full list, not the uncached one: every process must agree on the split
     # even while the others are already writing scores.
     todo = [c for c in shard(candidates, rank, world_size) if cached(c) is None]
-    if todo:
-        results = _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress)
-        for c in todo:  # NaN weights give a NaN score (adapters load through PEFT, unchecked); SQLite stores NULL
-            if any(v != v for v in results[c.fingerprint].values()):
-                raise CheckpointError("scoring this candidate gave NaN (NaN/Inf in its weights?)", path=c.path,
-                                      hint="repair it, or `warmstart library remove` it")
+    results: dict[str, dict[str, float]] = {}
+
+    def record(c: Candidate, vals: dict[str, float]) -> None:
+        """Check and cache each score as soon as it exists: a killed run resumes where it stopped."""
+        if any(v != v for v in vals.values()):  # NaN weights give a NaN score (SQLite would store NULL)
+            raise CheckpointError("scoring this candidate gave NaN (NaN/Inf in its weights?)", path=c.path,
+                                  hint="repair it, or `warmstart library remove` it")
+        results[c.fingerprint] = vals
         if library:
-            for c in todo:
-                for m, v in results[c.fingerprint].items():
-                    library.put_score(c.fingerprint, dfp, spec, _cache_metric(m, cfg.scorer, cfg.max_length,
-                                                                              cfg.mc_mode), v)
-    else:
-        results = {}
+            for m, v in vals.items():
+                library.put_score(c.fingerprint, dfp, spec, _cache_metric(m, cfg.scorer, cfg.max_length,
+                                                                          cfg.mc_mode), v)
+
+    if todo:
+        _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress, record)
     if world_size > 1 and wait:
         _wait_for_all(candidates, cached)
     rows = []
@@ -216,14 +218,17 @@ def _wait_for_all(candidates, cached, timeout: float = 24 * 3600) -> None:
         time.sleep(1.0)
 
 
-def _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress) -> dict[str, dict[str, float]]:
-    """Scores by candidate fingerprint. Order: base, LoRAs (on the pristine base), full checkpoints."""
+def _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress, record) -> None:
+    """Score and ``record(candidate, metrics)`` each. Order: base, LoRAs (on the pristine base), full checkpoints."""
     if model is None:
         model, tokenizer = load_base(base, dtype=cfg.dtype, device=cfg.device)
     order = sorted(todo, key=lambda c: ({"base": 0, "lora": 1, "full": 2}[c.kind], c.sort_id))
     if cfg.scorer == "grad":
-        return _gradproxy.score(model, tokenizer, target, order, base=base, batch_size=cfg.batch_size,
-                                max_length=cfg.max_length, progress=progress)
+        scores = _gradproxy.score(model, tokenizer, target, order, base=base, batch_size=cfg.batch_size,
+                                  max_length=cfg.max_length, progress=progress)
+        for c in order:
+            record(c, scores[c.fingerprint])
+        return
     metrics = ("loss", "token_accuracy", "exact_match") + (("mc_accuracy",) if key.startswith("mc_") else ())
     per = n_rows(target, "mc_accuracy" if "mc_accuracy" in metrics else "loss")
     if progress:
@@ -237,42 +242,50 @@ def _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress) ->
                        progress=(lambda n: progress("rows", n)) if progress else None)
         return {k: v for k, v in res.items() if k not in ("n_examples", "n_tokens", "mc_accuracy")}
 
-    out = {}
     for c in order:
         if c.kind == "base":
-            out[c.fingerprint] = run(c, model)
-    model = _score_loras(model, [c for c in order if c.kind == "lora"], run, out)
+            record(c, run(c, model))
+    model = _score_loras(model, [c for c in order if c.kind == "lora"], run, record)
     fulls = [c for c in order if c.kind == "full"]
-    for c in fulls:
-        load_full_into(model, c.path)
-        out[c.fingerprint] = run(c, model)
-    if fulls:  # hand the caller's model back as the base it was
-        load_full_into(model, base)
-    return out
+    try:
+        for c in fulls:
+            load_full_into(model, c.path)
+            record(c, run(c, model))
+    finally:
+        if fulls:  # hand the caller's model back as the base it was
+            load_full_into(model, base)
 
 
-def _score_loras(model, loras: list[Candidate], run, out: dict) -> Any:
-    """Attach each adapter once, score it, drop the previous one; return the bare base model."""
+def _score_loras(model, loras: list[Candidate], run, record) -> Any:
+    """Attach each adapter once, score it, drop the previous one; return the bare base model.
+
+    PEFT injects LoRA layers into ``model`` in place, so they are removed again
+    (``unload``) even when scoring fails: a caller's model is never left altered.
+    """
     if not loras:
         return model
     from peft import PeftModel
 
     pm, prev = None, None
-    for c in loras:
-        name = f"c{c.id}"
-        try:
-            if pm is None:
-                pm = PeftModel.from_pretrained(model, c.path, adapter_name=name, is_trainable=False)
-            else:
-                pm.load_adapter(c.path, adapter_name=name, is_trainable=False)
-                pm.set_adapter(name)
-        except (ValueError, RuntimeError, KeyError) as e:  # PEFT's errors for an adapter that does not fit
-            raise IncompatibleError(f"adapter does not fit the base ({e})", path=c.path) from None
-        if prev is not None:
-            pm.delete_adapter(prev)  # keep memory flat: one adapter resident at a time
-        out[c.fingerprint] = run(c, pm)
-        prev = name
-    return pm.unload()  # removes the LoRA layers, leaving the untouched base weights
+    try:
+        for c in loras:
+            name = f"c{c.id}"
+            try:
+                if pm is None:
+                    pm = PeftModel.from_pretrained(model, c.path, adapter_name=name, is_trainable=False)
+                else:
+                    pm.load_adapter(c.path, adapter_name=name, is_trainable=False)
+                    pm.set_adapter(name)
+            except (ValueError, RuntimeError, KeyError) as e:  # PEFT's errors for an adapter that does not fit
+                raise IncompatibleError(f"adapter does not fit the base ({e})", path=c.path) from None
+            if prev is not None:
+                pm.delete_adapter(prev)  # keep memory flat: one adapter resident at a time
+            record(c, run(c, pm))
+            prev = name
+    finally:
+        if pm is not None:
+            model = pm.unload()  # removes the LoRA layers, leaving the untouched base weights
+    return model
 
 
 # ----------------------------------------------------------------------------
