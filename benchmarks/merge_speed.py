@@ -4,7 +4,7 @@
     nice -n 10 python benchmarks/merge_speed.py --methods linear,ties
 
 Every tool runs as its own subprocess (fresh interpreter, imports included in
-the time, as a user would run it) and its peak RSS is read with ``os.wait4``.
+the time, as a user would run it) and its peak RSS is read with GNU time.
 The I/O floor reads every input with plain ``safetensors.torch.load_file`` and
 writes one model-sized output with ``save_file``: no merge can be faster than
 that. Inputs are warmed into the page cache once before timing, so all runs
@@ -88,15 +88,17 @@ ENV = dict(os.environ)
 
 
 def run(cmd: list[str]) -> tuple[float, float]:
+    """Wall time and peak RSS of ``cmd``. RSS comes from GNU time (``%M``): ``ru_maxrss`` of a child forked
+    from this process would include this process's own pages from before the exec."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    _, status, ru = os.wait4(p.pid, 0)
+    p = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", *cmd], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, env=ENV)
     wall = time.perf_counter() - t0
-    err = p.stderr.read().decode(errors="replace")
-    p.returncode = os.waitstatus_to_exitcode(status)
+    err = p.stderr.decode(errors="replace")
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({p.returncode}):\n{err[-3000:]}")
-    return wall, ru.ru_maxrss / 1024  # KiB → MiB
+    kb = int(err.rsplit("maxrss_kb=", 1)[1].split()[0])
+    return wall, kb / 1024
 
 
 def io_floor(inputs: list[Path], out: Path) -> tuple[float, float]:
