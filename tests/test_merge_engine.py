@@ -333,3 +333,17 @@ def test_scalar_and_integer_tensors(models, copy_of, tmp_path):
     assert got["extra.scale"].shape == () and got["extra.scale"].item() == pytest.approx(2.0)
     assert torch.equal(got["extra.ids"], torch.arange(5))
     assert next(r for r in res.tensors if r.name == "extra.ids").action == "copied"
+
+
+def test_from_selection_uses_method_and_params_named_in_file(models, tmp_path):
+    """An optimize selection records the method its weights were searched for; a select one does not."""
+    f = tmp_path / "sel.json"
+    donors = [{"ref": str(models / "ft_a"), "kind": "full", "weight": 1.2},
+              {"ref": str(models / "ft_b"), "kind": "full", "weight": 0.4}]
+    f.write_text(json.dumps({"base": str(models / "base"), "method": "ties", "params": {"density": 0.3},
+                             "donors": donors}))
+    plan = MergePlan.from_selection(f)
+    assert plan.method == "ties" and plan.params == {"density": 0.3}
+    assert MergePlan.from_selection(f, method="linear").method == "linear"
+    f.write_text(json.dumps({"base": str(models / "base"), "donors": donors}))
+    assert MergePlan.from_selection(f).method == "linear"

@@ -107,7 +107,7 @@ def merge_cmd(
     if config:
         data = MergePlan.from_yaml(config).to_dict()
     elif selection:
-        data = MergePlan.from_selection(selection, method=flags.get("method", "linear")).to_dict()
+        data = MergePlan.from_selection(selection, method=flags.get("method")).to_dict()
         data["higher_is_better"] = MergePlan.from_selection(selection).higher_is_better
     else:
         data = {"models": []}

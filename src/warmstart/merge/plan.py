@@ -174,8 +174,10 @@ class MergePlan:
                    and data.get("tokenizer_source") not in ("base", "union") else None, source=source)
 
     @classmethod
-    def from_selection(cls, path: str | Path, *, method: str = "linear", **overrides) -> MergePlan:
-        """A plan from the select stage's output: ``base`` and ``donors[].ref/.weight`` are used."""
+    def from_selection(cls, path: str | Path, *, method: str | None = None, **overrides) -> MergePlan:
+        """A plan from a selection file (``warmstart select`` or ``optimize``): ``base`` and
+        ``donors[].ref/.weight`` are used, and ``method``/``params`` when the file names them
+        (optimize does: its weights were searched for that method). ``method=`` overrides."""
         path = Path(path)
         data = _load_file(path)
         if not isinstance(data, dict) or not isinstance(data.get("donors"), list) or not data["donors"]:
@@ -186,6 +188,10 @@ class MergePlan:
                 raise ConfigError(f"selection donor without 'ref': {d!r}", path=path)
             models.append(ModelSpec(str(d["ref"]), d.get("weight"), score=d.get("score")))
         metric = str(data.get("metric") or "loss")
+        if method is None:
+            method = str(data.get("method") or "linear")
+            if isinstance(data.get("params"), dict) and "params" not in overrides:
+                overrides["params"] = dict(data["params"])
         kw = {"method": method, "base": data.get("base"), "source": str(path),
               "higher_is_better": "loss" not in metric and "perplexity" not in metric, **overrides}
         return cls(models=models, **kw)
