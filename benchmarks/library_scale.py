@@ -83,7 +83,7 @@ def main() -> None:
             t, res = timed(lambda kw=kw: lib.list(**kw))
             rows.append((label, lib.count(), t, f"{len(res)} rows"))
 
-    print(f"| operation | entries | seconds | notes |\n|---|---:|---:|---|")
+    print("| operation | entries | seconds | notes |\n|---|---:|---:|---|")
     for label, n, t, note in rows:
         print(f"| {label} | {n} | {t:.3f} | {note} |")
     if not args.workdir:

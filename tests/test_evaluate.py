@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from warmstart.data import load_target
 from warmstart.errors import ConfigError
 from warmstart.evaluate import evaluate, loglikelihoods, option_loglikelihoods
+from warmstart.testing import write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +20,7 @@ def base(models):
             AutoTokenizer.from_pretrained(models / "base"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: threads only contend on a shared 2-core machine (10x slower measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 PC = [{"prompt": "The quick brown" + " fox" * i, "completion": " jumps over" + " the" * (i % 3)} for i in range(7)]

@@ -12,26 +12,25 @@ from warmstart.errors import ConfigError
 from warmstart.evaluate import evaluate
 from warmstart.library import Library
 from warmstart.select import (
-    Candidate, ScoreConfig, ScoreRow, Selection, candidates_for, choose_donors, load_base, rank_rows,
-    score_candidates, select, shard,
+    Candidate,
+    ScoreConfig,
+    ScoreRow,
+    Selection,
+    candidates_for,
+    choose_donors,
+    load_base,
+    rank_rows,
+    score_candidates,
+    select,
+    shard,
 )
+from warmstart.testing import write_jsonl
 
 TARGET = [{"prompt": f"Q{i}: the quick brown", "completion": " fox jumps over the lazy dog"} for i in range(24)]
 OTHER = [{"prompt": f"count {i}:", "completion": " one two three four five six"} for i in range(24)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: threads only contend on a shared 2-core machine (10x slower measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _train(model, tok, rows, steps, lr):

@@ -12,14 +12,6 @@ from warmstart.cli import app
 from warmstart.library import Library
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_select_cli_writes_selection_and_caches(models, tmp_path):

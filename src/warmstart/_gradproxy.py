@@ -35,7 +35,6 @@ def base_gradient(model, tokenizer, target, *, params: set[str] | None = None, b
     Only ``params`` (all when None) get gradients: a LoRA library touching q/v
     projections needs no weight-gradient for the embeddings or the LM head.
     """
-    import torch
 
     rows = tokenize(target, tokenizer, max_length=max_length)
     n_tok = sum(sum(t != IGNORE_INDEX for t in r["labels"][1:]) for r in rows)

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from .checkpoints import open_checkpoint

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_dir, atomic_write_json, read_json
-from .errors import ConfigError, WarmstartError
+from .errors import ConfigError
 
 STAGES = ("split", "select", "merge", "warm", "baseline", "report")
 MARKER = "stage.done.json"

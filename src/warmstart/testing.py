@@ -139,3 +139,10 @@ def make_run(base: str | Path, out: str | Path, *, kind: str = "lora", steps=(10
         (d / "trainer_state.json").write_text(json.dumps(trainer_state(list(steps[: i + 1]), losses[: i + 1])))
     (out / "trainer_state.json").write_text(json.dumps(trainer_state(list(steps), losses, eval_loss=1.0)))
     return out
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    """Write rows as JSON Lines (the format every warmstart dataset reader takes)."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -26,7 +26,6 @@ Design:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -300,7 +299,7 @@ def _plan(old: Checkpoint, fin: _Finetuned, new: Checkpoint, vmap_for) -> list[T
         elif sf is None:
             plan.append(TensorReport(name, "keep-new", "missing from the fine-tune (diff unknown)", sn, so))
         elif (len(sn) >= 1 and sn[0] == v_new and so[0] == v_old and sf[0] >= 1 and sn[1:] == so[1:] == list(sf[1:])
-              and not (vm := vmap_for(sn[0], so[0], sf[0])).identity):
+              and not vmap_for(sn[0], so[0], sf[0]).identity):
             plan.append(TensorReport(name, "transfer-vocab", "vocabulary rows matched by token string", sn, so))
         elif sn != so or list(sf) != so:
             why = f"shape mismatch: old base {so}, fine-tune {list(sf)}, new base {sn}"

@@ -23,13 +23,11 @@ outputs carry their markers and are skipped when the command is run again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .._io import atomic_write_json, atomic_write_text, read_json
 from ..errors import ConfigError

@@ -91,7 +91,7 @@ def merge_cmd(
 ) -> None:
     """Merge full models (streamed) or LoRA adapters (in adapter space) into one."""
     from ..errors import ConfigError
-    from ..merge import MergePlan, merge
+    from ..merge import MergePlan
 
     scheme, given = _weights(weights)
     flags = {"method": method, "base": base, "penalty": penalty, "dtype": dtype, "shard_size": shard_size,
