@@ -216,3 +216,15 @@ def test_chat_template_names_cannot_escape(cli, models, tmp_path):
         assert_user_error(r, out=out)
     assert snapshot(tmp_path, out) == before
     assert not list(tmp_path.rglob("escaped*"))
+
+
+@pytest.mark.parametrize("cmd", [("merge", "{ft_a}", "{ft_b}"), ("run", "--target", "{t}", "--base", "{base}"),
+                                 ("bench", "run")])
+def test_empty_out_is_refused_not_the_working_directory(cli, models, tmp_path, monkeypatch, cmd):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    args = [a.format(ft_a=models / "ft_a", ft_b=models / "ft_b", t=tmp_path / "t.jsonl", base=models / "base")
+            for a in cmd]
+    r = cli(*args, "--out", "")
+    assert r.code == 1 and "empty or the working directory" in r.err, r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]

@@ -49,9 +49,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def output_root(out: str | Path) -> Path:
+    """An output directory path, refusing an empty one (``--out ""`` would mean the working directory)."""
+    if str(out).strip() in ("", "."):
+        raise ConfigError(f"output directory {str(out)!r} is empty or the working directory",
+                          hint="name a new directory with --out")
+    return Path(out)
+
+
 def check_output(out: Path, *, force: bool, inputs: list[Path] = ()) -> None:
     """Refuse to overwrite without ``force`` and refuse outputs inside (or equal to) an input."""
-    out = Path(out).resolve()
+    out = output_root(out).resolve()
     for inp in inputs:
         inp = Path(inp).resolve()
         if out == inp or inp in out.parents or out in inp.parents:
@@ -64,7 +72,7 @@ def check_output(out: Path, *, force: bool, inputs: list[Path] = ()) -> None:
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` only if the block completes."""
-    out = Path(out)
+    out = output_root(out)
     if out.exists() and not force:
         raise OutputExistsError("output already exists", path=out, hint="pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

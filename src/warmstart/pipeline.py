@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_dir, atomic_write_json, read_json
+from ._io import atomic_dir, atomic_write_json, output_root, read_json
 from .errors import ConfigError
 
 STAGES = ("split", "select", "merge", "warm", "baseline", "report")
@@ -117,7 +117,7 @@ class RunDir:
     """Paths of a run and its completion markers."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = output_root(root)
 
     def stage(self, name: str) -> Path:
         return self.root / name

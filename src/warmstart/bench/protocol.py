@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._io import atomic_write_json, atomic_write_text, read_json
+from .._io import atomic_write_json, atomic_write_text, output_root, read_json
 from ..errors import ConfigError
 
 METRIC = "eval_mc_accuracy"
@@ -112,7 +112,7 @@ class BenchConfig:
 
 class BenchDir:
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = output_root(root)
 
     def task(self, t: str) -> Path:
         return self.root / "tasks" / t
