@@ -6,6 +6,7 @@ own chat template (user turn = question, options scored as the assistant reply).
 Chance is 25%.
 
     nice -n 10 python benchmarks/bench_zero_shot.py --out bench-out/zero_shot.json
+    nice -n 10 python benchmarks/bench_zero_shot.py --limit 100 --form plain --out bench-out/zero_shot_100.json
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out/zero_shot.json")
     ap.add_argument("--task", action="append")
     ap.add_argument("--limit", type=int, default=None, help="first N test rows per task")
+    ap.add_argument("--form", action="append", choices=["plain", "chat"], help="prompt forms (default both)")
     args = ap.parse_args()
 
     import torch
@@ -37,13 +39,13 @@ def main() -> None:
     from warmstart.data import load_target
     from warmstart.evaluate import evaluate
 
-    torch.set_num_threads(2)
     paths = write_tasks(args.data, args.task)
     mdir = prepare_model()
     model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(mdir)
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     forms = {"plain": None, "chat": chat_template_for(tok)}
+    forms = {k: v for k, v in forms.items() if k in (args.form or forms)}
     print(f"{'task':<14} {'n':>4} {'plain sum':>9} {'plain norm':>10} {'chat sum':>9} {'chat norm':>9} {'s':>5}")
     for name, d in paths.items():
         t0, row = time.time(), results.get(name, {})
@@ -58,7 +60,8 @@ def main() -> None:
         results[name] = row
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
-        p, c = row["plain"], row["chat"]
+        nan = {"n": 0, "sum": float("nan"), "norm": float("nan")}
+        p, c = row.get("plain", nan), row.get("chat", nan)
         print(f"{name:<14} {p['n']:>4} {p['sum']:>9.3f} {p['norm']:>10.3f} {c['sum']:>9.3f} {c['norm']:>9.3f} "
               f"{time.time() - t0:>5.0f}", flush=True)
 

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # The full recycle-bench run (issue #7): every task as a held-out target, leave-one-out
 # libraries, seeds 0 and 1, then the ablations. Hours on 2 CPU cores; resumable: run the
-# same command again and finished runs are skipped. Results: bench-out/results.md.
+# same command again and finished runs are skipped. Results: bench-out/full/results.md.
 #
-#   nohup nice -n 10 bash benchmarks/recycle_bench.sh > bench-out/bench.log 2>&1 &
+#   OMP_NUM_THREADS=1 nohup nice -n 10 bash benchmarks/recycle_bench.sh > bench-out/bench.log 2>&1 &
+#   # a second worker on the other core walks the tasks in reverse order (they meet in the middle):
+#   OMP_NUM_THREADS=1 REVERSE=1 nohup nice -n 10 bash benchmarks/recycle_bench.sh > bench-out/bench-rev.log 2>&1 &
 set -euo pipefail
 # On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids OpenMP spin-waiting (more work per CPU-second).
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-bench-out/full}
-exec warmstart bench run --out "$OUT" --steps 40 --eval-every 10 --test-limit 100 --select-n 64 \
+TASKS=(country_fr country_es country_de language_fr language_es country_code currency_code rhyme syllables common_word add)
+if [[ "${REVERSE:-0}" == 1 ]]; then
+  for ((i = ${#TASKS[@]} - 1, j = 0; i > j; i--, j++)); do t=${TASKS[i]}; TASKS[i]=${TASKS[j]}; TASKS[j]=$t; done
+fi
+TASK_ARGS=()
+for t in "${TASKS[@]}"; do TASK_ARGS+=(--task "$t"); done
+exec warmstart bench run --out "$OUT" "${TASK_ARGS[@]}" --steps 40 --eval-every 10 --test-limit 100 --select-n 64 \
   --seed 0 --seed 1 \
   --variant main --variant k1 --variant k3 --variant factors --variant cat --variant mwa \
   --variant select_acc --variant select_grad
