@@ -28,7 +28,7 @@ def test_registry_has_the_issue_tasks():
 
 @pytest.mark.parametrize("name", ALL)
 def test_rows_well_formed(generated, name):
-    for split, rows in generated[name].items():
+    for rows in generated[name].values():
         for r in rows:
             assert set(r) == {"question", "choices", "answer"}
             assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4, r

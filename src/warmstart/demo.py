@@ -63,7 +63,7 @@ def _write_report(bd: BenchDir, cfg: BenchConfig, target: str) -> Path:
 
 
 def format_table(row: dict) -> str:
-    pct = lambda v: "–" if v is None else f"{100 * v:5.1f}%"  # noqa: E731
+    pct = lambda v: "–" if v is None else f"{100 * v:5.1f}%"
     lines = [
         f"target: {row['target']}  (multiple-choice accuracy on held-out test questions, chance 25%)",
         f"  base model, zero-shot        {pct(row['base_zero_shot'])}",

@@ -352,5 +352,15 @@ def source_curves(cfg: BenchConfig, bd: BenchDir, seed: int = 0) -> dict[str, li
             for t in cfg.tasks if _finished(bd.source(t, seed))}
 
 
-__all__ = ["BenchConfig", "BenchDir", "METRIC", "METRICS", "VARIANTS", "collect", "compare", "run_bench", "summarize",
-           "write_results"]
+__all__ = [
+    "METRIC",
+    "METRICS",
+    "VARIANTS",
+    "BenchConfig",
+    "BenchDir",
+    "collect",
+    "compare",
+    "run_bench",
+    "summarize",
+    "write_results",
+]

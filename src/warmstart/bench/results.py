@@ -93,14 +93,14 @@ def source_table(sources: dict[str, list[tuple[int, float]]]) -> str:
 def render_markdown(cfg, summary: list[dict], plots: list[str], sources: dict | None = None) -> str:
     budgets = cfg.budgets
     metric = getattr(cfg, "metric", "eval_mc_accuracy")
-    out = ["# recycle-bench results", "",
-           f"Tasks: {', '.join(cfg.tasks)}; targets: {', '.join(cfg.targets)}; seeds: {cfg.seeds}; "
+    intro = (f"Tasks: {', '.join(cfg.tasks)}; targets: {', '.join(cfg.targets)}; seeds: {cfg.seeds}; "
            f"LoRA r={cfg.lora_r}, lr {cfg.lr} (constant), batch {cfg.batch_size}; test rows per target: "
            f"{cfg.test_limit or 'all'}. Accuracy = multiple-choice accuracy (rank classification, "
            f"`{metric.removeprefix('eval_')}`: {'summed' if metric.endswith('accuracy') else 'per-byte'} "
            f"log-likelihood of each option), in %; "
            f"Δ = warm − scratch at the same budget; parity = steps (or wall clock incl. selection + merge) the "
-           f"warm start needs to reach scratch's accuracy at that budget, in % of scratch's.", ""]
+           f"warm start needs to reach scratch's accuracy at that budget, in % of scratch's.")
+    out = ["# recycle-bench results", "", intro, ""]
     verdicts = []
     for b in budgets:
         table, m = main_table(summary, "main", b)

