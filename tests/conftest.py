@@ -86,6 +86,8 @@ def cli(capsys, monkeypatch):
     from warmstart.cli import main
 
     def _run(*args) -> CliResult:
+        # `--debug` sets WARMSTART_DEBUG in os.environ; monkeypatch restores it after the test.
+        monkeypatch.delenv("WARMSTART_DEBUG", raising=False)
         monkeypatch.setattr(sys, "argv", ["warmstart", *map(str, args)])
         capsys.readouterr()
         code = 0
