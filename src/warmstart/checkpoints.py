@@ -467,9 +467,11 @@ class Checkpoint:
         h = hashlib.blake2b(digest_size=16)
         h.update(self.kind.encode())
         if self.pickle:
+            import torch
+
             for name, t in sorted(self.weights().items()):
                 h.update(f"{name}{t.dtype}{list(t.shape)}".encode())
-                h.update(t.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+                h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         else:
             cache = cache or default_digest_cache()
             digests: dict[str, str] = {}

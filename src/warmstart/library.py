@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import Checkpoint, discover, open_checkpoint, resolve
+from .checkpoints import Checkpoint, discover, open_checkpoint, resolve, signature_hash
 from .errors import CheckpointError, LibraryError, WarmstartError
 
 DEFAULT_NAME = "warmstart.db"
@@ -235,8 +235,8 @@ class Library:
         fp = ck.fingerprint()
         if existing and existing.fingerprint == fp and task is None and not tags and base is None:
             return existing, "unchanged"
-        row = self._row_for(ck, fp, task=task, tags=tags, base=base, run=run, existing=existing)
-        sig = ck.signature()
+        sig = ck.signature()  # names + shapes from the headers; hashed once here, stored once per architecture
+        row = self._row_for(ck, fp, sig, task=task, tags=tags, base=base, run=run, existing=existing)
         self._write("INSERT OR IGNORE INTO signatures VALUES (?,?)", (row["arch_signature"], json.dumps(sig)))
         cols = [c for c in row if c != "created_at"] if existing else list(row)
         if existing:
@@ -249,7 +249,8 @@ class Library:
                     f"ON CONFLICT(ref) DO NOTHING", [row[c] for c in cols])
         return self._get_by_ref(ck.ref), "added"
 
-    def _row_for(self, ck: Checkpoint, fp: str, *, task, tags, base, run, existing: Entry | None) -> dict:
+    def _row_for(self, ck: Checkpoint, fp: str, sig: dict, *, task, tags, base, run,
+                 existing: Entry | None) -> dict:
         m = ck.metrics
         reader = ck.weights()
         base_model = base or ck.base_model or (existing.base_model if existing else None)
@@ -260,7 +261,7 @@ class Library:
             "ref": ck.ref, "path": str(ck.path), "kind": ck.kind,
             "base_model": base_model,
             "base_fingerprint": _base_fingerprint(base_model) if base_model else None,
-            "arch_signature": ck.signature_hash(), "fingerprint": fp,
+            "arch_signature": signature_hash(sig), "fingerprint": fp,
             "task": task or ck.task or (existing.task if existing else None),
             "tags": json.dumps(merged_tags, sort_keys=True),
             "run": run or (existing.run if existing else None),
