@@ -37,10 +37,14 @@ def _cfg(tasks, **kw):
 
 def test_protocol_smoke_and_resume(tiny_tasks, models, tmp_path):
     out = tmp_path / "bench"
-    cfg = _cfg(tiny_tasks, targets=["tc"], variants=["main", "k1"])
+    cfg = _cfg(tiny_tasks, targets=["tc"], variants=["main", "k1", "optimized"], ablation_steps=1)
     res = P.run_bench(out, cfg, base=models / "base", log=lambda s: None)
     rows = res["rows"]
-    assert {(r["variant"], r["budget"]) for r in rows} == {("main", 1), ("main", 2), ("k1", 1), ("k1", 2)}
+    # ablations train ablation_steps (1): only budget 1 is compared for them
+    assert {(r["variant"], r["budget"]) for r in rows} == {("main", 1), ("main", 2), ("k1", 1), ("optimized", 1)}
+    assert json.loads((out / "runs" / "tc" / "k1-s0" / "warm" / "curve.json").read_text())["points"][-1]["step"] == 1
+    sel = (out / "runs" / "tc" / "optimized-s0" / "select" / "selection.yaml").read_text()
+    assert "scheme: optimized" in sel and "method: task_arithmetic" in sel
     main2 = next(r for r in rows if r["variant"] == "main" and r["budget"] == 2)
     # leave-one-out: the target's own adapter is never a donor
     assert sorted(main2["donors"]) == ["ta", "tb"]
@@ -52,7 +56,8 @@ def test_protocol_smoke_and_resume(tiny_tasks, models, tmp_path):
     scratch = json.loads((out / "source" / "tc-s0" / "curve.json").read_text())["points"]
     assert main2["scratch"] == scratch[-1]["eval_mc_accuracy"]
     assert (out / "results.md").is_file() and (out / "curves.png").is_file()
-    assert "budget 2 steps" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "budget 2 steps" in md and "Ablations against main" in md and "| optimized |" in md
 
     # resume: everything is skipped (no file rewritten), the same results come back
     before = {p: p.stat().st_mtime_ns for p in (out / "source").rglob("adapter_model.safetensors")}
@@ -79,6 +84,28 @@ def test_config_validation(tiny_tasks):
     msg = str(e.value)
     for part in ("unknown task 'nope'", "unknown variant", "at least two tasks", "multiple of eval_every"):
         assert part in msg
+    with pytest.raises(ConfigError, match="ablation_steps"):
+        P.BenchConfig(tasks=["ta", "tb"], steps=4, eval_every=2, ablation_steps=3).resolved()
+
+
+def test_ablation_table_pairs_with_main():
+    from warmstart.bench.results import ablation_by_target, ablation_table
+
+    def row(v, t, seed, warm, scratch=0.5):
+        return {"variant": v, "target": t, "seed": seed, "budget": 10, "warm": warm, "scratch": scratch,
+                "delta": warm - scratch, "merged_zero_shot": warm - 0.1, "overhead_s": 60.0 if v == "main" else 5.0}
+
+    rows = [row("main", "x", 0, 0.60), row("main", "y", 0, 0.70), row("main", "y", 1, 0.80),
+            row("k1", "x", 0, 0.65), row("k1", "y", 1, 0.70)]  # k1 has no (y, 0): main's (y, 0) is left out
+    table = ablation_table(rows, [10])
+    k1 = next(line for line in table.splitlines() if line.startswith("| k1 "))
+    cells = [c.strip() for c in k1.split("|")[1:-1]]
+    assert cells[2] == "2"  # pairs
+    assert cells[3] == "+17.5"  # mean Δ vs scratch: (0.15 + 0.20) / 2
+    assert cells[4] == "-2.5"  # mean of (0.65 - 0.60) and (0.70 - 0.80)
+    assert cells[6] == "5 (60)"
+    by_t = ablation_by_target(rows, 10)
+    assert "| k1 | +15.0 | +20.0 |" in by_t and "| main | +10.0 | +25.0 |" in by_t
 
 
 def test_summary_mean_and_std():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,3 +315,57 @@ def test_scores_are_cached_as_they_come(zoo, models, lib, monkeypatch):
     data = load_target(zoo / "target.jsonl").sample(8)
     fresh = {r.ref: r.score for r in score_candidates(data, models / "base", candidates_for(models / "base", lib))}
     assert {r["ref"]: r["score"] for r in sel.ranking} == pytest.approx(fresh, rel=1e-6)
+
+
+# -- optimized weights -----------------------------------------------------------------------
+
+def _by_hand_loss(models, donors, weights, data):
+    """Independent: base + Σ wᵢ·sᵢ·BᵢAᵢ written into a plain model, then the loss."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(models / "base", dtype=torch.float32)
+    sd = model.state_dict()
+    for ref, w in zip(donors, weights):
+        cfg = json.loads((ref / "adapter_config.json").read_text())
+        s = cfg["lora_alpha"] / cfg["r"]
+        t = load_file(ref / "adapter_model.safetensors")
+        for k, a in t.items():
+            if ".lora_A." in k:
+                name = k.replace("base_model.model.", "").replace(".lora_A.weight", ".weight")
+                b = t[k.replace(".lora_A.", ".lora_B.")]
+                sd[name] += w * s * (b.double() @ a.double()).float()
+    model.load_state_dict(sd)
+    return evaluate(model.eval(), AutoTokenizer.from_pretrained(models / "base"), data)["loss"]
+
+
+def test_optimized_weights_are_exact_task_arithmetic(zoo, models, tmp_path):
+    from warmstart.merge import MergePlan, merge
+    from warmstart.select import parse_weights
+
+    with Library(tmp_path / "lib.db") as lib:
+        for ref in (zoo / "lora_target", zoo / "lora_other", models / "lora_a"):
+            lib.add(ref, base=str(models / "base"))
+        sel = select(zoo / "target.jsonl", models / "base", library=lib, n=8, k=2, weights="optimized",
+                     optimize_budget=8)
+    w = sel.weighting
+    assert w["scheme"] == "optimized" and w["evaluations"] == 8 and sel.method == "task_arithmetic"
+    assert w["cost_chosen"] <= w["cost_uniform"]  # the search starts at uniform and keeps the best point
+    weights = [d["weight"] for d in sel.donors]
+    data = load_target(zoo / "target.jsonl").sample(8, 0)
+    refs = [Path(d["ref"]) for d in sel.donors]
+    assert _by_hand_loss(models, refs, weights, data) == pytest.approx(w["cost_chosen"], rel=1e-4)
+    assert _by_hand_loss(models, refs, [0.5, 0.5], data) == pytest.approx(w["cost_uniform"], rel=1e-4)
+    # the selection file carries the method, so the merge applies the weights unnormalized (exact with cat)
+    path = sel.to_file(tmp_path / "sel.yaml")
+    plan = MergePlan.from_selection(path, lora_mode="cat")
+    assert plan.method == "task_arithmetic" and [m.weight for m in plan.models] == weights
+    res = merge(plan, tmp_path / "merged")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models / "base"), res.out).eval()
+    assert evaluate(pm, AutoTokenizer.from_pretrained(models / "base"), data)["loss"] == pytest.approx(
+        w["cost_chosen"], rel=1e-4)
+    with pytest.raises(ConfigError, match="unknown weights"):
+        parse_weights("optimised")

@@ -286,7 +286,7 @@ def optimize(candidates: Sequence[str | Path], base: str | Path, targets: Sequen
     import torch
     from transformers import AutoTokenizer
 
-    from .data import load_target
+    from .data import TargetData, load_target
     from .evaluate import evaluate
 
     t0 = time.time()
@@ -305,7 +305,8 @@ def optimize(candidates: Sequence[str | Path], base: str | Path, targets: Sequen
     _check_method(kind, method, search_density, params)
     if out is not None:
         check_output(Path(out), force=force, inputs=[base_ck.path] + [c.path for c in cks])
-    datas = [load_target(t).sample(sample, seed=seed) for t in targets]
+    # a TargetData is used as given (select() passes its already-drawn sample)
+    datas = [t if isinstance(t, TargetData) else load_target(t).sample(sample, seed=seed) for t in targets]
     tok = AutoTokenizer.from_pretrained(base_ck.path)
     mixer = _LoraMixer(base_ck, cks) if kind == "lora" else _FullMixer(base_ck, cks, method, params)
 

@@ -11,6 +11,9 @@ target is a good donor to merge. Made cheap enough for hundreds of checkpoints:
   fingerprint, sample spec, metric), so a second run costs no forward pass;
 * ``scorer="grad"`` replaces the N evaluations by one backward pass at the base
   and N inner products (see :mod:`warmstart._gradproxy`);
+* ``weights="optimized"`` searches the donors' merge weights with CMA-ES on the
+  same target sample (:mod:`warmstart.optimize`; LoRA mixtures are evaluated
+  exactly, by scaling the active adapters) and records them for the merge;
 * under ``accelerate launch`` the uncached candidates are split across
   processes by rank; each writes its scores to the library and rank 0, after a
   barrier, reads them all back and writes the selection.
@@ -355,6 +358,8 @@ class Selection:
     k: int = 2
     margin: float | None = None
     created: dict = field(default_factory=dict)
+    method: str | None = None  # set when the weights were searched for a method (optimized: task_arithmetic)
+    params: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -422,14 +427,20 @@ def choose_donors(ranked: Sequence[ScoreRow], *, k: int, margin: float | None,
     return out[:k]
 
 
+WEIGHT_SCHEMES = ("uniform", "score", "softmax", "mwa:loss", "mwa:steps", "optimized")
+
+
 def parse_weights(spec: str) -> tuple[str, float | None]:
-    """'uniform' | 'score' | 'softmax:T' | 'mwa:loss' | 'mwa:steps' -> (scheme, temperature)."""
+    """'uniform' | 'score' | 'softmax:T' | 'mwa:loss' | 'mwa:steps' | 'optimized' -> (scheme, temperature)."""
     if spec.startswith("softmax"):
         _, _, t = spec.partition(":")
         try:
             return "softmax", float(t) if t else 1.0
         except ValueError:
             raise ConfigError(f"bad softmax temperature in {spec!r}", hint="e.g. softmax:0.5") from None
+    if spec not in WEIGHT_SCHEMES:
+        raise ConfigError(f"unknown weights {spec!r}", hint=f"choose one of {', '.join(WEIGHT_SCHEMES)} "
+                          "(softmax:T with a temperature)")
     return spec, None
 
 
@@ -487,9 +498,11 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
            format: str | None = None, mc_style: str = "text", batch_size: int = 16,
            max_length: int = DEFAULT_MAX_LENGTH, mc_mode: str = "rank", dtype: str = "float32",
            model=None, tokenizer=None, rank: int | None = None, world_size: int | None = None,
-           progress: Callable[[str, Any], None] | None = None) -> Selection | None:
+           optimize_budget: int = 20, progress: Callable[[str, Any], None] | None = None) -> Selection | None:
     """Load and sample the target, score the base and every compatible entry, choose donors.
 
+    ``weights="optimized"`` then searches the donors' weights with CMA-ES
+    (``optimize_budget`` evaluations on the same sample, starting from uniform).
     Returns None on ranks other than 0 of a multi-process run (they only score).
     """
     metric_key(metric)
@@ -507,12 +520,45 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
     if rank != 0:
         return None
     entries = {c.id: c.entry for c in cands if c.entry is not None}
-    return build_selection(data, cands[0].ref, rows, metric=metric, scorer=scorer, k=k, margin=margin,
-                           weights=weights, penalty=penalty, entries=entries)
+    optimized = parse_weights(weights)[0] == "optimized"
+    sel = build_selection(data, cands[0].ref, rows, metric=metric, scorer=scorer, k=k, margin=margin,
+                          weights="uniform" if optimized else weights, penalty=penalty, entries=entries)
+    if optimized:
+        optimize_weights(sel, data, {c.id: c.path for c in cands}, budget=optimize_budget, seed=seed,
+                         batch_size=batch_size, max_length=max_length)
+    return sel
+
+
+def optimize_weights(sel: Selection, data: TargetData, paths: dict, *, budget: int = 20, seed: int = 0,
+                     batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH) -> Selection:
+    """Replace the donors' uniform weights by CMA-ES-searched ones (:func:`warmstart.optimize.optimize`).
+
+    The weights are task-arithmetic coefficients (base + Σ wᵢ·ΔWᵢ, not normalized), so the
+    selection records ``method: task_arithmetic``; the search starts at uniform (1/k each,
+    the same model as the uniform linear merge) and only moves if the sample's cost drops.
+    With fewer than two donors there is nothing to weigh and the selection is unchanged.
+    """
+    from .optimize import METRICS as OPT_METRICS
+    from .optimize import optimize
+
+    metric = sel.metric if sel.metric in OPT_METRICS else "loss"
+    if len(sel.donors) < 2:
+        sel.weighting = {"scheme": "uniform", "note": "optimized weights need at least two donors"}
+        return sel
+    res = optimize([paths[d["id"]] for d in sel.donors], sel.base, [data], metric=metric, budget=budget,
+                   method="task_arithmetic", sample=None, seed=seed, batch_size=batch_size, max_length=max_length)
+    s = res.search
+    for d, w in zip(sel.donors, s.best.weights):
+        d["weight"] = round(float(w), 6)
+    sel.method, sel.params = "task_arithmetic", {}
+    sel.weighting = {"scheme": "optimized", "metric": metric, "budget": budget, "evaluations": len(s.evaluations),
+                     "cost_uniform": s.uniform.costs[0], "cost_chosen": s.best.costs[0],
+                     "seconds": round(res.seconds, 2)}
+    return sel
 
 
 __all__ = [
     "METRICS", "SCORERS", "Candidate", "ScoreConfig", "ScoreRow", "Selection", "build_selection",
-    "candidates_for", "choose_donors", "dist_env", "load_base", "load_full_into", "rank_rows",
+    "candidates_for", "choose_donors", "dist_env", "load_base", "load_full_into", "optimize_weights", "rank_rows",
     "score_candidates", "select", "shard",
 ]

@@ -48,6 +48,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "mwa": ({"k": 2, "metric": "loss", "weights": "mwa:loss"}, {"lora_mode": "svd"}),
     "select_acc": ({"k": 2, "metric": "mc-accuracy", "weights": "uniform"}, {"lora_mode": "svd"}),
     "select_grad": ({"k": 2, "metric": "loss", "scorer": "grad", "weights": "uniform"}, {"lora_mode": "svd"}),
+    "optimized": ({"k": 2, "metric": "loss", "weights": "optimized", "optimize_budget": 20}, {"lora_mode": "svd"}),
 }
 
 
@@ -70,10 +71,16 @@ class BenchConfig:
     eval_batch_size: int = 32
     library_eval_limit: int | None = None  # source runs of non-target tasks may evaluate on fewer rows
     metric: str = METRIC  # what the tables compare (both are logged; changing it needs no re-run)
+    # Ablation variants may train fewer steps than main (None: ``steps``). With a constant lr their
+    # first b steps are exactly main's first b steps, so budgets ≤ ablation_steps stay comparable.
+    ablation_steps: int | None = None
 
     # fields that change results; a resumed run must keep them
     RECIPE = ("steps", "eval_every", "lr", "batch_size", "lora_r", "lora_alpha", "test_limit", "select_n",
-              "task_seed", "library_eval_limit")
+              "task_seed", "library_eval_limit", "ablation_steps")
+
+    def steps_of(self, variant: str) -> int:
+        return self.steps if variant == "main" or not self.ablation_steps else self.ablation_steps
 
     def resolved(self) -> BenchConfig:
         from .tasks import TASKS
@@ -91,14 +98,18 @@ class BenchConfig:
             errs.append(f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every})")
         budgets = self.budgets or list(range(self.eval_every, self.steps + 1, self.eval_every))
         errs += [f"budget {b} is not an evaluation step" for b in budgets if b % self.eval_every or not 0 < b <= self.steps]
+        a = self.ablation_steps
+        if a is not None and (a % self.eval_every or not 0 < a <= self.steps):
+            errs.append(f"ablation_steps ({a}) must be a multiple of eval_every ({self.eval_every}) "
+                        f"and at most steps ({self.steps})")
         if errs:
             raise ConfigError("invalid bench config: " + "; ".join(errs))
         return dataclasses.replace(self, tasks=tasks, targets=targets, budgets=sorted(budgets))
 
-    def train_config(self, seed: int):
+    def train_config(self, seed: int, steps: int | None = None):
         from ..train import TrainConfig
 
-        return TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, scheduler="constant",
+        return TrainConfig(steps=steps or self.steps, lr=self.lr, batch_size=self.batch_size, scheduler="constant",
                            seed=seed, lora_r=self.lora_r, lora_alpha=self.lora_alpha, eval_every=self.eval_every,
                            eval_batch_size=self.eval_batch_size, metrics=["loss", "mc_accuracy"])
 
@@ -197,7 +208,7 @@ def warm_run(cfg: BenchConfig, bd: BenchDir, base: Path, target: str, variant: s
     from ..pipeline import RunConfig, run
 
     sel, mrg = VARIANTS[variant]
-    rc = RunConfig(train=cfg.train_config(seed), select={"n": cfg.select_n, **sel}, merge=dict(mrg),
+    rc = RunConfig(train=cfg.train_config(seed, cfg.steps_of(variant)), select={"n": cfg.select_n, **sel}, merge=dict(mrg),
                    eval_max=None, baseline=False)
     lib = build_library(cfg, bd, target)
     out = bd.run(target, variant, seed)
@@ -244,7 +255,7 @@ def _claim(bd: BenchDir, cfg: BenchConfig) -> None:
     path = bd.root / "bench.json"
     if path.is_file():
         old = read_json(path, "bench file").get("config", {})
-        diff = [k for k in BenchConfig.RECIPE if old.get(k) != getattr(cfg, k)]
+        diff = [k for k in BenchConfig.RECIPE if old.get(k) != getattr(cfg, k)]  # a missing key read as None
         if diff:
             raise ConfigError(f"this bench directory was run with different {', '.join(diff)}", path=bd.root,
                               hint="use the same settings to resume, or another --out")
@@ -303,7 +314,7 @@ def collect(cfg: BenchConfig, bd: BenchDir) -> list[dict]:
                 wd, sd = bd.run(target, variant, seed), bd.source(target, seed)
                 if not (RunDir(wd).done("warm") and _finished(sd)):
                     continue
-                for b in cfg.budgets:
+                for b in (b for b in cfg.budgets if b <= cfg.steps_of(variant)):
                     rows.append({"target": target, "variant": variant, "seed": seed,
                                  **compare(wd, sd, b, cfg.metric)})
     return rows
@@ -340,7 +351,7 @@ def write_results(cfg: BenchConfig, bd: BenchDir) -> dict:
     sources = source_curves(cfg, bd)
     res["sources"] = sources
     atomic_write_json(bd.root / "results.json", res)
-    atomic_write_text(bd.root / "results.md", render_markdown(cfg, summary, plots, sources))
+    atomic_write_text(bd.root / "results.md", render_markdown(cfg, summary, plots, sources, rows))
     return res
 
 

@@ -60,21 +60,62 @@ def _parity(pct, reached: int, n: int) -> str:
     return s if reached == n else f"{s} ({reached}/{n})"
 
 
-def ablation_table(summary: list[dict], budgets: list[int]) -> str:
-    variants = sorted({s["variant"] for s in summary}, key=lambda v: (v != "main", v))
-    if len(variants) < 2:
+# What each ablation changes with respect to main (protocol.VARIANTS holds the settings).
+VARIANT_NOTES = {
+    "k1": "top-1 donor", "k3": "top-3 donors", "factors": "LoRA merge: average the A and B factors",
+    "cat": "LoRA merge: concatenate (exact ΔW, rank 2r)", "mwa": "MWA weights (training loss, p=1)",
+    "select_acc": "select by MC accuracy on the sample", "select_grad": "select by the gradient proxy",
+    "optimized": "CMA-ES weights on the sample (20 evals)",
+}
+
+
+def _paired(rows: list[dict], variant: str, budget: int) -> list[tuple[dict, dict]]:
+    """(variant row, main row) on the same target, seed and budget."""
+    main = {(r["target"], r["seed"]): r for r in rows if r["variant"] == "main" and r["budget"] == budget}
+    return [(r, main[(r["target"], r["seed"])]) for r in rows
+            if r["variant"] == variant and r["budget"] == budget and (r["target"], r["seed"]) in main]
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def ablation_table(rows: list[dict], budgets: list[int]) -> str:
+    """Each variant against main on the same (target, seed) pairs: Δ vs scratch, and warm − main's warm."""
+    variants = sorted({r["variant"] for r in rows} - {"main"})
+    if not variants:
         return ""
-    head = ["variant", "targets"] + [f"Δ @{b}" for b in budgets] + ["merged 0-shot", f"parity reached @{budgets[-1]}"]
+    head = (["variant", "what changes", "runs"] + [f"Δ vs scratch @{b}" for b in budgets]
+            + [f"vs main @{b}" for b in budgets] + ["merged 0-shot (main)", "select+merge s (main)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in variants:
-        cells = []
-        for b in budgets:
-            rows = [s for s in summary if s["variant"] == v and s["budget"] == b]
-            cells.append(_pct(_mean_row(rows)["delta"], True) if rows else "–")
-        last = [s for s in summary if s["variant"] == v and s["budget"] == budgets[-1]]
-        m = _mean_row(last)
-        lines.append(f"| {v} | {m['n']} | " + " | ".join(cells) + f" | {_pct(m['merged_zero_shot'])} | "
-                     f"{m['parity_reached']}/{m['n']} |")
+        pairs = {b: _paired(rows, v, b) for b in budgets}
+        first = next((p for p in pairs.values() if p), [])
+        if not first:
+            continue
+        d_scr = [_pct(_mean(a["delta"] for a, _ in pairs[b]), True) if pairs[b] else "–" for b in budgets]
+        d_main = [_pct(_mean(a["warm"] - m["warm"] for a, m in pairs[b]), True) if pairs[b] else "–"
+                  for b in budgets]
+        z = f"{_pct(_mean(a['merged_zero_shot'] for a, _ in first))} ({_pct(_mean(m['merged_zero_shot'] for _, m in first))})"
+        o = f"{_mean(a['overhead_s'] for a, _ in first):.0f} ({_mean(m['overhead_s'] for _, m in first):.0f})"
+        lines.append(f"| {v} | {VARIANT_NOTES.get(v, '')} | {len(first)} | " + " | ".join(d_scr + d_main)
+                     + f" | {z} | {o} |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_by_target(rows: list[dict], budget: int) -> str:
+    """Δ vs scratch (points) per variant and target at one budget, mean over the seeds run."""
+    sel = [r for r in rows if r["budget"] == budget]
+    variants = sorted({r["variant"] for r in sel}, key=lambda v: (v != "main", v))
+    if len(variants) < 2:
+        return ""
+    targets = sorted({r["target"] for r in sel if r["variant"] != "main"})
+    lines = ["| variant | " + " | ".join(targets) + " |", "|" + "---|" * (len(targets) + 1)]
+    for v in variants:
+        cells = [_pct(_mean(r["delta"] for r in sel if r["variant"] == v and r["target"] == t), True)
+                 for t in targets]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -90,7 +131,8 @@ def source_table(sources: dict[str, list[tuple[int, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(cfg, summary: list[dict], plots: list[str], sources: dict | None = None) -> str:
+def render_markdown(cfg, summary: list[dict], plots: list[str], sources: dict | None = None,
+                    rows: list[dict] | None = None) -> str:
     budgets = cfg.budgets
     metric = getattr(cfg, "metric", "eval_mc_accuracy")
     intro = (f"Tasks: {', '.join(cfg.tasks)}; targets: {', '.join(cfg.targets)}; seeds: {cfg.seeds}; "
@@ -118,9 +160,17 @@ def render_markdown(cfg, summary: list[dict], plots: list[str], sources: dict | 
                        f"{_parity(m['parity_wall_pct'], m['parity_reached'], m['n'])} "
                        f"{_ok(m['parity_wall_pct'] is not None and m['parity_reached'] == m['n'] and m['parity_wall_pct'] <= TARGET_WALL_PCT)} |")
         out.append("")
-    abl = ablation_table(summary, budgets)
+    steps_of = getattr(cfg, "steps_of", lambda v: cfg.steps)
+    abl_budgets = [b for b in budgets if b <= steps_of("ablation")]
+    abl = ablation_table(rows or [], abl_budgets)
     if abl:
-        out += ["## Ablations (mean over targets; Δ in points)", "", abl]
+        out += ["## Ablations against main (same targets and seeds; points)", "",
+                (f"Each variant changes one setting of main; runs train {steps_of('ablation')} steps. "
+                 "'Δ vs scratch' is the variant's gain over training from the base; 'vs main' is its warm "
+                 "accuracy minus main's warm accuracy on the same (target, seed) pairs."), "", abl]
+        mid = abl_budgets[len(abl_budgets) // 2] if len(abl_budgets) > 1 else abl_budgets[0]
+        out += [f"Δ vs scratch by target at budget {mid} (mean over the seeds run):", "",
+                ablation_by_target(rows or [], mid)]
     if sources:
         out += ["## Source runs (seed 0): scratch accuracy by step — the library adapters", "",
                 source_table(sources)]
@@ -169,4 +219,4 @@ def write_plots(cfg, bd, summary: list[dict]) -> list[str]:
     return ["curves.png"]
 
 
-__all__ = ["ablation_table", "main_table", "render_markdown", "source_table", "write_plots"]
+__all__ = ["ablation_by_target", "ablation_table", "main_table", "render_markdown", "source_table", "write_plots"]

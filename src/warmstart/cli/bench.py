@@ -91,8 +91,10 @@ def run_cmd(
     target: list[str] = typer.Option(None, "--target", help="Targets to run, repeatable (default: the pool)."),
     seed: list[int] = typer.Option(None, "--seed", help="Training seed, repeatable (default 0)."),
     variant: list[str] = typer.Option(None, "--variant", help="main, k1, k3, factors, cat, mwa, select_acc, "
-                                      "select_grad; repeatable (default main)."),
+                                      "select_grad, optimized; repeatable (default main)."),
     steps: int = typer.Option(40, "--steps", help="Largest budget (training steps, constant lr)."),
+    ablation_steps: int = typer.Option(None, "--ablation-steps",
+                                       help="Steps of the variants other than main (default: --steps)."),
     eval_every: int = typer.Option(10, "--eval-every", help="Evaluate (and define a budget) every N steps."),
     lr: float = typer.Option(2e-4, "--lr"),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -106,8 +108,9 @@ def run_cmd(
     """Leave-one-out recycle-bench: warm start from merged donors vs. scratch, per target and budget."""
     from ..bench.protocol import METRICS, BenchConfig, run_bench
 
-    cfg = BenchConfig(metric=METRICS.get(metric, metric), tasks=task or None, targets=target or None, seeds=seed or [0], variants=variant or ["main"],
-                      steps=steps, eval_every=eval_every, lr=lr, batch_size=batch_size, lora_r=lora_r,
+    cfg = BenchConfig(metric=METRICS.get(metric, metric), tasks=task or None, targets=target or None,
+                      seeds=seed or [0], variants=variant or ["main"], steps=steps, ablation_steps=ablation_steps,
+                      eval_every=eval_every, lr=lr, batch_size=batch_size, lora_r=lora_r,
                       lora_alpha=2.0 * lora_r, test_limit=test_limit or None, select_n=select_n)
     _quiet()
     res = run_bench(out, cfg, base=base, log=_stamp())

@@ -37,7 +37,10 @@ def select_cmd(
     k: int = typer.Option(2, "--k", "-k", help="Number of donors."),
     margin: float = typer.Option(None, "--margin", help="Only donors better than the base by at least this."),
     weights: str = typer.Option("uniform", "--weights", "-w",
-                                help="uniform | score | softmax:T | mwa:loss | mwa:steps."),
+                                help="uniform | score | softmax:T | mwa:loss | mwa:steps | optimized (CMA-ES "
+                                "on the target sample)."),
+    optimize_budget: int = typer.Option(20, "--optimize-budget",
+                                        help="Evaluations of the weight search (with --weights optimized)."),
     penalty: float = typer.Option(1.0, "--penalty", help="MWA penalty exponent p."),
     scorer: str = typer.Option("loss", "--scorer", help="loss (evaluate each) or grad (first-order proxy)."),
     split: str = typer.Option(None, "--split", help="Split of a dataset directory."),
@@ -63,7 +66,7 @@ def select_cmd(
         sel = select(target, base, library=lib, metric=metric, n=n or None, seed=seed, k=k, margin=margin,
                      weights=weights, penalty=penalty, scorer=scorer, split=split, format=format,
                      mc_style=mc_style, batch_size=batch_size, max_length=max_length, mc_mode=mc_mode,
-                     dtype=dtype, progress=progress)
+                     dtype=dtype, optimize_budget=optimize_budget, progress=progress)
     if sel is None:  # another rank writes the result
         return
     if out_file is not None:
@@ -120,6 +123,10 @@ def _summary(sel, out_file: Path | None) -> None:
     err.print(f"{len(sel.ranking)} scored ({n_cached} from cache), {len(sel.donors)} donor(s) chosen")
     if not sel.donors:
         err.print("no candidate beats the base by the margin; train from the base")
+    w = sel.weighting
+    if w.get("scheme") == "optimized":
+        err.print(f"weights optimized in {w['evaluations']} evaluations ({w['seconds']:.0f} s): {w['metric']} cost "
+                  f"{w['cost_uniform']:.4f} at uniform → {w['cost_chosen']:.4f}")
     if out_file is not None:
         err.print(f"wrote {out_file}; merge with `warmstart merge --selection {out_file} --out merged/`")
     else:
