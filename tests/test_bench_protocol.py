@@ -88,6 +88,21 @@ def test_config_validation(tiny_tasks):
         P.BenchConfig(tasks=["ta", "tb"], steps=4, eval_every=2, ablation_steps=3).resolved()
 
 
+def test_bench_dir_written_before_a_recipe_field_resumes(tiny_tasks, tmp_path):
+    """A bench.json without ablation_steps (older version) accepts it; a recorded value must match."""
+    bd = P.BenchDir(tmp_path / "b")
+    cfg = P.BenchConfig(tasks=tiny_tasks, steps=4, eval_every=2).resolved()
+    old = cfg.to_dict()
+    del old["ablation_steps"]
+    bd.root.mkdir()
+    (bd.root / "bench.json").write_text(json.dumps({"config": old}))
+    newer = P.BenchConfig(tasks=tiny_tasks, steps=4, eval_every=2, ablation_steps=2).resolved()
+    P._claim(bd, newer)
+    assert json.loads((bd.root / "bench.json").read_text())["config"]["ablation_steps"] == 2
+    with pytest.raises(ConfigError, match="ablation_steps"):
+        P._claim(bd, cfg)
+
+
 def test_ablation_table_pairs_with_main():
     from warmstart.bench.results import ablation_by_target, ablation_table
 

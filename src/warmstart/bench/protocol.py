@@ -255,7 +255,8 @@ def _claim(bd: BenchDir, cfg: BenchConfig) -> None:
     path = bd.root / "bench.json"
     if path.is_file():
         old = read_json(path, "bench file").get("config", {})
-        diff = [k for k in BenchConfig.RECIPE if old.get(k) != getattr(cfg, k)]  # a missing key read as None
+        # a key missing from the old file predates that field: the directory has no runs that used it
+        diff = [k for k in BenchConfig.RECIPE if k in old and old[k] != getattr(cfg, k)]
         if diff:
             raise ConfigError(f"this bench directory was run with different {', '.join(diff)}", path=bd.root,
                               hint="use the same settings to resume, or another --out")
