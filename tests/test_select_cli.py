@@ -55,3 +55,29 @@ def test_select_cli_bad_data_is_one_line(models, tmp_path, monkeypatch, capsys):
 def test_select_help_has_examples():
     r = CliRunner().invoke(app, ["select", "--help"])
     assert r.exit_code == 0 and "accelerate launch" in r.output
+
+
+def test_select_and_run_cli_with_optimized_weights(models, tmp_path, cli):
+    """--weights optimized: the file records searched weights and task_arithmetic; `run` merges with them."""
+    db = tmp_path / "lib.db"
+    with Library(db) as lib:
+        for name in ("lora_a", "lora_b"):
+            lib.add(models / name)
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}: the quick", "completion": " brown fox"}) + "\n"
+                            for i in range(16)))
+    r = cli("select", "--target", data, "--base", models / "base", "--library", db, "--n", 6, "--k", 2,
+            "--weights", "optimized", "--optimize-budget", 4, "--out", tmp_path / "sel.yaml")
+    assert r.code == 0, r.err
+    sel = yaml.safe_load((tmp_path / "sel.yaml").read_text())
+    assert sel["method"] == "task_arithmetic" and sel["weighting"]["evaluations"] == 4
+    assert "weights optimized in 4 evaluations" in r.err
+    r = cli("run", "--target", data, "--base", models / "base", "--library", db, "--k", 2, "--weights", "optimized",
+            "--steps", 2, "--eval-every", 1, "--batch-size", 4, "--no-baseline", "--out", tmp_path / "run")
+    assert r.code == 0, r.err
+    marker = json.loads((tmp_path / "run" / "merge" / "stage.done.json").read_text())
+    run_sel = yaml.safe_load((tmp_path / "run" / "select" / "selection.yaml").read_text())
+    assert marker["outputs"]["recipe"]["method"] == "task_arithmetic"
+    assert [m["weight"] for m in marker["outputs"]["recipe"]["models"]] == [d["weight"] for d in run_sel["donors"]]
+    r = cli("select", "--target", data, "--base", models / "base", "--library", db, "--weights", "optimised")
+    assert r.code == 1 and "unknown weights 'optimised'" in r.err and "Traceback" not in r.err

@@ -18,6 +18,9 @@ Examples:
   warmstart run --target train.jsonl --eval heldout.jsonl --library lib.db --base BASE \\
       --config run.yaml --out runs/x
 
+  # three donors, their merge weights searched by CMA-ES on the target sample
+  warmstart run --target data/capitals.jsonl --library lib.db --base BASE --k 3 --weights optimized --out runs/opt
+
   # after a crash or Ctrl-C: the same command resumes at the first unfinished stage
   warmstart run --target data/capitals.jsonl --library lib.db --base BASE --out runs/capitals
 """
@@ -39,6 +42,8 @@ def run_cmd(
     full: bool = typer.Option(None, "--full/--lora", help="Full fine-tuning instead of LoRA."),
     eval_every: int = typer.Option(None, "--eval-every"),
     k: int = typer.Option(None, "--k", help="Donors to select."),
+    weights: str = typer.Option(None, "--weights", help="Donor weights: uniform, score, softmax:T, mwa:loss, "
+                                "mwa:steps or optimized (CMA-ES on the target sample)."),
     method: str = typer.Option(None, "--method", help="Merge method (linear, ties, ...)."),
     force: bool = typer.Option(False, "--force", help="Discard an existing run in --out and start over."),
     json_out: bool = JsonOpt,
@@ -55,6 +60,8 @@ def run_cmd(
         cfg.train = TrainConfig.from_dict({**cfg.train.to_dict(), **tr})
     if k is not None:
         cfg.select = {**cfg.select, "k": k}
+    if weights is not None:
+        cfg.select = {**cfg.select, "weights": weights}
     if method is not None:
         cfg.merge = {**cfg.merge, "method": method}
     if no_baseline:
