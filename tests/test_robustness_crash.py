@@ -187,7 +187,7 @@ def test_transfer_killed_mid_write_then_rerun_matches(cli, models, tmp_path):
     ref = tmp_path / "ref"
     assert cli(*argv, "--out", ref).code == 0
     out = tmp_path / "moved"
-    assert_killed(tmp_path, "warmstart.merge.engine:_ShardWriter.put#30", *argv, "--out", out)
+    assert_killed(tmp_path, "warmstart._tensorio:ShardWriter.put#30", *argv, "--out", out)
     assert not out.exists() and leftovers(tmp_path)
     r = cli(*argv, "--out", out)
     assert r.code == 0, r.err

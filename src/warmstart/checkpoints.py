@@ -308,23 +308,38 @@ class DigestCache:
             self._local.conn = c
         return c
 
-    def tensor_digests(self, file: Path) -> dict[str, str]:
+    def peek(self, file: Path) -> dict[str, str] | None:
+        """The cached digests of ``file`` if they are current (same size and mtime); never hashes."""
         file = Path(file).resolve()
         st = file.stat()
         try:
             row = self._conn().execute("SELECT size, mtime_ns, tensors FROM digests WHERE path=?",
                                        (str(file),)).fetchone()
         except sqlite3.DatabaseError:
-            row = None  # a broken cache is only a cache: recompute
+            return None  # a broken cache is only a cache: recompute
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             return json.loads(row[2])
-        digests = _hash_tensors(file)
-        self.hashed_files += 1
+        return None
+
+    def put(self, file: Path, digests: dict[str, str], stat: os.stat_result | None = None) -> None:
+        """Record digests computed elsewhere (the merge engine hashes while it reads). ``stat``: the
+        file's stat from *before* hashing, so a file changed meanwhile is not recorded as current."""
+        file = Path(file).resolve()
+        st = stat or file.stat()
         try:
             self._conn().execute("INSERT OR REPLACE INTO digests VALUES (?,?,?,?)",
                                  (str(file), st.st_size, st.st_mtime_ns, json.dumps(digests)))
         except sqlite3.DatabaseError:
             pass
+
+    def tensor_digests(self, file: Path) -> dict[str, str]:
+        st = Path(file).stat()
+        cached = self.peek(file)
+        if cached is not None:
+            return cached
+        digests = _hash_tensors(Path(file).resolve())
+        self.hashed_files += 1
+        self.put(file, digests, st)
         return digests
 
 

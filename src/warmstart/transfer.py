@@ -260,7 +260,7 @@ def _open_writers(dirs: list[Path], report: TransferReport, new: Checkpoint, out
     ``save_file`` a whole shard would sit in memory, and with ``safe_open``'s memory maps
     every page read stays resident — three models' worth for a transfer.
     """
-    from .merge.engine import ST_DTYPES, _shard_layout, _ShardWriter
+    from ._tensorio import ST_DTYPES, ShardWriter, shard_layout
 
     mn = new.weights().meta
     entries = []
@@ -269,7 +269,7 @@ def _open_writers(dirs: list[Path], report: TransferReport, new: Checkpoint, out
             dt = ST_DTYPES.get(mn[t.name].dtype, out_dtype)
             entries.append((t.name, out_dtype if out_dtype is not None and dt.is_floating_point else dt,
                             tuple(mn[t.name].shape)))
-    return [_ShardWriter(d, _shard_layout(entries, max_bytes)) for d in dirs]
+    return [ShardWriter(d, shard_layout(entries, max_bytes)) for d in dirs]
 
 
 # ----------------------------------------------------------------------------
@@ -542,9 +542,9 @@ class _Vocabs:
 def _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tensor) -> None:
     import torch
 
-    from .merge.engine import _Reader
+    from ._tensorio import PreadReader
 
-    cdt, reader = opts["cdt"], _Reader()
+    cdt, reader = opts["cdt"], PreadReader()
 
     def get(ck: Checkpoint, name: str, dtype=None):
         if ck.pickle:

@@ -1,22 +1,10 @@
 """Streaming merge of full models: tensor by tensor, bounded memory, sharded atomic output.
 
-Why hand-written I/O (instead of ``safe_open`` + ``save_file``):
-
-* **Reading** uses ``os.preadv`` at the offsets from the (validated) safetensors
-  header, straight into a fresh tensor buffer. ``safe_open`` memory-maps the
-  files, and every page touched stays in the process's RSS until the file is
-  closed, so merging three 1 GB models would show ~3 GB resident. With pread,
-  resident memory is what the merge holds: about 2·(inputs + 1) + 2 tensors
-  (the current tensor of every input, the prefetched next one, the result and
-  one in the write queue), whatever the model size.
-* **Writing** streams each shard: the header is computed up front (every output
-  name, shape and dtype is known before any math), then tensor bytes are
-  appended in header order. ``safetensors.torch.save_file`` needs a whole
-  shard in memory at once. The files are standard safetensors (checked by the
-  tests with ``safe_open`` and ``from_pretrained``).
-* Reads for the next tensor run in a thread pool while the current one is
-  merged, and a writer thread appends results; the GIL is released in pread,
-  write, hashing and torch kernels, so the three overlap.
+Reading and writing go through :mod:`warmstart._tensorio` (pread in, streamed
+shards out; why hand-written: see there). Reads for the next tensor run in a
+thread pool while the current one is merged, and a writer thread appends
+results; the GIL is released in pread, write, hashing and torch kernels, so
+the three overlap.
 
 The per-tensor math is :mod:`.methods`; LoRA inputs go to :mod:`.lora`.
 """
@@ -25,10 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import queue
 import shutil
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,16 +24,13 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_dir, atomic_write_json, check_output
+from .._tensorio import ST_DTYPES, PreadReader, ShardWriter, numel, shard_layout
 from ..checkpoints import Checkpoint, TensorMeta, _check_finite, open_checkpoint
 from ..errors import ConfigError, IncompatibleError
 from .methods import get_method, tensor_seed, validate
 from .plan import MergePlan, parse_size
 from .weights import compute_weights
 
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 # Files copied from the config source; weights, optimizer state and training logs are not.
 SKIP_COPY = {"model.safetensors.index.json", "README.md", "warmstart.json", "trainer_state.json",
              "training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "pytorch_model.bin.index.json"}
@@ -87,134 +69,6 @@ class MergeResult:
         d.pop("state_dict")
         d["out"] = str(self.out) if self.out is not None else None
         return d
-
-
-# ----------------------------------------------------------------------------
-# Reading: pread into a fresh buffer (see module docstring), digests on the fly
-
-
-class _Reader:
-    def __init__(self):
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()
-
-    def _fd(self, path: Path) -> int:
-        with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            return fd
-
-    def read(self, m: TensorMeta, digests: dict | None = None, buf: torch.Tensor | None = None) -> torch.Tensor:
-        buf = torch.empty(m.nbytes, dtype=torch.uint8) if buf is None else buf
-        view, fd, done = memoryview(buf.numpy()), self._fd(m.file), 0
-        while done < m.nbytes:
-            n = os.preadv(fd, [view[done:]], m.start + done)
-            if n <= 0:
-                raise IncompatibleError(f"file ended while reading tensor {m.name!r}", path=m.file)
-            done += n
-        if digests is not None:  # same digest as checkpoints.DigestCache, so fingerprints match the library's
-            h = hashlib.blake2b(digest_size=16)
-            h.update(f"{m.dtype}{list(m.shape)}".encode())
-            h.update(view)
-            digests[m.name] = h.hexdigest()
-        if m.dtype not in ST_DTYPES:
-            raise IncompatibleError(f"tensor {m.name!r} has dtype {m.dtype}, which cannot be merged", path=m.file)
-        return buf.view(ST_DTYPES[m.dtype]).reshape(m.shape)
-
-    def close(self):
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-# ----------------------------------------------------------------------------
-# Writing: streamed safetensors shards
-
-
-def _shard_layout(entries: list[tuple[str, torch.dtype, tuple]], shard_bytes: int) -> list[list]:
-    shards, cur, size = [], [], 0
-    for name, dt, shape in entries:
-        nb = _numel(shape) * torch.empty(0, dtype=dt).element_size()
-        if cur and size + nb > shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((name, dt, shape, nb))
-        size += nb
-    if cur or not shards:
-        shards.append(cur)
-    return shards
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-class _ShardWriter:
-    """Appends tensors in layout order from a background thread; headers written up front."""
-
-    def __init__(self, out: Path, shards: list[list]):
-        self.out, self.shards = out, shards
-        n = len(shards)
-        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                                                          for i in range(n)]
-        self.order = [(si, e[0]) for si, sh in enumerate(shards) for e in sh]
-        self.q: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _header(self, shard) -> bytes:
-        hdr, off = {"__metadata__": {"format": "pt"}}, 0
-        for name, dt, shape, nb in shard:
-            hdr[name] = {"dtype": TORCH_TO_ST[dt], "shape": list(shape), "data_offsets": [off, off + nb]}
-            off += nb
-        raw = json.dumps(hdr, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
-        return len(raw).to_bytes(8, "little") + raw
-
-    def _run(self):
-        f, cur = None, -1
-        try:
-            for si, name in self.order:
-                t = self.q.get()
-                if t is None:
-                    return
-                if si != cur:
-                    if f:
-                        f.close()
-                    cur, f = si, open(self.out / self.names[si], "wb")
-                    f.write(self._header(self.shards[si]))
-                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-            if f is None:  # a model with no tensors still gets a valid empty file
-                (self.out / self.names[0]).write_bytes(self._header([]))
-        except BaseException as e:  # surfaced in put()/close()
-            self.error = e
-            while self.q.get() is not None:
-                pass
-        finally:
-            if f:
-                f.close()
-
-    def put(self, t: torch.Tensor):
-        if self.error:
-            raise self.error
-        self.q.put(t)
-
-    def close(self) -> dict:
-        self.q.put(None)
-        self.thread.join()
-        if self.error:
-            raise self.error
-        if len(self.names) > 1:
-            wm = {e[0]: self.names[si] for si, sh in enumerate(self.shards) for e in sh}
-            total = sum(e[3] for sh in self.shards for e in sh)
-            atomic_write_json(self.out / "model.safetensors.index.json",
-                              {"metadata": {"total_size": total}, "weight_map": wm})
-        return {"files": self.names}
 
 
 # ----------------------------------------------------------------------------
@@ -457,8 +311,8 @@ def _params(plan: MergePlan, method, n: int, use_base: bool) -> dict:
 def _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, result, progress) -> dict:
     """Read (every input of the next tensor in parallel), merge, and hand each result to the shard writer."""
     entries = [(it.name, it.out_dtype, it.shape) for it in items]
-    writer = _ShardWriter(tmp, _shard_layout(entries, parse_size(plan.shard_size)))
-    reader = _Reader()
+    writer = ShardWriter(tmp, shard_layout(entries, parse_size(plan.shard_size)))
+    reader = PreadReader()
     # Inputs whose digests the library's cache already holds are not hashed again; the others are
     # hashed from the bytes read here (and the cache filled), so fingerprints never cost a second read.
     digests = {id(c): ({} if not _digests_cached(c) else None) for c in donors + [ref]}
@@ -515,30 +369,24 @@ def _digests_cached(ck: Checkpoint) -> bool:
     if ck.pickle:
         return True  # pickle checkpoints are fingerprinted by Checkpoint.fingerprint itself
     try:
-        conn = default_digest_cache()._conn()  # noqa: SLF001 — a read-only peek at the library's cache
-        for f in ck.weight_files:
-            st = Path(f).stat()
-            row = conn.execute("SELECT size, mtime_ns FROM digests WHERE path=?", (str(Path(f).resolve()),)).fetchone()
-            if not row or row[0] != st.st_size or row[1] != st.st_mtime_ns:
-                return False
-        return True
+        cache = default_digest_cache()
+        return all(cache.peek(f) is not None for f in ck.weight_files)
     except Exception:  # a broken cache is only a cache
         return False
 
 
 def _store_digests(ck: Checkpoint, digests: dict | None) -> None:
+    """Hand the digests computed while reading to the cache, one file at a time."""
     from ..checkpoints import default_digest_cache
 
     if not digests or ck.pickle:
         return
     try:
-        conn = default_digest_cache()._conn()  # noqa: SLF001 — same row format as DigestCache.tensor_digests
+        cache = default_digest_cache()
         for f in ck.weight_files:
             names = [m.name for m in ck.weights().meta.values() if m.file == f]
             if all(n in digests for n in names):
-                st = Path(f).stat()
-                conn.execute("INSERT OR REPLACE INTO digests VALUES (?,?,?,?)", (str(Path(f).resolve()), st.st_size,
-                             st.st_mtime_ns, json.dumps({n: digests[n] for n in names})))
+                cache.put(f, {n: digests[n] for n in names})
     except Exception:
         pass
 
@@ -565,7 +413,7 @@ def _module_summary(tensors: list[TensorReport]) -> dict[str, dict]:
         mod = t.name.rsplit(".", 1)[0]
         d = mods.setdefault(mod, {"tensors": 0, "params": 0, "actions": {}})
         d["tensors"] += 1
-        d["params"] += _numel(t.shape)
+        d["params"] += numel(t.shape)
         d["actions"][t.action] = d["actions"].get(t.action, 0) + 1
     return mods
 

@@ -194,7 +194,7 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
 
 
 def _st_dtype(st: str) -> torch.dtype:
-    from .engine import ST_DTYPES
+    from .._tensorio import ST_DTYPES
 
     return ST_DTYPES.get(st, torch.float32)
 
