@@ -153,3 +153,27 @@ def test_run_config_yaml_and_errors(tmp_path):
     with pytest.raises(ConfigError) as e:
         RunConfig.from_yaml(p)
     assert "steps" in str(e.value) and "eval_fraction" in str(e.value)
+
+
+@pytest.mark.slow
+def test_run_under_accelerate_launch_two_cpu_processes(setup, tmp_path):
+    """Every process calls run(): both train (DDP) and score half the candidates; one set of files, one answer."""
+    import subprocess
+    import sys
+
+    target, lib, base, _ = setup
+    out = tmp_path / "ddp-run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "warmstart",
+           "run", "--target", str(target), "--library", str(lib), "--base", str(base), "--out", str(out),
+           "--steps", "4", "--eval-every", "2", "--batch-size", "4", "--k", "1", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('"run_dir"') == 1
+    res = json.loads(r.stdout)
+    assert res["ran"] == ["split", "select", "merge", "warm", "baseline", "report"]
+    for stage in ("warm", "baseline"):
+        assert [p["step"] for p in Curve.from_file(out / stage).points] == [0, 2, 4]
+    sel = RunDir(out).marker("select")["outputs"]
+    assert len(sel["donors"]) == 1 and len(sel["ranking"]) == 3  # base + both adapters, scored across ranks
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]

@@ -29,6 +29,7 @@ from ._io import atomic_dir, atomic_write_json, output_root, read_json
 from .errors import ConfigError
 
 STAGES = ("split", "select", "merge", "warm", "baseline", "report")
+ALL_RANKS = ("select", "warm", "baseline")  # stages every process of a multi-process launch takes part in
 MARKER = "stage.done.json"
 FAIL_ENV = "WARMSTART_FAIL_AT"  # tests: raise inside that stage, after its work, before its marker
 
@@ -180,29 +181,43 @@ class _Ctx:
 def run(target: str | Path, library: str | Path, base: str | Path, out: str | Path,
         config: RunConfig | None = None, *, eval: str | Path | None = None, force: bool = False,
         log: Callable[[str], None] = lambda s: None) -> RunResult:
-    """Run (or resume) the pipeline into ``out``; returns which stages ran and the report."""
+    """Run (or resume) the pipeline into ``out``; returns which stages ran and the report.
+
+    Under ``accelerate launch`` / ``torchrun`` every process calls this: the
+    training stages run on all of them (DDP), selection splits its candidates
+    across them, and the other stages, every file and the log belong to the
+    main process; all processes meet at a barrier after each stage.
+    """
+    from accelerate import PartialState
+
     from .checkpoints import resolve
 
     cfg = (config or RunConfig()).validate()
+    state = PartialState()  # sets up torch.distributed when launched with several processes
+    main = state.is_main_process
     ctx = _Ctx(RunDir(out), cfg, Path(target).resolve(), Path(eval).resolve() if eval else None,
-               resolve(base), Path(library).resolve(), log)
+               resolve(base), Path(library).resolve(), log if main else (lambda s: None))
     for p, what in ((ctx.target, "target data"), (ctx.eval, "eval data")):
         if p is not None and not p.exists():
             raise ConfigError(f"{what} not found", path=p)
-    _claim_run_dir(ctx, str(base), force)
+    if main:
+        _claim_run_dir(ctx, str(base), force)
+    state.wait_for_everyone()
     ran, skipped = [], []
     for name in STAGES:
         if name == "baseline" and not cfg.baseline:
             continue
         if ctx.rd.done(name):
             skipped.append(name)
-            log(f"{name}: done earlier ({ctx.rd.marker(name)['wall_s']:.1f} s), skipped")
+            ctx.log(f"{name}: done earlier ({ctx.rd.marker(name)['wall_s']:.1f} s), skipped")
             continue
-        log(f"{name}: running")
+        ctx.log(f"{name}: running")
         t0 = time.perf_counter()
-        _STAGE_FNS[name](ctx, t0)
+        if main or name in ALL_RANKS:
+            _STAGE_FNS[name](ctx, t0)
+        state.wait_for_everyone()
         ran.append(name)
-        log(f"{name}: done in {ctx.rd.marker(name)['wall_s']:.1f} s")
+        ctx.log(f"{name}: done in {ctx.rd.marker(name)['wall_s']:.1f} s")
     rep = read_json(ctx.rd.stage("report") / "report.json", "report")
     return RunResult(ctx.rd.root, ran, skipped, rep)
 
@@ -308,6 +323,8 @@ def _stage_select(ctx: _Ctx, t0: float) -> None:
     opts = {"seed": tc.seed, "format": tc.format, "mc_style": tc.mc_style, **ctx.cfg.select}
     with Library(ctx.library, create=False) as lib:
         sel = select(train, str(ctx.base), library=lib, **opts)
+    if sel is None:  # another process of a multi-process launch: it scored its share, rank 0 writes
+        return
     with atomic_dir(ctx.rd.stage("select"), force=True) as tmp:
         sel.to_file(tmp / "selection.yaml")
         _write_marker(tmp, "select", t0, {"selection": "selection.yaml", "donors": sel.donors,
@@ -363,6 +380,10 @@ def _train_stage(ctx: _Ctx, t0: float, name: str, init: Path) -> None:
         cfg = dataclasses.replace(cfg, eval_limit=ctx.cfg.eval_max)
     out = ctx.rd.stage(name)
     res = finetune(init, train, ev, out, cfg, force=True, label=name)  # force: an unmarked dir is unfinished
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return  # finetune wrote nothing here either
     _write_marker(out, name, t0, {"init": str(init), "kind": res.kind, "train_time_s": res.train_time_s,
                                   "final": res.final})
 
@@ -396,4 +417,4 @@ def render_report(run_dir: str | Path, *, _t0: float | None = None) -> dict:
 _STAGE_FNS = {"split": _stage_split, "select": _stage_select, "merge": _stage_merge, "warm": _stage_warm,
               "baseline": _stage_baseline, "report": _stage_report}
 
-__all__ = ["FAIL_ENV", "MARKER", "STAGES", "RunConfig", "RunDir", "RunResult", "render_report", "run"]
+__all__ = ["ALL_RANKS", "FAIL_ENV", "MARKER", "STAGES", "RunConfig", "RunDir", "RunResult", "render_report", "run"]

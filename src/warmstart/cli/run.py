@@ -68,6 +68,10 @@ def run_cmd(
         cfg.baseline = False
     res = run(target, library_path(library), base, out_dir, cfg, eval=eval_, force=force,
               log=lambda s: err.print(f"[bold]{s.split(':')[0]}[/]:{s.split(':', 1)[1]}" if ":" in s else s))
+    from ..select import dist_env
+
+    if dist_env()[0] != 0:  # one answer per launch, from the main process
+        return
     if json_out:
         print_json(res.to_dict())
         return
