@@ -169,8 +169,7 @@ def test_run_under_accelerate_launch_two_cpu_processes(setup, tmp_path):
            "--steps", "4", "--eval-every", "2", "--batch-size", "4", "--k", "1", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count('"run_dir"') == 1
-    res = json.loads(r.stdout)
+    res = json.loads(r.stdout)  # one JSON document: only the main process answers
     assert res["ran"] == ["split", "select", "merge", "warm", "baseline", "report"]
     for stage in ("warm", "baseline"):
         assert [p["step"] for p in Curve.from_file(out / stage).points] == [0, 2, 4]
