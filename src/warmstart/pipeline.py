@@ -176,12 +176,15 @@ class _Ctx:
     base: Path
     library: Path
     log: Callable[[str], None]
+    progress: bool = False
 
 
 def run(target: str | Path, library: str | Path, base: str | Path, out: str | Path,
         config: RunConfig | None = None, *, eval: str | Path | None = None, force: bool = False,
-        log: Callable[[str], None] = lambda s: None) -> RunResult:
+        log: Callable[[str], None] = lambda s: None, progress: bool = False) -> RunResult:
     """Run (or resume) the pipeline into ``out``; returns which stages ran and the report.
+
+    ``progress`` shows the Trainer's progress bar (stderr) during the training stages.
 
     Under ``accelerate launch`` / ``torchrun`` every process calls this: the
     training stages run on all of them (DDP), selection splits its candidates
@@ -196,7 +199,7 @@ def run(target: str | Path, library: str | Path, base: str | Path, out: str | Pa
     state = PartialState()  # sets up torch.distributed when launched with several processes
     main = state.is_main_process
     ctx = _Ctx(RunDir(out), cfg, Path(target).resolve(), Path(eval).resolve() if eval else None,
-               resolve(base), Path(library).resolve(), log if main else (lambda s: None))
+               resolve(base), Path(library).resolve(), log if main else (lambda s: None), progress and main)
     for p, what in ((ctx.target, "target data"), (ctx.eval, "eval data")):
         if p is not None and not p.exists():
             raise ConfigError(f"{what} not found", path=p)
@@ -379,7 +382,8 @@ def _train_stage(ctx: _Ctx, t0: float, name: str, init: Path) -> None:
     if ctx.cfg.eval_max and ctx.eval is not None and not cfg.eval_limit:
         cfg = dataclasses.replace(cfg, eval_limit=ctx.cfg.eval_max)
     out = ctx.rd.stage(name)
-    res = finetune(init, train, ev, out, cfg, force=True, label=name)  # force: an unmarked dir is unfinished
+    # force: an unmarked dir is unfinished
+    res = finetune(init, train, ev, out, cfg, force=True, label=name, progress=ctx.progress)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:

@@ -203,7 +203,8 @@ def build_library(cfg: BenchConfig, bd: BenchDir, target: str) -> Path:
     return path
 
 
-def warm_run(cfg: BenchConfig, bd: BenchDir, base: Path, target: str, variant: str, seed: int, log):
+def warm_run(cfg: BenchConfig, bd: BenchDir, base: Path, target: str, variant: str, seed: int, log,
+             progress: bool = False):
     """select → merge → train from the merge, through :func:`warmstart.pipeline.run`."""
     from ..pipeline import RunConfig, run
 
@@ -214,7 +215,7 @@ def warm_run(cfg: BenchConfig, bd: BenchDir, base: Path, target: str, variant: s
     out = bd.run(target, variant, seed)
     log(f"warm start {target} [{variant}] seed {seed}")
     return run(bd.task(target) / "train.jsonl", lib, base, out, rc, eval=bd.eval_file(target),
-               log=lambda s: log(f"  {target}/{variant}/s{seed} {s}"))
+               log=lambda s: log(f"  {target}/{variant}/s{seed} {s}"), progress=progress)
 
 
 # ----------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def run_bench(out: str | Path, config: BenchConfig | None = None, *, base: str |
               log: Callable[[str], None] = print, progress: bool = False) -> dict:
     """Run (or resume) the protocol into ``out``; returns the aggregated results (also written).
 
-    ``progress`` shows the Trainer's progress bar during source runs."""
+    ``progress`` shows the Trainer's progress bar during source and warm-start runs."""
     from .model import prepare_model
 
     cfg = (config or BenchConfig()).resolved()
@@ -243,7 +244,7 @@ def run_bench(out: str | Path, config: BenchConfig | None = None, *, base: str |
         for t in cfg.targets:
             source_run(cfg, bd, base, t, seed, log, progress)
         for target in cfg.targets:
-            warm_run(cfg, bd, base, target, variant, seed, log)
+            warm_run(cfg, bd, base, target, variant, seed, log, progress)
             write_results(cfg, bd)
     res = write_results(cfg, bd)
     log(f"bench finished in {time.perf_counter() - t0:.0f} s; results in {bd.root / 'results.md'}")

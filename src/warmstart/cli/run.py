@@ -66,7 +66,7 @@ def run_cmd(
         cfg.merge = {**cfg.merge, "method": method}
     if no_baseline:
         cfg.baseline = False
-    res = run(target, library_path(library), base, out_dir, cfg, eval=eval_, force=force,
+    res = run(target, library_path(library), base, out_dir, cfg, eval=eval_, force=force, progress=not json_out,
               log=lambda s: err.print(f"[bold]{s.split(':')[0]}[/]:{s.split(':', 1)[1]}" if ":" in s else s))
     from ..select import dist_env
 
