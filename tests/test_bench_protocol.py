@@ -132,3 +132,33 @@ def test_summary_mean_and_std():
     assert s["n_seeds"] == 2 and abs(s["delta"] - 0.0) < 1e-12
     assert abs(s["delta_std"] - 0.1414213562) < 1e-6  # stdev of (+0.1, -0.1)
     assert abs(s["scratch"] - 0.6) < 1e-12
+
+
+def test_a_run_held_by_another_worker_is_left_to_it(tiny_tasks, models, tmp_path):
+    """Two workers on one directory: a run whose lock another process holds is skipped, then resumed."""
+    import fcntl
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    cfg = _cfg(tiny_tasks, targets=["ta", "tb"])
+    lock = out / "locks" / "run-ta-main-s0.lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        logs = []
+        res = P.run_bench(out, cfg, base=models / "base", log=logs.append)
+        assert {r["target"] for r in res["rows"]} == {"tb"}
+        assert any("ta/main/s0: another worker is running it" in line for line in logs)
+        assert not (out / "runs" / "ta" / "main-s0").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    res = P.run_bench(out, cfg, base=models / "base", log=lambda s: None)  # the lock died with its holder
+    assert {r["target"] for r in res["rows"]} == {"ta", "tb"}
+    with open(lock, "a") as f:  # and nobody holds it now
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -22,6 +22,7 @@ outputs carry their markers and are skipped when the command is run again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -238,17 +239,51 @@ def run_bench(out: str | Path, config: BenchConfig | None = None, *, base: str |
     # Order = what finishes first is most useful: the library and the main comparison on the first
     # seed, the main comparison on the other seeds, then the ablations.
     jobs = [(s, v) for v in cfg.variants[:1] for s in cfg.seeds] + [(s, v) for s in cfg.seeds for v in cfg.variants[1:]]
+    # Several workers may share a directory (the full run uses two, walking the targets in opposite
+    # orders): each run is taken under a lock, and a run another worker holds is left to it. The
+    # library (seed 0's source runs) is waited for instead, since every warm start needs all of it.
     for t in cfg.tasks:  # seed 0's source runs are the library, whatever seeds are compared
-        source_run(cfg, bd, base, t, 0, log, progress)
+        with _exclusive(bd, f"source-{t}-s0", wait=True):
+            source_run(cfg, bd, base, t, 0, log, progress)
     for seed, variant in jobs:
         for t in cfg.targets:
-            source_run(cfg, bd, base, t, seed, log, progress)
+            with _exclusive(bd, f"source-{t}-s{seed}", wait=seed == 0) as mine:
+                if mine:
+                    source_run(cfg, bd, base, t, seed, log, progress)
         for target in cfg.targets:
-            warm_run(cfg, bd, base, target, variant, seed, log, progress)
+            with _exclusive(bd, f"run-{target}-{variant}-s{seed}") as mine:
+                if not mine:
+                    log(f"{target}/{variant}/s{seed}: another worker is running it, left to it")
+                    continue
+                warm_run(cfg, bd, base, target, variant, seed, log, progress)
             write_results(cfg, bd)
     res = write_results(cfg, bd)
     log(f"bench finished in {time.perf_counter() - t0:.0f} s; results in {bd.root / 'results.md'}")
     return res
+
+
+@contextlib.contextmanager
+def _exclusive(bd: BenchDir, name: str, wait: bool = False):
+    """Yields True when this process holds ``locks/<name>.lock`` (an flock: released when the
+    process dies, so a killed worker never leaves a stale lock); False when another process holds
+    it and ``wait`` is off. Without fcntl (not POSIX) every run is taken."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    path = bd.root / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _claim(bd: BenchDir, cfg: BenchConfig) -> None:
