@@ -37,11 +37,12 @@ def _cfg(tasks, **kw):
 
 def test_protocol_smoke_and_resume(tiny_tasks, models, tmp_path):
     out = tmp_path / "bench"
-    cfg = _cfg(tiny_tasks, targets=["tc"], variants=["main", "k1", "optimized"], ablation_steps=1)
+    cfg = _cfg(tiny_tasks, targets=["tc"], variants=list(P.VARIANTS), ablation_steps=1)
     res = P.run_bench(out, cfg, base=models / "base", log=lambda s: None)
     rows = res["rows"]
-    # ablations train ablation_steps (1): only budget 1 is compared for them
-    assert {(r["variant"], r["budget"]) for r in rows} == {("main", 1), ("main", 2), ("k1", 1), ("optimized", 1)}
+    # every variant runs; ablations train ablation_steps (1): only budget 1 is compared for them
+    assert {(r["variant"], r["budget"]) for r in rows} == {("main", 1), ("main", 2)} | {
+        (v, 1) for v in P.VARIANTS if v != "main"}
     assert json.loads((out / "runs" / "tc" / "k1-s0" / "warm" / "curve.json").read_text())["points"][-1]["step"] == 1
     sel = (out / "runs" / "tc" / "optimized-s0" / "select" / "selection.yaml").read_text()
     assert "scheme: optimized" in sel and "method: task_arithmetic" in sel
