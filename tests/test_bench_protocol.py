@@ -87,6 +87,23 @@ def test_config_validation(tiny_tasks):
         assert part in msg
     with pytest.raises(ConfigError, match="ablation_steps"):
         P.BenchConfig(tasks=["ta", "tb"], steps=4, eval_every=2, ablation_steps=3).resolved()
+    with pytest.raises(ConfigError, match="order must be"):
+        P.BenchConfig(tasks=["ta", "tb"], order="random").resolved()
+
+
+def test_target_order_runs_every_ablation_on_a_target_first(tiny_tasks, models, tmp_path, monkeypatch):
+    done = []
+    monkeypatch.setattr(P, "warm_run", lambda cfg, bd, base, t, v, seed, *a: done.append((seed, t, v)))
+    monkeypatch.setattr(P, "source_run", lambda *a: None)
+    monkeypatch.setattr(P, "write_results", lambda *a: {})
+    for order, want in (("target", [(0, "ta", "main"), (0, "tb", "main"), (0, "ta", "k1"), (0, "ta", "cat"),
+                                    (0, "tb", "k1"), (0, "tb", "cat")]),
+                        ("variant", [(0, "ta", "main"), (0, "tb", "main"), (0, "ta", "k1"), (0, "tb", "k1"),
+                                     (0, "ta", "cat"), (0, "tb", "cat")])):
+        done.clear()
+        cfg = _cfg(tiny_tasks, targets=["ta", "tb"], variants=["main", "k1", "cat"], order=order)
+        P.run_bench(tmp_path / order, cfg, base=models / "base", log=lambda s: None)
+        assert done == want, order
 
 
 def test_bench_dir_written_before_a_recipe_field_resumes(tiny_tasks, tmp_path):

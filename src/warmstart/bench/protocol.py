@@ -75,6 +75,9 @@ class BenchConfig:
     # Ablation variants may train fewer steps than main (None: ``steps``). With a constant lr their
     # first b steps are exactly main's first b steps, so budgets ≤ ablation_steps stay comparable.
     ablation_steps: int | None = None
+    # "variant": each ablation on every target before the next ablation; "target": every ablation on a
+    # target before the next target (an interrupted run then has all variants on fewer targets)
+    order: str = "variant"
 
     # fields that change results; a resumed run must keep them
     RECIPE = ("steps", "eval_every", "lr", "batch_size", "lora_r", "lora_alpha", "test_limit", "select_n",
@@ -99,6 +102,8 @@ class BenchConfig:
             errs.append(f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every})")
         budgets = self.budgets or list(range(self.eval_every, self.steps + 1, self.eval_every))
         errs += [f"budget {b} is not an evaluation step" for b in budgets if b % self.eval_every or not 0 < b <= self.steps]
+        if self.order not in ("variant", "target"):
+            errs.append(f"order must be 'variant' or 'target', got {self.order!r}")
         a = self.ablation_steps
         if a is not None and (a % self.eval_every or not 0 < a <= self.steps):
             errs.append(f"ablation_steps ({a}) must be a multiple of eval_every ({self.eval_every}) "
@@ -239,24 +244,28 @@ def run_bench(out: str | Path, config: BenchConfig | None = None, *, base: str |
     # Order = what finishes first is most useful: the library and the main comparison on the first
     # seed, the main comparison on the other seeds, then the ablations.
     jobs = [(s, v) for v in cfg.variants[:1] for s in cfg.seeds] + [(s, v) for s in cfg.seeds for v in cfg.variants[1:]]
+    phases = [(seed, [variant]) for seed, variant in jobs]  # (seed, variants run per target)
+    if cfg.order == "target":
+        phases = phases[:len(cfg.seeds)] + [(s, list(cfg.variants[1:])) for s in cfg.seeds if cfg.variants[1:]]
     # Several workers may share a directory (the full run uses two, walking the targets in opposite
     # orders): each run is taken under a lock, and a run another worker holds is left to it. The
     # library (seed 0's source runs) is waited for instead, since every warm start needs all of it.
     for t in cfg.tasks:  # seed 0's source runs are the library, whatever seeds are compared
         with _exclusive(bd, f"source-{t}-s0", wait=True):
             source_run(cfg, bd, base, t, 0, log, progress)
-    for seed, variant in jobs:
+    for seed, variants in phases:
         for t in cfg.targets:
             with _exclusive(bd, f"source-{t}-s{seed}", wait=seed == 0) as mine:
                 if mine:
                     source_run(cfg, bd, base, t, seed, log, progress)
         for target in cfg.targets:
-            with _exclusive(bd, f"run-{target}-{variant}-s{seed}") as mine:
-                if not mine:
-                    log(f"{target}/{variant}/s{seed}: another worker is running it, left to it")
-                    continue
-                warm_run(cfg, bd, base, target, variant, seed, log, progress)
-            write_results(cfg, bd)
+            for variant in variants:
+                with _exclusive(bd, f"run-{target}-{variant}-s{seed}") as mine:
+                    if not mine:
+                        log(f"{target}/{variant}/s{seed}: another worker is running it, left to it")
+                        continue
+                    warm_run(cfg, bd, base, target, variant, seed, log, progress)
+                write_results(cfg, bd)
     res = write_results(cfg, bd)
     log(f"bench finished in {time.perf_counter() - t0:.0f} s; results in {bd.root / 'results.md'}")
     return res

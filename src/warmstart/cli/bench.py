@@ -95,6 +95,8 @@ def run_cmd(
     steps: int = typer.Option(40, "--steps", help="Largest budget (training steps, constant lr)."),
     ablation_steps: int = typer.Option(None, "--ablation-steps",
                                        help="Steps of the variants other than main (default: --steps)."),
+    order: str = typer.Option("variant", "--order", help="Ablations: 'variant' (one ablation on every target, "
+                              "then the next) or 'target' (every ablation on one target, then the next)."),
     eval_every: int = typer.Option(10, "--eval-every", help="Evaluate (and define a budget) every N steps."),
     lr: float = typer.Option(2e-4, "--lr"),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -110,6 +112,7 @@ def run_cmd(
 
     cfg = BenchConfig(metric=METRICS.get(metric, metric), tasks=task or None, targets=target or None,
                       seeds=seed or [0], variants=variant or ["main"], steps=steps, ablation_steps=ablation_steps,
+                      order=order,
                       eval_every=eval_every, lr=lr, batch_size=batch_size, lora_r=lora_r,
                       lora_alpha=2.0 * lora_r, test_limit=test_limit or None, select_n=select_n)
     _quiet()
