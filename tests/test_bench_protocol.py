@@ -138,7 +138,10 @@ def test_ablation_table_pairs_with_main():
     assert cells[4] == "-2.5"  # mean of (0.65 - 0.60) and (0.70 - 0.80)
     assert cells[6] == "5 (60)"
     by_t = ablation_by_target(rows, 10)
+    # main restricted to the seeds the ablations ran (0 and 1 here; both for y)
     assert "| k1 | +15.0 | +20.0 |" in by_t and "| main | +10.0 | +25.0 |" in by_t
+    only_seed0 = [r for r in rows if r["seed"] == 0] + [row("k1", "y", 0, 0.72), row("main", "y", 1, 0.99)]
+    assert "| main | +10.0 | +20.0 |" in ablation_by_target(only_seed0, 10)  # main's seed 1 left out
 
 
 def test_summary_mean_and_std():

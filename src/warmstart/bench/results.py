@@ -105,8 +105,10 @@ def ablation_table(rows: list[dict], budgets: list[int]) -> str:
 
 
 def ablation_by_target(rows: list[dict], budget: int) -> str:
-    """Δ vs scratch (points) per variant and target at one budget, mean over the seeds run."""
-    sel = [r for r in rows if r["budget"] == budget]
+    """Δ vs scratch (points) per variant and target at one budget, mean over the seeds the ablations ran
+    (main restricted to those seeds too, so its row is comparable)."""
+    seeds = {r["seed"] for r in rows if r["variant"] != "main"}
+    sel = [r for r in rows if r["budget"] == budget and r["seed"] in seeds]
     variants = sorted({r["variant"] for r in sel}, key=lambda v: (v != "main", v))
     if len(variants) < 2:
         return ""
@@ -169,7 +171,7 @@ def render_markdown(cfg, summary: list[dict], plots: list[str], sources: dict | 
                  "'Δ vs scratch' is the variant's gain over training from the base; 'vs main' is its warm "
                  "accuracy minus main's warm accuracy on the same (target, seed) pairs."), "", abl]
         mid = abl_budgets[len(abl_budgets) // 2] if len(abl_budgets) > 1 else abl_budgets[0]
-        out += [f"Δ vs scratch by target at budget {mid} (mean over the seeds run):", "",
+        out += [f"Δ vs scratch by target at budget {mid} (mean over the seeds the ablations ran):", "",
                 ablation_by_target(rows or [], mid)]
     if sources:
         out += ["## Source runs (seed 0): scratch accuracy by step — the library adapters", "",
