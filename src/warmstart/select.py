@@ -541,7 +541,8 @@ def optimize_weights(sel: Selection, data: TargetData, paths: dict, *, budget: i
     from .optimize import METRICS as OPT_METRICS
     from .optimize import optimize
 
-    metric = sel.metric if sel.metric in OPT_METRICS else "loss"
+    metric = sel.metric.replace("_", "-")
+    metric = metric if metric in OPT_METRICS else "loss"  # e.g. exact-match: search on the loss
     if len(sel.donors) < 2:
         sel.weighting = {"scheme": "uniform", "note": "optimized weights need at least two donors"}
         return sel
