@@ -44,6 +44,10 @@ def test_protocol_smoke_and_resume(tiny_tasks, models, tmp_path):
     assert {(r["variant"], r["budget"]) for r in rows} == {("main", 1), ("main", 2)} | {
         (v, 1) for v in P.VARIANTS if v != "main"}
     assert json.loads((out / "runs" / "tc" / "k1-s0" / "warm" / "curve.json").read_text())["points"][-1]["step"] == 1
+    # k1 read every score from main's cache: its wall clock is charged main's scoring time
+    main_select = json.loads((out / "runs" / "tc" / "main-s0" / "select" / "stage.done.json").read_text())["wall_s"]
+    k1 = next(r for r in rows if r["variant"] == "k1")
+    assert k1["overhead_s"] >= main_select > 0
     sel = (out / "runs" / "tc" / "optimized-s0" / "select" / "selection.yaml").read_text()
     assert "scheme: optimized" in sel and "method: task_arithmetic" in sel
     main2 = next(r for r in rows if r["variant"] == "main" and r["budget"] == 2)
@@ -126,7 +130,8 @@ def test_ablation_table_pairs_with_main():
 
     def row(v, t, seed, warm, scratch=0.5):
         return {"variant": v, "target": t, "seed": seed, "budget": 10, "warm": warm, "scratch": scratch,
-                "delta": warm - scratch, "merged_zero_shot": warm - 0.1, "overhead_s": 60.0 if v == "main" else 5.0}
+                "delta": warm - scratch, "merged_zero_shot": warm - 0.1, "overhead_s": 60.0 if v == "main" else 5.0,
+                "parity_status": "never" if warm < scratch else "reached", "parity_wall_pct": 50.0 + 100 * warm}
 
     rows = [row("main", "x", 0, 0.60), row("main", "y", 0, 0.70), row("main", "y", 1, 0.80),
             row("k1", "x", 0, 0.65), row("k1", "y", 1, 0.70)]  # k1 has no (y, 0): main's (y, 0) is left out
@@ -137,6 +142,7 @@ def test_ablation_table_pairs_with_main():
     assert cells[3] == "+17.5"  # mean Δ vs scratch: (0.15 + 0.20) / 2
     assert cells[4] == "-2.5"  # mean of (0.65 - 0.60) and (0.70 - 0.80)
     assert cells[6] == "5 (60)"
+    assert cells[7] == "118% (2/2) (120% (2/2))"  # k1: 115 and 120; main on the same pairs: 110 and 130
     by_t = ablation_by_target(rows, 10)
     # main restricted to the seeds the ablations ran (0 and 1 here; both for y)
     assert "| k1 | +15.0 | +20.0 |" in by_t and "| main | +10.0 | +25.0 |" in by_t

@@ -327,8 +327,12 @@ def _truncate(curve, budget: int):
                                    "train_time_s": max((p.get("time_s") or 0 for p in pts), default=0)})
 
 
-def compare(warm_dir: Path, scratch_dir: Path, budget: int, metric: str = METRIC) -> dict:
-    """Warm vs. scratch at one budget: accuracies, zero-shots, parity in steps and wall clock."""
+def compare(warm_dir: Path, scratch_dir: Path, budget: int, metric: str = METRIC,
+            scoring_s: float = 0.0) -> dict:
+    """Warm vs. scratch at one budget: accuracies, zero-shots, parity in steps and wall clock.
+
+    ``scoring_s`` is added to the selection time: an ablation that read every score from the
+    cache main's run filled would have paid main's scoring time in a run of its own."""
     from ..pipeline import RunDir
     from ..report import Curve, compute_parity
 
@@ -336,6 +340,8 @@ def compare(warm_dir: Path, scratch_dir: Path, budget: int, metric: str = METRIC
     warm = _truncate(Curve.from_file(rd.stage("warm")), budget)
     scratch = _truncate(Curve.from_file(scratch_dir), budget)
     overhead = {k: m["wall_s"] for k in ("select", "merge") if (m := rd.marker(k))}
+    if scoring_s:
+        overhead["scoring (main's, cached)"] = scoring_s
     par = compute_parity(warm, scratch, metric, overhead)
     donors = (rd.marker("select") or {}).get("outputs", {}).get("donors") or []
     return {"budget": budget, "base_zero_shot": scratch.points[0].get(metric), "scratch": scratch.final(metric),
@@ -360,10 +366,24 @@ def collect(cfg: BenchConfig, bd: BenchDir) -> list[dict]:
                 wd, sd = bd.run(target, variant, seed), bd.source(target, seed)
                 if not (RunDir(wd).done("warm") and _finished(sd)):
                     continue
+                scoring = _cached_scoring_s(bd, target, variant, seed)
                 for b in (b for b in cfg.budgets if b <= cfg.steps_of(variant)):
                     rows.append({"target": target, "variant": variant, "seed": seed,
-                                 **compare(wd, sd, b, cfg.metric)})
+                                 **compare(wd, sd, b, cfg.metric, scoring)})
     return rows
+
+
+def _cached_scoring_s(bd: BenchDir, target: str, variant: str, seed: int) -> float:
+    """main's selection time when this variant's selection read every score from the cache."""
+    from ..pipeline import RunDir
+
+    if variant == "main":
+        return 0.0
+    ranking = ((RunDir(bd.run(target, variant, seed)).marker("select") or {}).get("outputs") or {}).get("ranking")
+    main = RunDir(bd.run(target, "main", seed)).marker("select")
+    if not ranking or not main or not all(r.get("cached") for r in ranking):
+        return 0.0
+    return float(main["wall_s"])
 
 
 def summarize(rows: list[dict], keys=("base_zero_shot", "scratch", "merged_zero_shot", "warm", "delta")) -> list[dict]:

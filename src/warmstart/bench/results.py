@@ -87,7 +87,8 @@ def ablation_table(rows: list[dict], budgets: list[int]) -> str:
     if not variants:
         return ""
     head = (["variant", "what changes", "runs"] + [f"Δ vs scratch @{b}" for b in budgets]
-            + [f"vs main @{b}" for b in budgets] + ["merged 0-shot (main)", "select+merge s (main)"])
+            + [f"vs main @{b}" for b in budgets] + ["merged 0-shot (main)", "select+merge s (main)"]
+            + [f"wall to parity @{b} (main)" for b in budgets])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in variants:
         pairs = {b: _paired(rows, v, b) for b in budgets}
@@ -99,9 +100,22 @@ def ablation_table(rows: list[dict], budgets: list[int]) -> str:
                   for b in budgets]
         z = f"{_pct(_mean(a['merged_zero_shot'] for a, _ in first))} ({_pct(_mean(m['merged_zero_shot'] for _, m in first))})"
         o = f"{_mean(a['overhead_s'] for a, _ in first):.0f} ({_mean(m['overhead_s'] for _, m in first):.0f})"
+        walls = [_wall(pairs[b]) for b in budgets]
         lines.append(f"| {v} | {VARIANT_NOTES.get(v, '')} | {len(first)} | " + " | ".join(d_scr + d_main)
-                     + f" | {z} | {o} |")
+                     + f" | {z} | {o} | " + " | ".join(walls) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _wall(pairs: list[tuple[dict, dict]]) -> str:
+    """Mean wall clock to parity (where reached) of the variant, then main's, on the same pairs."""
+    if not pairs:
+        return "–"
+
+    def one(rs: list[dict]) -> str:
+        hit = [r["parity_wall_pct"] for r in rs if r["parity_status"] != "never" and r["parity_wall_pct"] is not None]
+        return f"{statistics.fmean(hit):.0f}% ({len(hit)}/{len(rs)})" if hit else "never"
+
+    return f"{one([a for a, _ in pairs])} ({one([m for _, m in pairs])})"
 
 
 def ablation_by_target(rows: list[dict], budget: int) -> str:
@@ -169,7 +183,9 @@ def render_markdown(cfg, summary: list[dict], plots: list[str], sources: dict | 
         out += ["## Ablations against main (same targets and seeds; points)", "",
                 (f"Each variant changes one setting of main; runs train {steps_of('ablation')} steps. "
                  "'Δ vs scratch' is the variant's gain over training from the base; 'vs main' is its warm "
-                 "accuracy minus main's warm accuracy on the same (target, seed) pairs."), "", abl]
+                 "accuracy minus main's warm accuracy on the same (target, seed) pairs. Wall to parity counts "
+                 "selection + merge; an ablation whose scores all came from main's cache is charged main's "
+                 "scoring time, as a run of its own would pay it."), "", abl]
         mid = abl_budgets[len(abl_budgets) // 2] if len(abl_budgets) > 1 else abl_budgets[0]
         out += [f"Δ vs scratch by target at budget {mid} (mean over the seeds the ablations ran):", "",
                 ablation_by_target(rows or [], mid)]
