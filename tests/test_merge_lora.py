@@ -72,6 +72,29 @@ def test_svd_matches_dense_truncated_svd(models, tmp_path):
     assert json.loads((tmp_path / "svd" / "adapter_config.json").read_text())["r"] == 5
 
 
+def test_lora_scaling_keeps_the_product_and_sets_alpha(models, odd_adapters, tmp_path):
+    """lora_scaling=s: alpha = s·r (patterns too), factors / √s, the same ΔW in every module."""
+    ins = [models / "lora_a", models / "lora_b", *odd_adapters]
+    w = [0.1, 0.2, 0.3, 0.4]
+    for mode, kw in (("svd", {"rank": 5}), ("cat", {})):
+        merge_adapters(ins, w, mode=mode, out=tmp_path / f"{mode}1", **kw)
+        merge_adapters(ins, w, mode=mode, out=tmp_path / f"{mode}2", lora_scaling=2.0, **kw)
+        one, two = (json.loads((tmp_path / f"{mode}{i}" / "adapter_config.json").read_text()) for i in (1, 2))
+        assert one["lora_alpha"] == one["r"] and two["lora_alpha"] == 2 * two["r"] and two["r"] == one["r"]
+        assert two["alpha_pattern"] == {k: 2 * v for k, v in one["alpha_pattern"].items()}
+        mods = [k[: -len(".lora_A.weight")] for k in load_file(tmp_path / f"{mode}1" / "adapter_model.safetensors")
+                if k.endswith("lora_A.weight")]
+        for mod in mods:
+            a, b = _delta(tmp_path / f"{mode}1", mod), _delta(tmp_path / f"{mode}2", mod)
+            assert (a - b).norm() / a.norm() < 1e-6, (mode, mod)
+        f1 = load_file(tmp_path / f"{mode}1" / "adapter_model.safetensors")
+        f2 = load_file(tmp_path / f"{mode}2" / "adapter_model.safetensors")
+        k = f"{MOD}.lora_B.weight"
+        assert torch.allclose(f2[k] * 2 ** 0.5, f1[k], atol=1e-6)
+    with pytest.raises(Exception, match="lora_scaling must be a positive number"):
+        MergePlan(models=[str(i) for i in ins], lora_scaling=0)
+
+
 def test_factors_is_plain_average(models, tmp_path):
     # run_lora checkpoints share r and alpha: factors = plain average of A and of B
     ins = [models / "run_lora" / f"checkpoint-{s}" for s in (10, 20, 30)]

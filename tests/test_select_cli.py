@@ -78,6 +78,10 @@ def test_select_and_run_cli_with_optimized_weights(models, tmp_path, cli):
     marker = json.loads((tmp_path / "run" / "merge" / "stage.done.json").read_text())
     run_sel = yaml.safe_load((tmp_path / "run" / "select" / "selection.yaml").read_text())
     assert marker["outputs"]["recipe"]["method"] == "task_arithmetic"
+    # the warm start carries the baseline's LoRA scaling (alpha/r = 16/8), not 1
+    assert marker["outputs"]["recipe"]["lora_scaling"] == 2.0
+    acfg = json.loads((tmp_path / "run" / "merge" / "model" / "adapter_config.json").read_text())
+    assert (acfg["r"], acfg["lora_alpha"]) == (8, 16)
     assert [m["weight"] for m in marker["outputs"]["recipe"]["models"]] == [d["weight"] for d in run_sel["donors"]]
     r = cli("select", "--target", data, "--base", models / "base", "--library", db, "--weights", "optimised")
     assert r.code == 1 and "unknown weights 'optimised'" in r.err and "Traceback" not in r.err

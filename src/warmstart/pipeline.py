@@ -359,13 +359,16 @@ def _stage_merge(ctx: _Ctx, t0: float) -> None:
 
 
 def _merge_options(ctx: _Ctx, donors: list[dict]) -> dict:
-    """LoRA donors merge in adapter space to the baseline's LoRA rank by default (svd), so the
-    warm start trains as many parameters as the baseline's fresh LoRA."""
+    """LoRA donors merge in adapter space to the baseline's LoRA rank and scaling by default (svd),
+    so the warm start trains as many parameters as the baseline's fresh LoRA, at the same
+    effective step size (with Adam a step moves ΔW by about alpha/r · lr)."""
     opts = dict(ctx.cfg.merge)
     if all(d.get("kind") == "lora" for d in donors) and not ctx.cfg.train.full:
         opts.setdefault("lora_mode", "svd")
         if opts["lora_mode"] == "svd":
-            opts.setdefault("rank", ctx.cfg.train.lora_r)
+            tc = ctx.cfg.train
+            opts.setdefault("rank", tc.lora_r)
+            opts.setdefault("lora_scaling", tc.lora_alpha / (tc.lora_r ** 0.5 if tc.rslora else tc.lora_r))
     return opts
 
 

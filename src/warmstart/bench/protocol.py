@@ -40,16 +40,22 @@ METRICS = {"sum": "eval_mc_accuracy", "norm": "eval_mc_accuracy_norm"}
 # Ablations are named variants: (select options, merge options) on top of the main recipe.
 # main = the paper's setting with warmstart's defaults: top-2 by target loss, uniform weights,
 # LoRA merged by SVD to the baseline's rank (so warm and scratch train equally many parameters).
+# ``lora_scaling: 1.0`` pins what these variants ran with before warmstart run carried the baseline's
+# scaling into the merge (alpha = r: the warm start then trained at half the baseline's effective step
+# size); ``train_scaling`` is main with the current default (the baseline's alpha/r, 2 here).
+_S1 = {"lora_scaling": 1.0}
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "main": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd"}),
-    "k1": ({"k": 1, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd"}),
-    "k3": ({"k": 3, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd"}),
+    "main": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
+    "k1": ({"k": 1, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
+    "k3": ({"k": 3, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
     "factors": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "factors"}),
-    "cat": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "cat"}),
-    "mwa": ({"k": 2, "metric": "loss", "weights": "mwa:loss"}, {"lora_mode": "svd"}),
-    "select_acc": ({"k": 2, "metric": "mc-accuracy", "weights": "uniform"}, {"lora_mode": "svd"}),
-    "select_grad": ({"k": 2, "metric": "loss", "scorer": "grad", "weights": "uniform"}, {"lora_mode": "svd"}),
-    "optimized": ({"k": 2, "metric": "loss", "weights": "optimized", "optimize_budget": 20}, {"lora_mode": "svd"}),
+    "cat": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "cat", **_S1}),
+    "mwa": ({"k": 2, "metric": "loss", "weights": "mwa:loss"}, {"lora_mode": "svd", **_S1}),
+    "select_acc": ({"k": 2, "metric": "mc-accuracy", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
+    "select_grad": ({"k": 2, "metric": "loss", "scorer": "grad", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
+    "optimized": ({"k": 2, "metric": "loss", "weights": "optimized", "optimize_budget": 20},
+                  {"lora_mode": "svd", **_S1}),
+    "train_scaling": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd"}),
 }
 
 

@@ -66,6 +66,7 @@ VARIANT_NOTES = {
     "cat": "LoRA merge: concatenate (exact ΔW, rank 2r)", "mwa": "MWA weights (training loss, p=1)",
     "select_acc": "select by MC accuracy on the sample", "select_grad": "select by the gradient proxy",
     "optimized": "CMA-ES weights on the sample (20 evals)",
+    "train_scaling": "SVD merge at the baseline's LoRA scaling (alpha/r = 2, not 1)",
 }
 
 

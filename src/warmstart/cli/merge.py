@@ -76,6 +76,8 @@ def merge_cmd(
     shard_size: str = typer.Option(None, "--shard-size", help="Max shard size, e.g. 2GB."),
     lora_mode: str = typer.Option(None, "--lora-mode", help="Adapters: cat (exact), svd (rank-r), factors."),
     rank: int = typer.Option(None, "--rank", help="Rank of an svd-merged adapter (default: the sources' rank)."),
+    lora_scaling: float = typer.Option(None, "--lora-scaling", help="alpha/r of a cat/svd-merged adapter "
+                                       "(default 1; set it to the scaling you will train it with)."),
     include_base: bool = typer.Option(None, "--include-base/--no-include-base",
                                       help="Linear: the base takes part as one more model."),
     base_weight: float = typer.Option(None, "--base-weight", help="Weight of the base with --include-base."),
@@ -95,7 +97,8 @@ def merge_cmd(
 
     scheme, given = _weights(weights)
     flags = {"method": method, "base": base, "penalty": penalty, "dtype": dtype, "shard_size": shard_size,
-             "lora_mode": lora_mode, "rank": rank, "include_base": include_base, "base_weight": base_weight,
+             "lora_mode": lora_mode, "rank": rank, "lora_scaling": lora_scaling, "include_base": include_base,
+             "base_weight": base_weight,
              "missing": missing, "vocab": vocab, "device": device, "threads": threads, "weighting": scheme,
              "library": str(library) if library else None}
     flags = {k: v for k, v in flags.items() if v is not None}

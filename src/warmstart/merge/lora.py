@@ -6,8 +6,12 @@ the target is ΔW = Σ wᵢ·sᵢ·BᵢAᵢ per module.
 
 * ``cat``: stack the factors, B = [w₁s₁B₁ … wₙsₙBₙ], A = [A₁; …; Aₙ]. Exact, rank Σ rᵢ.
   PEFT multiplies by ``lora_alpha / r`` of the *concatenated* rank, so the
-  output sets alpha = r per module (scaling 1, rsLoRA off) with
-  ``rank_pattern``/``alpha_pattern`` where ranks differ, and folds every sᵢ into B.
+  output sets alpha = s·r per module (scaling s, rsLoRA off) with
+  ``rank_pattern``/``alpha_pattern`` where ranks differ, folds every sᵢ into B
+  and divides both factors by √s. s = ``lora_scaling``, 1 by default. The
+  product is the same for any s; s matters when the adapter is trained further:
+  with Adam, a step moves ΔW by about s·lr, so a warm start meant to train like
+  a fresh LoRA of alpha/r = 2 must carry s = 2 (``warmstart run`` sets it).
 * ``svd``: the best rank-r approximation of the same ΔW (Eckart–Young) without
   forming it: QR of the stacked factors, SVD of the small R×R core. Falls back
   to a dense SVD only when Σrᵢ ≥ min(out, in).
@@ -135,7 +139,8 @@ def _truncate(dense: torch.Tensor, rank: int):
 def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequence[float] | None = None, *,
                    mode: str = "cat", rank: int | None = None, method: str = "linear", out: str | Path | None = None,
                    force: bool = False, progress: Callable[[int, int, str], None] | None = None,
-                   plan: MergePlan | None = None, dtype: str | None = None, **params) -> MergeResult:
+                   plan: MergePlan | None = None, dtype: str | None = None, lora_scaling: float | None = None,
+                   **params) -> MergeResult:
     """Merge LoRA adapters into one PEFT adapter (written to ``out`` if given; else kept in the result)."""
     t0 = time.perf_counter()
     cks = [a if isinstance(a, Checkpoint) else open_checkpoint(a) for a in adapters]
@@ -147,7 +152,7 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
     if len(weights) != len(cks):
         raise ConfigError(f"{len(weights)} weights for {len(cks)} adapters")
     plan = plan or MergePlan(models=[{"ref": c.ref, "weight": w} for c, w in zip(cks, weights)], method=method,
-                             lora_mode=mode, rank=rank, params=dict(params), dtype=dtype)
+                             lora_mode=mode, rank=rank, params=dict(params), dtype=dtype, lora_scaling=lora_scaling)
     if out is not None:
         check_output(Path(out), force=force, inputs=[c.path for c in cks])
     m = get_method(method)
@@ -180,7 +185,11 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
             progress(j + 1, len(modules), name)
     if len({tuple(c.lora.target_modules) for c in cks}) > 1 or any(len(modules) != len(f) for f in facs):
         notes.append("adapters target different modules: a module missing from an adapter counts as ΔW = 0")
-    cfg = _adapter_config(cks, ranks, mode)
+    s_out = 1.0 if mode == "factors" or lora_scaling is None else float(lora_scaling)
+    if s_out != 1.0:  # the same product under scaling s_out: each factor divided by √s_out
+        root = s_out ** 0.5
+        tensors = {k: (t.float() / root).to(t.dtype) for k, t in tensors.items()}
+    cfg = _adapter_config(cks, ranks, mode, s_out)
     result = MergeResult(Path(out) if out is not None else None, method, weights, [], notes=notes,
                          lora_errors=errors, adapter_config=cfg)
     result.tensors = [TensorReport(k, list(t.shape), str(t.dtype).replace("torch.", ""), 0, f"lora-{mode}")
@@ -240,16 +249,18 @@ def _merge_module_dense(name, cks, facs, have, mod, m, weights, params, rank):
     return A, B, 1.0, target
 
 
-def _adapter_config(cks: list[Checkpoint], ranks: dict[str, int], mode: str) -> dict:
+def _adapter_config(cks: list[Checkpoint], ranks: dict[str, int], mode: str, scaling: float = 1.0) -> dict:
     cfg = dict(cks[0].config)
     targets = sorted({n.rsplit(".", 1)[-1] for n in ranks})
     cfg.update(target_modules=targets, init_lora_weights=True)
     if mode == "factors":
         return cfg  # keeps the first adapter's r / alpha / rsLoRA / patterns: B was rescaled to its scaling
-    # scaling 1 everywhere: alpha = r per module, rsLoRA off (sᵢ are already folded into B)
+    # the same scaling everywhere: alpha = s·r per module, rsLoRA off (sᵢ are already folded into B)
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
-    cfg.update(r=r, lora_alpha=r, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern))
+    alpha = lambda k: int(scaling * k) if float(scaling * k).is_integer() else scaling * k  # noqa: E731
+    cfg.update(r=r, lora_alpha=alpha(r), use_rslora=False, rank_pattern=pattern,
+               alpha_pattern={n: alpha(k) for n, k in pattern.items()})
     return cfg
 
 
@@ -302,7 +313,8 @@ def merge_plan_adapters(plan: MergePlan, cks: list[Checkpoint], out: Path, *, fo
         _check_plan_base(plan, cks)
     weights = resolve_weights(plan, cks, None)
     return merge_adapters(cks, weights, mode=plan.lora_mode, rank=plan.rank, method=plan.method, out=out,
-                          force=force, progress=progress, plan=plan, dtype=plan.dtype, **plan.params)
+                          force=force, progress=progress, plan=plan, dtype=plan.dtype,
+                          lora_scaling=plan.lora_scaling, **plan.params)
 
 
 __all__ = ["merge_adapters", "merge_plan_adapters"]

@@ -65,6 +65,7 @@ class MergePlan:
     threads: int = 2
     lora_mode: str = "cat"
     rank: int | None = None
+    lora_scaling: float | None = None  # cat/svd output scaling (alpha/r) of every module; None: 1
     library: str | None = None  # catalog for MWA metrics of checkpoints without trainer_state.json
     source: str | None = field(default=None, compare=False)  # the file it came from (for messages)
 
@@ -103,6 +104,8 @@ class MergePlan:
             p.append(f"penalty must be >= 0, got {self.penalty}")
         if self.rank is not None and self.rank <= 0:
             p.append(f"rank must be positive, got {self.rank}")
+        if self.lora_scaling is not None and not (isinstance(self.lora_scaling, (int, float)) and self.lora_scaling > 0):
+            p.append(f"lora_scaling must be a positive number, got {self.lora_scaling!r}")
         try:
             parse_size(self.shard_size)
         except ValueError as e:
