@@ -18,11 +18,11 @@ if [[ "${REVERSE:-0}" == 1 ]]; then
 fi
 TASK_ARGS=()
 for t in "${TASKS[@]}"; do TASK_ARGS+=(--task "$t"); done
-# Order: main (seeds 0, 1), then the ablations on seed 0 target by target (every ablation on a target before
-# the next target, so a run cut short has all variants on fewer targets), then seed 1. The order changes
-# what finishes first, never a result. (The 2026-11-25 run did select_acc on every target first, then
-# switched to this order.)
-exec warmstart bench run --out "$OUT" "${TASK_ARGS[@]}" --steps 40 --ablation-steps 20 --order target --eval-every 10 \
+# Order: main (seeds 0, 1), then the ablations on seed 0, then seed 1. The order changes what finishes
+# first, never a result. (The 2026-11-25 run did select_acc on every target, then switched to
+# --order target for the rest, then, after the LoRA-scaling finding, to this order with train_scaling
+# first; benchmarks/recycle_bench_migrate.py recorded lora_scaling 1.0 in the runs made before.)
+exec warmstart bench run --out "$OUT" "${TASK_ARGS[@]}" --steps 40 --ablation-steps 20 --eval-every 10 \
   --test-limit 100 --select-n 64 --seed 0 --seed 1 \
-  --variant main --variant select_acc --variant select_grad --variant optimized --variant k1 --variant k3 \
-  --variant mwa --variant cat --variant factors
+  --variant main --variant select_acc --variant train_scaling --variant select_grad --variant optimized \
+  --variant k1 --variant k3 --variant mwa --variant cat --variant factors
