@@ -91,6 +91,16 @@ def test_lora_scaling_keeps_the_product_and_sets_alpha(models, odd_adapters, tmp
         f2 = load_file(tmp_path / f"{mode}2" / "adapter_model.safetensors")
         k = f"{MOD}.lora_B.weight"
         assert torch.allclose(f2[k] * 2 ** 0.5, f1[k], atol=1e-6)
+    # lora_a_norm: every row of A at that norm, B carries σ (and the scaling), the same ΔW
+    merge_adapters(ins, w, mode="svd", rank=5, out=tmp_path / "svd3", lora_scaling=2.0, lora_a_norm=0.5)
+    f3 = load_file(tmp_path / "svd3" / "adapter_model.safetensors")
+    for k, t in f3.items():
+        if k.endswith("lora_A.weight"):
+            assert torch.allclose(t.double().norm(dim=1), torch.full((t.shape[0],), 0.5, dtype=torch.float64),
+                                  atol=1e-5), k
+            mod = k[: -len(".lora_A.weight")]
+            a, b = _delta(tmp_path / "svd1", mod), _delta(tmp_path / "svd3", mod)
+            assert (a - b).norm() / a.norm() < 1e-6, mod
     with pytest.raises(Exception, match="lora_scaling must be a positive number"):
         MergePlan(models=[str(i) for i in ins], lora_scaling=0)
 

@@ -56,6 +56,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "optimized": ({"k": 2, "metric": "loss", "weights": "optimized", "optimize_budget": 20},
                   {"lora_mode": "svd", **_S1}),
     "train_scaling": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd"}),
+    # and with A at a fresh LoRA's row norm (1/√3), B carrying σ: see merge/lora.py _split
+    "svd_a_init": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", "lora_a_norm": 3 ** -0.5}),
 }
 
 

@@ -67,6 +67,7 @@ VARIANT_NOTES = {
     "select_acc": "select by MC accuracy on the sample", "select_grad": "select by the gradient proxy",
     "optimized": "CMA-ES weights on the sample (20 evals)",
     "train_scaling": "SVD merge at the baseline's LoRA scaling (alpha/r = 2, not 1)",
+    "svd_a_init": "train_scaling, and A at a fresh LoRA's row norm (B carries σ)",
 }
 
 

@@ -91,7 +91,17 @@ def _cat(parts):
     return A, B
 
 
-def _svd_factors(A: torch.Tensor, B: torch.Tensor, rank: int):
+def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int, a_norm: float | None):
+    """(A, B) with B@A = U S Vᵀ truncated to r. Default: σ split evenly (√σ on each side). With
+    ``a_norm``: every row of A has that norm and B carries the rest, so A looks like a fresh LoRA's
+    A (PEFT's Kaiming-uniform init has row norm 1/√3 ≈ 0.577 whatever the width)."""
+    if a_norm is None:
+        root = S[:r].sqrt()
+        return root[:, None] * Vh[:r], U[:, :r] * root
+    return a_norm * Vh[:r], U[:, :r] * (S[:r] / a_norm)
+
+
+def _svd_factors(A: torch.Tensor, B: torch.Tensor, rank: int, a_norm: float | None = None):
     """Best rank-``rank`` factors of B@A via QR of the factors and an SVD of the R×R core (float64)."""
     A, B = A.double(), B.double()
     R = A.shape[0]
@@ -102,9 +112,7 @@ def _svd_factors(A: torch.Tensor, B: torch.Tensor, rank: int):
         Qa, Ra = torch.linalg.qr(A.T)
         U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
         U, Vh = Qb @ U, Vh @ Qa.T
-    r = min(rank, S.shape[0])
-    root = S[:r].sqrt()  # split σ evenly between the factors: both keep a similar scale for further training
-    return root[:, None] * Vh[:r], U[:, :r] * root
+    return _split(U, S, Vh, min(rank, S.shape[0]), a_norm)
 
 
 def _rel_error(target, got) -> float:
@@ -126,10 +134,9 @@ def _rel_error(target, got) -> float:
     return max(xx + yy - 2 * xy, 0.0) ** 0.5 / xx ** 0.5 if xx > 0 else yy ** 0.5
 
 
-def _truncate(dense: torch.Tensor, rank: int):
+def _truncate(dense: torch.Tensor, rank: int, a_norm: float | None = None):
     U, S, Vh = torch.linalg.svd(dense.double(), full_matrices=False)
-    root = S[:rank].sqrt()
-    return root[:, None] * Vh[:rank], U[:, :rank] * root
+    return _split(U, S, Vh, min(rank, S.shape[0]), a_norm)
 
 
 # ----------------------------------------------------------------------------
@@ -140,7 +147,7 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
                    mode: str = "cat", rank: int | None = None, method: str = "linear", out: str | Path | None = None,
                    force: bool = False, progress: Callable[[int, int, str], None] | None = None,
                    plan: MergePlan | None = None, dtype: str | None = None, lora_scaling: float | None = None,
-                   **params) -> MergeResult:
+                   lora_a_norm: float | None = None, **params) -> MergeResult:
     """Merge LoRA adapters into one PEFT adapter (written to ``out`` if given; else kept in the result)."""
     t0 = time.perf_counter()
     cks = [a if isinstance(a, Checkpoint) else open_checkpoint(a) for a in adapters]
@@ -152,7 +159,8 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
     if len(weights) != len(cks):
         raise ConfigError(f"{len(weights)} weights for {len(cks)} adapters")
     plan = plan or MergePlan(models=[{"ref": c.ref, "weight": w} for c, w in zip(cks, weights)], method=method,
-                             lora_mode=mode, rank=rank, params=dict(params), dtype=dtype, lora_scaling=lora_scaling)
+                             lora_mode=mode, rank=rank, params=dict(params), dtype=dtype, lora_scaling=lora_scaling,
+                             lora_a_norm=lora_a_norm)
     if out is not None:
         check_output(Path(out), force=force, inputs=[c.path for c in cks])
     m = get_method(method)
@@ -174,9 +182,9 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
         name = _module_name(mod)
         have = [i for i, f in enumerate(facs) if mod in f]
         if factor_space:
-            A, B, scale, err = _merge_module_linear(mod, name, cks, facs, have, coefs, mode, rank)
+            A, B, scale, err = _merge_module_linear(mod, name, cks, facs, have, coefs, mode, rank, lora_a_norm)
         else:
-            A, B, scale, err = _merge_module_dense(name, cks, facs, have, mod, m, weights, params, rank)
+            A, B, scale, err = _merge_module_dense(name, cks, facs, have, mod, m, weights, params, rank, lora_a_norm)
         A, B = A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous()
         errors[name] = _rel_error(err, (A, B * scale))
         tensors[f"{mod}.lora_A.weight"], tensors[f"{mod}.lora_B.weight"] = A, B
@@ -186,9 +194,11 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
     if len({tuple(c.lora.target_modules) for c in cks}) > 1 or any(len(modules) != len(f) for f in facs):
         notes.append("adapters target different modules: a module missing from an adapter counts as ΔW = 0")
     s_out = 1.0 if mode == "factors" or lora_scaling is None else float(lora_scaling)
-    if s_out != 1.0:  # the same product under scaling s_out: each factor divided by √s_out
-        root = s_out ** 0.5
-        tensors = {k: (t.float() / root).to(t.dtype) for k, t in tensors.items()}
+    if s_out != 1.0:  # the same product under scaling s_out: each factor / √s_out, or B / s_out to keep A's norm
+        keep_a = lora_a_norm is not None and mode == "svd"
+        div = {"A": 1.0 if keep_a else s_out ** 0.5, "B": s_out if keep_a else s_out ** 0.5}
+        tensors = {k: (t.double() / div["A" if k.endswith("lora_A.weight") else "B"]).to(t.dtype)
+                   for k, t in tensors.items()}
     cfg = _adapter_config(cks, ranks, mode, s_out)
     result = MergeResult(Path(out) if out is not None else None, method, weights, [], notes=notes,
                          lora_errors=errors, adapter_config=cfg)
@@ -215,7 +225,7 @@ def _linear_coefs(method: str, weights: list[float], params: dict) -> list[float
     return [lam * w / (total if norm and abs(total) > 1e-8 else 1.0) for w in weights]
 
 
-def _merge_module_linear(mod, name, cks, facs, have, coefs, mode, rank):
+def _merge_module_linear(mod, name, cks, facs, have, coefs, mode, rank, a_norm=None):
     """Returns (A, B, scale of the output config for this module, exact target as factors)."""
     parts = [(coefs[i] * cks[i].lora.scaling(name), *facs[i][mod]) for i in have]
     exact = _cat(parts)
@@ -223,7 +233,7 @@ def _merge_module_linear(mod, name, cks, facs, have, coefs, mode, rank):
         return exact[0], exact[1], 1.0, exact
     if mode == "svd":
         r = rank or max(facs[i][mod][0].shape[0] for i in have)  # default: the sources' rank
-        A, B = _svd_factors(*exact, r)
+        A, B = _svd_factors(*exact, r, a_norm)
         return A, B, 1.0, exact
     # factors: average A and B separately (approximate; kept for reproducing the Mashup Learning reference)
     rs = {facs[i][mod][0].shape[0] for i in have}
@@ -236,7 +246,7 @@ def _merge_module_linear(mod, name, cks, facs, have, coefs, mode, rank):
     return A, B, s_ref, exact
 
 
-def _merge_module_dense(name, cks, facs, have, mod, m, weights, params, rank):
+def _merge_module_dense(name, cks, facs, have, mod, m, weights, params, rank, a_norm=None):
     dense = [cks[i].lora.scaling(name) * (facs[i][mod][1] @ facs[i][mod][0]) for i in have]
     p = {k: ([v[i] for i in have] if isinstance(v, list) else v) for k, v in params.items()}
     if "seed" in p:
@@ -245,7 +255,7 @@ def _merge_module_dense(name, cks, facs, have, mod, m, weights, params, rank):
         p["seed"] = tensor_seed(int(p["seed"]), name)
     target = m.fn(dense, torch.zeros_like(dense[0]), [weights[i] for i in have], **p)
     r = rank or max(facs[i][mod][0].shape[0] for i in have)
-    A, B = _truncate(target, r)
+    A, B = _truncate(target, r, a_norm)
     return A, B, 1.0, target
 
 
@@ -314,7 +324,7 @@ def merge_plan_adapters(plan: MergePlan, cks: list[Checkpoint], out: Path, *, fo
     weights = resolve_weights(plan, cks, None)
     return merge_adapters(cks, weights, mode=plan.lora_mode, rank=plan.rank, method=plan.method, out=out,
                           force=force, progress=progress, plan=plan, dtype=plan.dtype,
-                          lora_scaling=plan.lora_scaling, **plan.params)
+                          lora_scaling=plan.lora_scaling, lora_a_norm=plan.lora_a_norm, **plan.params)
 
 
 __all__ = ["merge_adapters", "merge_plan_adapters"]

@@ -66,6 +66,7 @@ class MergePlan:
     lora_mode: str = "cat"
     rank: int | None = None
     lora_scaling: float | None = None  # cat/svd output scaling (alpha/r) of every module; None: 1
+    lora_a_norm: float | None = None  # svd: row norm of A (None: σ split evenly between A and B)
     library: str | None = None  # catalog for MWA metrics of checkpoints without trainer_state.json
     source: str | None = field(default=None, compare=False)  # the file it came from (for messages)
 
@@ -104,8 +105,10 @@ class MergePlan:
             p.append(f"penalty must be >= 0, got {self.penalty}")
         if self.rank is not None and self.rank <= 0:
             p.append(f"rank must be positive, got {self.rank}")
-        if self.lora_scaling is not None and not (isinstance(self.lora_scaling, (int, float)) and self.lora_scaling > 0):
-            p.append(f"lora_scaling must be a positive number, got {self.lora_scaling!r}")
+        for k in ("lora_scaling", "lora_a_norm"):
+            v = getattr(self, k)
+            if v is not None and not (isinstance(v, (int, float)) and v > 0):
+                p.append(f"{k} must be a positive number, got {v!r}")
         try:
             parse_size(self.shard_size)
         except ValueError as e:
