@@ -24,5 +24,5 @@ for t in "${TASKS[@]}"; do TASK_ARGS+=(--task "$t"); done
 # first; benchmarks/recycle_bench_migrate.py recorded lora_scaling 1.0 in the runs made before.)
 exec warmstart bench run --out "$OUT" "${TASK_ARGS[@]}" --steps 40 --ablation-steps 20 --eval-every 10 \
   --test-limit 100 --select-n 64 --seed 0 --seed 1 \
-  --variant main --variant select_acc --variant train_scaling --variant cat --variant factors \
+  --variant main --variant select_acc --variant train_scaling --variant svd_a_init --variant cat --variant factors \
   --variant select_grad --variant optimized --variant k1 --variant k3 --variant mwa
