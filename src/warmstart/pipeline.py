@@ -361,7 +361,7 @@ def _stage_merge(ctx: _Ctx, t0: float) -> None:
 def _merge_options(ctx: _Ctx, donors: list[dict]) -> dict:
     """LoRA donors merge in adapter space to the baseline's LoRA rank and scaling by default (svd),
     so the warm start trains as many parameters as the baseline's fresh LoRA, at the same
-    effective step size (with Adam a step moves ΔW by about alpha/r · lr)."""
+    effective step size (with Adam a step moves ΔW by about alpha/r · lr · (|A| + |B|))."""
     opts = dict(ctx.cfg.merge)
     if all(d.get("kind") == "lora" for d in donors) and not ctx.cfg.train.full:
         opts.setdefault("lora_mode", "svd")
@@ -369,6 +369,10 @@ def _merge_options(ctx: _Ctx, donors: list[dict]) -> dict:
             tc = ctx.cfg.train
             opts.setdefault("rank", tc.lora_r)
             opts.setdefault("lora_scaling", tc.lora_alpha / (tc.lora_r ** 0.5 if tc.rslora else tc.lora_r))
+            # A's rows at a fresh LoRA's norm (PEFT's Kaiming-uniform init: 1/√3), B carrying σ: an even
+            # √σ split leaves both factors small after short donor training and the warm start slow
+            # (recycle-bench: svd_a_init vs train_scaling, docs/results.md)
+            opts.setdefault("lora_a_norm", 3 ** -0.5)
     return opts
 
 

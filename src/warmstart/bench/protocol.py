@@ -40,10 +40,11 @@ METRICS = {"sum": "eval_mc_accuracy", "norm": "eval_mc_accuracy_norm"}
 # Ablations are named variants: (select options, merge options) on top of the main recipe.
 # main = the paper's setting with warmstart's defaults: top-2 by target loss, uniform weights,
 # LoRA merged by SVD to the baseline's rank (so warm and scratch train equally many parameters).
-# ``lora_scaling: 1.0`` pins what these variants ran with before warmstart run carried the baseline's
-# scaling into the merge (alpha = r: the warm start then trained at half the baseline's effective step
-# size); ``train_scaling`` is main with the current default (the baseline's alpha/r, 2 here).
-_S1 = {"lora_scaling": 1.0}
+# ``lora_scaling: 1.0, lora_a_norm: None`` pin what these variants ran with before warmstart run carried
+# the baseline's scaling into the merge and put A at a fresh LoRA's norm (alpha = r and an even √σ
+# split: the warm start then trained far slower than the baseline); ``train_scaling`` has the scaling
+# only, ``svd_a_init`` both (what warmstart run does now).
+_S1 = {"lora_scaling": 1.0, "lora_a_norm": None}
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "main": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
     "k1": ({"k": 1, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
@@ -55,7 +56,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "select_grad": ({"k": 2, "metric": "loss", "scorer": "grad", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
     "optimized": ({"k": 2, "metric": "loss", "weights": "optimized", "optimize_budget": 20},
                   {"lora_mode": "svd", **_S1}),
-    "train_scaling": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd"}),
+    "train_scaling": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", "lora_a_norm": None}),
     # and with A at a fresh LoRA's row norm (1/√3), B carrying σ: see merge/lora.py _split
     "svd_a_init": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", "lora_a_norm": 3 ** -0.5}),
 }
