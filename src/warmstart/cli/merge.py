@@ -78,6 +78,8 @@ def merge_cmd(
     rank: int = typer.Option(None, "--rank", help="Rank of an svd-merged adapter (default: the sources' rank)."),
     lora_scaling: float = typer.Option(None, "--lora-scaling", help="alpha/r of a cat/svd-merged adapter "
                                        "(default 1; set it to the scaling you will train it with)."),
+    lora_a_norm: float = typer.Option(None, "--lora-a-norm", help="svd: row norm of A, B carries σ (default: "
+                                      "σ split evenly; 0.577 = a fresh LoRA's A, for adapters you will train)."),
     include_base: bool = typer.Option(None, "--include-base/--no-include-base",
                                       help="Linear: the base takes part as one more model."),
     base_weight: float = typer.Option(None, "--base-weight", help="Weight of the base with --include-base."),
@@ -97,7 +99,8 @@ def merge_cmd(
 
     scheme, given = _weights(weights)
     flags = {"method": method, "base": base, "penalty": penalty, "dtype": dtype, "shard_size": shard_size,
-             "lora_mode": lora_mode, "rank": rank, "lora_scaling": lora_scaling, "include_base": include_base,
+             "lora_mode": lora_mode, "rank": rank, "lora_scaling": lora_scaling, "lora_a_norm": lora_a_norm,
+             "include_base": include_base,
              "base_weight": base_weight,
              "missing": missing, "vocab": vocab, "device": device, "threads": threads, "weighting": scheme,
              "library": str(library) if library else None}
