@@ -178,6 +178,10 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
     first_meta = next(iter(cks[0].weights().meta.values()))
     out_dtype = getattr(torch, dtype) if dtype else _st_dtype(first_meta.dtype)
     tensors, errors, ranks = {}, {}, {}
+    # output scaling s: the same product with each factor / √s, or B / s where A keeps a set row norm
+    s_out = 1.0 if mode == "factors" or lora_scaling is None else float(lora_scaling)
+    keep_a = lora_a_norm is not None and mode == "svd"  # dense methods were switched to svd above
+    a_div, b_div = (1.0, s_out) if keep_a else (s_out ** 0.5, s_out ** 0.5)
     for j, mod in enumerate(modules):
         name = _module_name(mod)
         have = [i for i, f in enumerate(facs) if mod in f]
@@ -185,6 +189,8 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
             A, B, scale, err = _merge_module_linear(mod, name, cks, facs, have, coefs, mode, rank, lora_a_norm)
         else:
             A, B, scale, err = _merge_module_dense(name, cks, facs, have, mod, m, weights, params, rank, lora_a_norm)
+        if s_out != 1.0:
+            A, B, scale = A / a_div, B / b_div, scale * s_out
         A, B = A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous()
         errors[name] = _rel_error(err, (A, B * scale))
         tensors[f"{mod}.lora_A.weight"], tensors[f"{mod}.lora_B.weight"] = A, B
@@ -193,12 +199,6 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
             progress(j + 1, len(modules), name)
     if len({tuple(c.lora.target_modules) for c in cks}) > 1 or any(len(modules) != len(f) for f in facs):
         notes.append("adapters target different modules: a module missing from an adapter counts as ΔW = 0")
-    s_out = 1.0 if mode == "factors" or lora_scaling is None else float(lora_scaling)
-    if s_out != 1.0:  # the same product under scaling s_out: each factor / √s_out, or B / s_out to keep A's norm
-        keep_a = lora_a_norm is not None and mode == "svd"
-        div = {"A": 1.0 if keep_a else s_out ** 0.5, "B": s_out if keep_a else s_out ** 0.5}
-        tensors = {k: (t.double() / div["A" if k.endswith("lora_A.weight") else "B"]).to(t.dtype)
-                   for k, t in tensors.items()}
     cfg = _adapter_config(cks, ranks, mode, s_out)
     result = MergeResult(Path(out) if out is not None else None, method, weights, [], notes=notes,
                          lora_errors=errors, adapter_config=cfg)
