@@ -162,6 +162,18 @@ def run_cmd(
         return
     err.print(f"report: {out_dir / 'report' / 'report.md'}")
     _print_headline(res.report)
+    _print_costs(res.report)
+
+
+def _print_costs(rep: dict) -> None:
+    """The selection's cost beside training's, and the eval rows when a cap left some out."""
+    from ..report import eval_rows_text, selection_sentence
+
+    if rep.get("selection"):
+        err.print(selection_sentence(rep["selection"], rep).replace("**", "").replace("`", ""))
+    r = rep.get("eval_rows") or {}
+    if r and r.get("used") != r.get("given"):
+        err.print(f"eval rows: {eval_rows_text(r)}")
 
 
 def _given(**flags) -> dict:
