@@ -285,6 +285,9 @@ def selection_sentence(s: dict, rep: dict) -> str:
     cached = f", {s['cached']} from the cache" if s.get("cached") else ""
     b, w = rep.get("baseline"), rep["warm"]
     train = f"baseline training {b['train_time_s']:.1f} s, " if b else ""
+    if b and b.get("train_time_s") and b.get("steps"):  # the unit the wall-clock line is read in
+        train = (f"baseline training {b['train_time_s']:.1f} s (selection = "
+                 f"{s['wall_s'] / (b['train_time_s'] / b['steps']):.1f} of its steps), ")
     merge = (rep.get("overhead_s") or {}).get("merge")
     return (f"**Selection cost: {s['wall_s']:.1f} s** — {s.get('candidates')} candidates scored by "
             f"`{s.get('scorer')}` on {s.get('sample_rows')} target rows ({s.get('sample')}{cached}); "

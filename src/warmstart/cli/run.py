@@ -207,6 +207,7 @@ def report_cmd(
         return
     err.print(f"wrote {run_dir / 'report'}/report.md, report.json, curves_step.png, curves_wall.png")
     _print_headline(rep)
+    _print_costs(rep)
 
 
 def compare_cmd(
