@@ -145,3 +145,40 @@ def test_run_cli_bad_setting_is_one_line_and_writes_nothing(setup, tmp_path, cli
         r = cli("run", "--target", target, "--library", lib, "--base", base, "--out", tmp_path / "run", *args)
         assert r.code == 1 and msg in " ".join(r.err.split()) and "Traceback" not in r.err, (args, r.err)
         assert not (tmp_path / "run").exists()
+
+
+def test_readme_and_docs_run_recipes_use_real_flags():
+    """Every `warmstart run` command in the README and docs/pipeline.md parses: its flags are run's own."""
+    from pathlib import Path
+
+    import typer
+
+    from warmstart.cli import app
+
+    cmd = typer.main.get_command(app).commands["run"]
+    known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+    root = Path(__file__).resolve().parents[1]
+    seen = 0
+    for doc in ("README.md", "docs/pipeline.md"):
+        text = (root / doc).read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            if re.match(r"\s*(accelerate launch .*-m )?warmstart run ", line.strip()):
+                args = line.split("#")[0].split("warmstart run", 1)[1]  # not accelerate's own flags
+                flags = set(re.findall(r"\s(--[a-z][a-z-]*)", args))
+                assert flags <= known, (doc, sorted(flags - known))
+                assert {"--target", "--base", "--out"} <= flags, (doc, line)
+                seen += 1
+    assert seen >= 4
+    readme = (root / "README.md").read_text()
+    assert "--scorer grad --select-n 64" in readme  # the benchmark's wall-clock recipe, as flags
+
+
+def test_selection_sentence_in_baseline_steps():
+    """The selection's time in baseline training steps: wall_s / (baseline time / baseline steps)."""
+    from warmstart.report import selection_sentence
+
+    s = {"wall_s": 14.0, "scorer": "grad", "sample": "n=64,seed=0", "sample_rows": 64, "candidates": 11, "cached": 0}
+    rep = {"warm": {"train_time_s": 30.0}, "baseline": {"train_time_s": 56.0, "steps": 20}, "overhead_s": {"merge": 0.2}}
+    text = selection_sentence(s, rep)
+    assert "**Selection cost: 14.0 s**" in text and "11 candidates scored by `grad` on 64 target rows" in text
+    assert "(selection = 5.0 of its steps)" in text and "merge 0.2 s" in text  # 14 / (56 / 20) = 5.0
