@@ -178,7 +178,30 @@ def test_selection_sentence_in_baseline_steps():
     from warmstart.report import selection_sentence
 
     s = {"wall_s": 14.0, "scorer": "grad", "sample": "n=64,seed=0", "sample_rows": 64, "candidates": 11, "cached": 0}
-    rep = {"warm": {"train_time_s": 30.0}, "baseline": {"train_time_s": 56.0, "steps": 20}, "overhead_s": {"merge": 0.2}}
+    rep = {"warm": {"train_time_s": 30.0}, "baseline": {"train_time_s": 56.0, "steps": 20},
+           "overhead_s": {"merge": 0.2}}
     text = selection_sentence(s, rep)
     assert "**Selection cost: 14.0 s**" in text and "11 candidates scored by `grad` on 64 target rows" in text
     assert "(selection = 5.0 of its steps)" in text and "merge 0.2 s" in text  # 14 / (56 / 20) = 5.0
+
+
+def test_run_skips_a_donor_that_never_learned(models, copy_of, tmp_path, cli):
+    """The own-task gate in a run: the flat adapter is ranked, not merged, and the run says why."""
+    a, b = copy_of(models / "lora_a"), copy_of(models / "lora_b")
+    pts = [{"step": 0, "eval_loss": 2.0, "eval_mc_accuracy": 0.25},
+           {"step": 40, "eval_loss": 1.9, "eval_mc_accuracy": 0.25}]
+    (a / "curve.json").write_text(json.dumps({"points": pts}))
+    lib = tmp_path / "lib.db"
+    with Library(lib) as L:
+        ida, idb = L.add(a)[0].id, L.add(b)[0].id
+    target = _mc(tmp_path / "t.jsonl", 16)
+    args = ("run", "--target", target, "--library", lib, "--base", models / "base", "--k", 2, "--select-n", 6,
+            "--steps", 1, "--eval-every", 1, "--batch-size", 4, "--max-length", 64, "--no-baseline")
+    r = cli(*args, "--out", tmp_path / "gated")
+    assert r.code == 0, r.err
+    sel = RunDir(tmp_path / "gated").marker("select")["outputs"]
+    assert [d["id"] for d in sel["donors"]] == [idb] and sel["excluded"] == [ida] and len(sel["ranking"]) == 3
+    assert "select: not a donor: lora_a never learned its own task" in " ".join(r.err.split())
+    r = cli(*args, "--no-own-gate", "--out", tmp_path / "free")
+    assert r.code == 0, r.err
+    assert {d["id"] for d in RunDir(tmp_path / "free").marker("select")["outputs"]["donors"]} == {ida, idb}

@@ -30,7 +30,8 @@ def test_own_training_evidence_and_gain(tmp_path):
     assert ev["metric"] == "eval_mc_accuracy" and ev["from"] == "curve.json"
     assert ev["gain"] == pytest.approx(0.29577 - 0.28169) and ev["gain"] < DEFAULT_MIN_OWN_GAIN
     # only a loss logged: the relative fall of the eval loss
-    (d / "curve.json").write_text(json.dumps({"points": [{"step": 0, "eval_loss": 4.0}, {"step": 9, "eval_loss": 3.0}]}))
+    loss_only = [{"step": 0, "eval_loss": 4.0}, {"step": 9, "eval_loss": 3.0}]
+    (d / "curve.json").write_text(json.dumps({"points": loss_only}))
     assert own_training(SimpleNamespace(path=str(d), loss_history=[]))["gain"] == pytest.approx(0.25)
     # no curve: the catalog's training-loss history (from trainer_state.json)
     e = SimpleNamespace(path=str(tmp_path / "b"), loss_history=[[10, 2.0], [20, 1.99], [30, 1.98]])
@@ -95,6 +96,7 @@ def test_select_cli_reports_the_excluded_donor(models, two_adapters, cli, tmp_pa
     r = cli(*args, "--json")
     assert r.code == 0, r.err
     assert [d["id"] for d in r.json()["donors"]] == [ids["lora_b"]]
-    assert "not a donor: lora_a never learned its own task (eval_mc_accuracy 0.2500 → 0.2500" in " ".join(r.err.split())
+    line = "not a donor: lora_a never learned its own task (eval_mc_accuracy 0.2500 → 0.2500"
+    assert line in " ".join(r.err.split())
     r = cli(*args, "--no-own-gate", "--json")
     assert r.code == 0 and len(r.json()["donors"]) == 2 and r.json()["own_gate"]["min_gain"] is None

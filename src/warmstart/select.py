@@ -459,8 +459,9 @@ def own_training(entry: Entry | None) -> dict | None:
             pts = []  # an unreadable curve is no evidence; the history below may still be
         if len(pts) >= 2 and pts[0].get("step") == 0:
             for key in _OWN_METRICS + ("eval_loss",):
-                a, b = pts[0].get(key), pts[-1].get(key)
-                if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+                vals = [p[key] for p in pts[1:] if isinstance(p.get(key), (int, float)) and p[key] == p[key]]
+                a, b = pts[0].get(key), (vals[-1] if vals else None)  # step 0 and the last evaluation
+                if isinstance(a, (int, float)) and a == a and b is not None:
                     gain = (b - a) if key != "eval_loss" else ((a - b) / a if a else 0.0)
                     return {"metric": key, "start": a, "final": b, "gain": gain, "from": "curve.json"}
     hist = [h for h in (entry.loss_history or []) if isinstance(h, (list, tuple)) and len(h) == 2]
