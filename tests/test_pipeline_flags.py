@@ -141,7 +141,8 @@ def test_run_cli_bad_setting_is_one_line_and_writes_nothing(setup, tmp_path, cli
     for args, msg in ((("--scorer", "gradient"), "select.scorer must be one of loss, grad"),
                       (("--set", "select.nope=1"), "unknown select option(s) nope"),
                       (("--set", "train.steps"), "bad override 'train.steps'"),
-                      (("--select-n", -3), "select.n must be a positive integer")):
+                      (("--select-n", -3), "select.n must be a positive integer"),
+                      (("--scorer", "grad", "--metric", "mc-accuracy"), "select.scorer grad predicts the loss")):
         r = cli("run", "--target", target, "--library", lib, "--base", base, "--out", tmp_path / "run", *args)
         assert r.code == 1 and msg in " ".join(r.err.split()) and "Traceback" not in r.err, (args, r.err)
         assert not (tmp_path / "run").exists()
