@@ -431,8 +431,8 @@ def choose_donors(ranked: Sequence[ScoreRow], *, k: int, margin: float | None,
 
 # A donor must have learned its own task (``min_own_gain``): the gradient proxy and a small target
 # sample can rank an adapter first whose own training never moved (recycle-bench: the currency_code,
-# rhyme and syllables adapters ended within one question of their step-0 accuracy), and merging it
-# gains nothing. 0.02 = two points of accuracy: above the one-question steps of a 50-100 row eval.
+# rhyme and syllables adapters ended at most one question above their step-0 accuracy), and merging
+# it gains nothing. 0.02 = two points of accuracy: above the one-question steps of a 50-100 row eval.
 DEFAULT_MIN_OWN_GAIN = 0.02
 _OWN_METRICS = ("eval_mc_accuracy", "eval_accuracy", "eval_exact_match", "eval_token_accuracy")  # report's order
 
@@ -450,9 +450,9 @@ def own_training(entry: Entry | None) -> dict | None:
         return None
     curve = Path(entry.path) / "curve.json"
     if curve.is_file():
-        try:
-            import json
+        import json
 
+        try:
             pts = sorted((p for p in json.loads(curve.read_text()).get("points", []) if isinstance(p, dict)),
                          key=lambda p: p.get("step", 0))
         except (ValueError, OSError, AttributeError, TypeError):
