@@ -1,9 +1,11 @@
-"""One-off: record the legacy merge settings in the run.json of recycle-bench runs made before they existed.
+"""One-off: record the legacy merge/select settings in the run.json of recycle-bench runs made before they existed.
 
 Until 2026-11-25 an SVD or cat merge always wrote alpha = r (``lora_scaling: 1.0``) and split σ evenly
 between A and B (``lora_a_norm: None``); the bench variants now pin those explicitly (protocol.VARIANTS),
 so a resumed run must find the same settings in the runs already made. Only keys a variant pins to
-their legacy value, and that its run.json lacks, are added.
+their legacy value, and that its run.json lacks, are added. Likewise every variant pins
+``min_own_gain: None`` in its select settings: runs made before 2026-12-01 chose donors without the
+own-task gate.
 
     python benchmarks/recycle_bench_migrate.py [bench-out/full]
 """
@@ -16,6 +18,7 @@ from warmstart.bench.protocol import VARIANTS
 
 
 LEGACY = {"lora_scaling": 1.0, "lora_a_norm": None}
+LEGACY_SELECT = {"min_own_gain": None}  # before 2026-12-01 select had no own-task gate
 
 
 def main(root: Path) -> None:
@@ -24,16 +27,22 @@ def main(root: Path) -> None:
         variant = run_json.parent.name.rsplit("-s", 1)[0]
         pins = VARIANTS.get(variant, ({}, {}))[1]
         info = json.loads(run_json.read_text())
-        merge = info["config"]["merge"]
+        merge, select = info["config"]["merge"], info["config"]["select"]
         add = {k: v for k, v in pins.items() if k in LEGACY and v == LEGACY[k] and k not in merge}
-        if not add or merge.get("lora_mode") not in ("svd", "cat"):
+        if merge.get("lora_mode") not in ("svd", "cat"):
+            add = {}
+        sel_pins = VARIANTS.get(variant, ({}, {}))[0]
+        add_sel = {k: v for k, v in sel_pins.items() if k in LEGACY_SELECT and v == LEGACY_SELECT[k]
+                   and k not in select}
+        if not add and not add_sel:
             continue
         merge.update(add)
+        select.update(add_sel)
         tmp = run_json.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(run_json)
         changed += 1
-    print(f"{changed} run.json files now record the legacy merge settings")
+    print(f"{changed} run.json files now record the legacy merge and select settings")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class RunConfig:
     select: dict[str, Any] = field(default_factory=dict)
     merge: dict[str, Any] = field(default_factory=dict)
     eval_fraction: float = 0.2
-    eval_max: int | None = 200
+    eval_max: int | None = 200  # most rows carved from the target (no effect on a given eval file)
     split_seed: int = 0
     baseline: bool = True
 
@@ -66,11 +66,45 @@ class RunConfig:
         if self.eval_max is not None and (not isinstance(self.eval_max, int) or self.eval_max < 1):
             errs.append(f"eval_max must be a positive integer or null, got {self.eval_max!r}")
         for name in ("select", "merge"):
-            if not isinstance(getattr(self, name), dict):
+            opts = getattr(self, name)
+            if not isinstance(opts, dict):
                 errs.append(f"{name} must be a mapping of options")
+            elif opts:
+                unknown = sorted(set(opts) - _known_options(name))
+                if unknown:
+                    errs.append(f"unknown {name} option(s) {', '.join(unknown)} (known: "
+                                f"{', '.join(sorted(_known_options(name)))})")
+                if name == "select":
+                    errs += _select_errors(opts)
         if errs:
             raise ConfigError("invalid run config: " + "; ".join(errs))
         return self
+
+    def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> RunConfig:
+        """A copy with ``section.key=value`` assignments applied (the CLI's ``--set``).
+
+        ``section`` is ``train``, ``select`` or ``merge`` (``merge.params.density=0.5`` reaches a
+        nested key) or absent for a top-level field (``eval_max=null``); ``value`` is read as YAML
+        (``null``, ``true``, ``[q_proj, v_proj]``, ``2e-4``). Every key is checked, all at once.
+        """
+        import copy
+
+        d = copy.deepcopy(self.to_dict())  # to_dict shares the select/merge mappings with self
+        for a in assignments:
+            key, eq, raw = a.partition("=")
+            path = key.strip().split(".")
+            if not eq or not all(path):
+                raise ConfigError(f"bad override {a!r}", hint="write section.key=value, e.g. train.warmup_steps=5")
+            if path[0] not in d:
+                raise ConfigError(f"bad override {a!r}: no setting {path[0]!r}",
+                                  hint=f"sections and settings: {', '.join(d)}")
+            node = d
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"bad override {a!r}: {part!r} holds a single value, not settings")
+            node[path[-1]] = _yaml_value(raw)
+        return RunConfig.from_dict(d)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -108,6 +142,69 @@ class RunConfig:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _yaml_value(raw: str) -> Any:
+    """An override's value as YAML, with numbers like 2e-4 that YAML 1.1 reads as text taken as floats."""
+    import yaml
+
+    try:
+        v = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override value {raw!r} is not valid YAML ({e})") from None
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _select_errors(opts: dict) -> list[str]:
+    """The select options a user mistypes most, checked before any model is loaded."""
+    from .select import SCORERS, metric_key, parse_weights
+
+    errs = []
+    for name, check in (("metric", metric_key), ("weights", parse_weights)):
+        if name in opts:
+            try:
+                check(str(opts[name]))
+            except ConfigError as e:
+                errs.append(f"select.{name}: {e.message}")
+    if opts.get("scorer", "loss") not in SCORERS:
+        errs.append(f"select.scorer must be one of {', '.join(SCORERS)}, got {opts['scorer']!r}")
+    elif opts.get("scorer") == "grad" and str(opts.get("metric", "loss")).replace("_", "-") != "loss":
+        errs.append("select.scorer grad predicts the loss: use select.metric loss (--metric loss) with it")
+    for name, none_ok in (("n", True), ("k", False), ("optimize_budget", False)):
+        v = opts.get(name, 1)
+        if not (v is None and none_ok) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            errs.append(f"select.{name} must be a positive integer{' or null (all rows)' if none_ok else ''}, "
+                        f"got {v!r}")
+    for name in ("margin", "min_own_gain"):
+        v = opts.get(name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v != v):
+            errs.append(f"select.{name} must be a number or null, got {v!r}")
+    return errs
+
+
+# Options of select() / MergePlan that a run fixes itself (the data, the model, the process layout).
+_RUN_OWNED = {"select": {"target", "base", "library", "model", "tokenizer", "rank", "world_size", "progress"},
+              "merge": {"models", "source"}}
+
+
+def _known_options(section: str) -> set[str]:
+    """The keys a run's ``select`` / ``merge`` mapping may hold: select()'s parameters, MergePlan's fields."""
+    if section == "select":
+        import inspect
+
+        from .select import select
+
+        names = set(inspect.signature(select).parameters)
+    else:
+        from .merge.plan import MergePlan
+
+        names = {f.name for f in dataclasses.fields(MergePlan)}
+    return names - _RUN_OWNED[section]
 
 
 # ----------------------------------------------------------------------------
@@ -278,7 +375,7 @@ def _stage_split(ctx: _Ctx, t0: float) -> None:
 
     tc = ctx.cfg.train
     data = load_target(ctx.target, format=tc.format, mc_style=tc.mc_style)
-    if ctx.eval is not None:
+    if ctx.eval is not None:  # used whole: only an explicit train.eval_limit caps it (below)
         train, ev = data, load_target(ctx.eval, format=data.format, mc_style=tc.mc_style)
     else:
         idx = list(range(len(data)))
@@ -292,11 +389,21 @@ def _stage_split(ctx: _Ctx, t0: float) -> None:
         held = set(idx[:n_eval])
         ev = replace(data, examples=[e for i, e in enumerate(data.examples) if i in held])
         train = replace(data, examples=[e for i, e in enumerate(data.examples) if i not in held])
+    given = len(ev)
+    if tc.eval_limit and tc.eval_limit < given:
+        # the rows finetune's eval_limit picks (seed 0), written out so eval.jsonl is exactly what is scored
+        ev = ev.sample(tc.eval_limit, seed=0)
+        ctx.log(f"split: evaluating on {len(ev)} of the {given} eval rows {'given' if ctx.eval else 'held out'} "
+                f"(eval_limit {tc.eval_limit})")
+    rows = {"used": len(ev), "given": given, "limit": tc.eval_limit, "source": "file" if ctx.eval else "carved"}
+    run_json = ctx.rd.root / "run.json"
+    atomic_write_json(run_json, {**read_json(run_json, "run file"), "eval_rows": rows})
     with atomic_dir(ctx.rd.stage("split"), force=True) as tmp:
         _write_rows(tmp / "train.jsonl", train)
         _write_rows(tmp / "eval.jsonl", ev)
         _write_marker(tmp, "split", t0, {"format": data.format, "train_rows": len(train), "eval_rows": len(ev),
-                                         "train_fingerprint": train.fingerprint(),
+                                         "eval_rows_given": given, "eval_limit": tc.eval_limit,
+                                         "eval_source": rows["source"], "train_fingerprint": train.fingerprint(),
                                          "eval_fingerprint": ev.fingerprint()})
 
 
@@ -328,10 +435,19 @@ def _stage_select(ctx: _Ctx, t0: float) -> None:
         sel = select(train, str(ctx.base), library=lib, **opts)
     if sel is None:  # another process of a multi-process launch: it scored its share, rank 0 writes
         return
+    gate = sel.own_gate or {}
+    for x in gate.get("excluded", []):
+        ctx.log(f"select: not a donor: {Path(x['ref']).name} never learned its own task ({x['metric']} "
+                f"{x['start']:.4f} → {x['final']:.4f}, min_own_gain {gate['min_gain']})")
     with atomic_dir(ctx.rd.stage("select"), force=True) as tmp:
         sel.to_file(tmp / "selection.yaml")
+        # what the selection cost is made of, for the report's wall-clock line
         _write_marker(tmp, "select", t0, {"selection": "selection.yaml", "donors": sel.donors,
-                                          "ranking": sel.ranking, "metric": sel.metric})
+                                          "ranking": sel.ranking, "metric": sel.metric, "scorer": sel.scorer,
+                                          "sample": sel.target["sample"], "sample_rows": sel.target["n_examples"],
+                                          "candidates": len(sel.ranking),
+                                          "cached": sum(bool(r["cached"]) for r in sel.ranking),
+                                          "excluded": [x["id"] for x in gate.get("excluded", [])]})
 
 
 def _read_selection(path: Path) -> dict:
@@ -385,9 +501,7 @@ def _train_stage(ctx: _Ctx, t0: float, name: str, init: Path) -> None:
     from .train import finetune
 
     train, ev = _split_files(ctx)
-    cfg = ctx.cfg.train
-    if ctx.cfg.eval_max and ctx.eval is not None and not cfg.eval_limit:
-        cfg = dataclasses.replace(cfg, eval_limit=ctx.cfg.eval_max)
+    cfg = ctx.cfg.train  # its eval_limit was applied by the split stage: eval.jsonl holds the rows scored
     out = ctx.rd.stage(name)
     # force: an unmarked dir is unfinished
     res = finetune(init, train, ev, out, cfg, force=True, label=name, progress=ctx.progress)

@@ -245,6 +245,8 @@ def render_markdown(rep: dict, plots: list[str] = ()) -> str:
     for k in ("target", "eval", "base"):
         if rep.get(k):
             lines.append(f"- {k}: `{rep[k]}`")
+    if rep.get("eval_rows"):
+        lines.append(f"- eval rows: {eval_rows_text(rep['eval_rows'])}")
     lines += [f"- headline metric: {m} (held-out eval split)", ""]
     w, b = rep["warm"], rep.get("baseline")
     lines += ["| | baseline (plain base) | warm start | Δ |", "|---|---|---|---|"]
@@ -260,10 +262,37 @@ def render_markdown(rep: dict, plots: list[str] = ()) -> str:
     if rep.get("parity"):
         for sentence in parity_sentence(rep["parity"]):
             lines += [sentence, ""]
+    if rep.get("selection"):
+        lines += [selection_sentence(rep["selection"], rep), ""]
     lines += _donor_lines(rep) + _stage_lines(rep)
     if plots:
         lines += ["## Curves", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def eval_rows_text(r: dict) -> str:
+    """'150 used of 300 given (eval_limit 150)', or '71 (all given)'."""
+    what = "given" if r.get("source") == "file" else "held out"
+    if r.get("used") == r.get("given"):
+        return f"{r.get('used')} (all {what})"
+    return f"{r.get('used')} used of {r.get('given')} {what} (eval_limit {r.get('limit')})"
+
+
+def selection_sentence(s: dict, rep: dict) -> str:
+    """What selection cost and what it was made of, beside the training cost (the wall-clock line's parts)."""
+    if s.get("sample_rows") is None:  # a run selected before the marker recorded its sample
+        return f"**Selection cost: {s['wall_s']:.1f} s**."
+    cached = f", {s['cached']} from the cache" if s.get("cached") else ""
+    b, w = rep.get("baseline"), rep["warm"]
+    train = f"baseline training {b['train_time_s']:.1f} s, " if b else ""
+    if b and b.get("train_time_s") and b.get("steps"):  # the unit the wall-clock line is read in
+        train = (f"baseline training {b['train_time_s']:.1f} s (selection = "
+                 f"{s['wall_s'] / (b['train_time_s'] / b['steps']):.1f} of its steps), ")
+    merge = (rep.get("overhead_s") or {}).get("merge")
+    return (f"**Selection cost: {s['wall_s']:.1f} s** — {s.get('candidates')} candidates scored by "
+            f"`{s.get('scorer')}` on {s.get('sample_rows')} target rows ({s.get('sample')}{cached}); "
+            + (f"merge {merge:.1f} s; " if merge is not None else "")
+            + f"{train}warm-start training {w['train_time_s']:.1f} s (evaluation excluded).")
 
 
 def _donor_lines(rep: dict) -> list[str]:
@@ -350,12 +379,20 @@ def report_run(run_dir: str | Path, out: str | Path | None = None) -> dict:
     sel, mrg = rd.marker("select") or {}, rd.marker("merge") or {}
     overhead = {k: m["wall_s"] for k, m in (("select", sel), ("merge", mrg)) if m}
     split = (rd.marker("split") or {}).get("outputs", {})
+    so = sel.get("outputs", {})
+    selection = {"wall_s": sel["wall_s"], **{k: so.get(k) for k in ("scorer", "metric", "sample", "sample_rows",
+                                                                   "cached")},
+                 "candidates": so.get("candidates", len(so.get("ranking") or []))} if sel else None
+    eval_rows = info.get("eval_rows") or ({"used": split["eval_rows"], "given": split.get("eval_rows_given",
+                                           split["eval_rows"]), "source": "file" if info.get("eval") else "carved"}
+                                          if "eval_rows" in split else None)
     metric = ((info.get("config") or {}).get("report") or {}).get("metric")
     rep = build_report(warm, baseline, metric=metric, overhead_s=overhead, name=Path(info.get("target", "run")).stem,
                        target=info.get("target"), eval=info.get("eval") or f"carved from target ({split.get('eval_rows')} rows)",
                        base=info.get("base"), donors=sel.get("outputs", {}).get("donors"),
                        merge=mrg.get("outputs", {}).get("recipe"), merge_result=mrg.get("outputs", {}).get("result"),
-                       stages=rd.stage_times(), split=split, run_dir=str(rd.root))
+                       stages=rd.stage_times(), split=split, run_dir=str(rd.root), selection=selection,
+                       eval_rows=eval_rows)
     write_report(rep, warm, baseline, out or rd.stage("report"))
     return rep
 
@@ -408,10 +445,12 @@ __all__ = [
     "compare_markdown",
     "compare_rows",
     "compute_parity",
+    "eval_rows_text",
     "crossing",
     "pick_metric",
     "plot_curves",
     "render_markdown",
     "report_run",
+    "selection_sentence",
     "write_report",
 ]

@@ -360,6 +360,7 @@ class Selection:
     created: dict = field(default_factory=dict)
     method: str | None = None  # set when the weights were searched for a method (optimized: task_arithmetic)
     params: dict | None = None
+    own_gate: dict | None = None  # {min_gain, excluded: [{id, ref, metric, start, final, gain, from}]}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -410,14 +411,15 @@ def rank_rows(rows: Sequence[ScoreRow], higher_is_better: bool) -> list[ScoreRow
 
 
 def choose_donors(ranked: Sequence[ScoreRow], *, k: int, margin: float | None,
-                  higher_is_better: bool) -> list[ScoreRow]:
-    """Top-k non-base rows; with ``margin``, only rows better than the base by at least that much."""
+                  higher_is_better: bool, exclude: Sequence[int | str] = ()) -> list[ScoreRow]:
+    """Top-k non-base rows; with ``margin``, only rows better than the base by at least that much.
+    Rows whose id is in ``exclude`` (donors that never learned their own task) are skipped."""
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     base = next((r for r in ranked if r.kind == "base"), None)
     out = []
     for r in ranked:
-        if r.kind == "base":
+        if r.kind == "base" or r.id in exclude:
             continue
         if margin is not None and base is not None:
             gain = (r.score - base.score) if higher_is_better else (base.score - r.score)
@@ -425,6 +427,60 @@ def choose_donors(ranked: Sequence[ScoreRow], *, k: int, margin: float | None,
                 continue
         out.append(r)
     return out[:k]
+
+
+# A donor must have learned its own task (``min_own_gain``): the gradient proxy and a small target
+# sample can rank an adapter first whose own training never moved (recycle-bench: the currency_code,
+# rhyme and syllables adapters ended at most one question above their step-0 accuracy), and merging
+# it gains nothing. 0.02 = two points of accuracy: above the one-question steps of a 50-100 row eval.
+DEFAULT_MIN_OWN_GAIN = 0.02
+_OWN_METRICS = ("eval_mc_accuracy", "eval_accuracy", "eval_exact_match", "eval_token_accuracy")  # report's order
+
+
+def own_training(entry: Entry | None) -> dict | None:
+    """What a candidate's own training shows, from the best evidence there is, or None.
+
+    1. ``curve.json`` next to the weights (written by ``warmstart finetune``): the first
+       accuracy-like metric logged at step 0 and at the end, gain = final − start (points);
+       with only the eval loss, gain = its relative fall (start − final) / start;
+    2. the training-loss history the catalog recorded from ``trainer_state.json``:
+       gain = relative fall of the training loss from its first to its last logged value.
+    """
+    if entry is None:
+        return None
+    curve = Path(entry.path) / "curve.json"
+    if curve.is_file():
+        import json
+
+        try:
+            pts = sorted((p for p in json.loads(curve.read_text()).get("points", []) if isinstance(p, dict)),
+                         key=lambda p: p.get("step", 0))
+        except (ValueError, OSError, AttributeError, TypeError):
+            pts = []  # an unreadable curve is no evidence; the history below may still be
+        if len(pts) >= 2 and pts[0].get("step") == 0:
+            for key in _OWN_METRICS + ("eval_loss",):
+                vals = [p[key] for p in pts[1:] if isinstance(p.get(key), (int, float)) and p[key] == p[key]]
+                a, b = pts[0].get(key), (vals[-1] if vals else None)  # step 0 and the last evaluation
+                if isinstance(a, (int, float)) and a == a and b is not None:
+                    gain = (b - a) if key != "eval_loss" else ((a - b) / a if a else 0.0)
+                    return {"metric": key, "start": a, "final": b, "gain": gain, "from": "curve.json"}
+    hist = [h for h in (entry.loss_history or []) if isinstance(h, (list, tuple)) and len(h) == 2]
+    if len(hist) >= 2 and hist[0][1]:
+        a, b = float(hist[0][1]), float(hist[-1][1])
+        return {"metric": "train_loss", "start": a, "final": b, "gain": (a - b) / a, "from": "trainer_state.json"}
+    return None
+
+
+def unlearned(cands_entries: dict, min_gain: float | None) -> dict:
+    """{id: evidence} of the candidates whose own training gained less than ``min_gain``."""
+    if min_gain is None:
+        return {}
+    out = {}
+    for cid, e in cands_entries.items():
+        ev = own_training(e)
+        if ev is not None and ev["gain"] < min_gain:
+            out[cid] = ev
+    return out
 
 
 WEIGHT_SCHEMES = ("uniform", "score", "softmax", "mwa:loss", "mwa:steps", "optimized")
@@ -472,10 +528,11 @@ def donor_weights(donors: Sequence[ScoreRow], entries: dict, spec: str, *, highe
 
 def build_selection(target: TargetData, base: str, rows: Sequence[ScoreRow], *, metric: str, scorer: str,
                     k: int, margin: float | None, weights: str, penalty: float,
-                    entries: dict) -> Selection:
+                    entries: dict, min_own_gain: float | None = None) -> Selection:
     _, hib = metric_key(metric)
     ranked = rank_rows(rows, hib)
-    donors = choose_donors(ranked, k=k, margin=margin, higher_is_better=hib)
+    never = unlearned({r.id: entries.get(r.id) for r in ranked if r.kind != "base"}, min_own_gain)
+    donors = choose_donors(ranked, k=k, margin=margin, higher_is_better=hib, exclude=list(never))
     w, info = donor_weights(donors, entries, weights, higher_is_better=hib, penalty=penalty) if donors else ([], {
         "scheme": parse_weights(weights)[0]})
     from . import __version__
@@ -489,6 +546,8 @@ def build_selection(target: TargetData, base: str, rows: Sequence[ScoreRow], *, 
         donors=[{"id": d.id, "ref": d.ref, "kind": d.kind, "score": d.score, "weight": wi}
                 for d, wi in zip(donors, w)],
         weighting=info, k=k, margin=margin,
+        own_gate={"min_gain": min_own_gain,
+                  "excluded": [{"id": r.id, "ref": r.ref, **never[r.id]} for r in ranked if r.id in never]},
         created={"warmstart": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
@@ -498,15 +557,20 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
            format: str | None = None, mc_style: str = "text", batch_size: int = 16,
            max_length: int = DEFAULT_MAX_LENGTH, mc_mode: str = "rank", dtype: str = "float32",
            model=None, tokenizer=None, rank: int | None = None, world_size: int | None = None,
-           optimize_budget: int = 20, progress: Callable[[str, Any], None] | None = None) -> Selection | None:
+           optimize_budget: int = 20, min_own_gain: float | None = DEFAULT_MIN_OWN_GAIN,
+           progress: Callable[[str, Any], None] | None = None) -> Selection | None:
     """Load and sample the target, score the base and every compatible entry, choose donors.
 
     ``weights="optimized"`` then searches the donors' weights with CMA-ES
     (``optimize_budget`` evaluations on the same sample, starting from uniform).
+    ``min_own_gain``: a candidate whose own training gained less than this on its own task
+    (:func:`own_training`) is never a donor; None chooses by the target score alone.
     Returns None on ranks other than 0 of a multi-process run (they only score).
     """
     metric_key(metric)
     parse_weights(weights)
+    if min_own_gain is not None and not (isinstance(min_own_gain, (int, float)) and min_own_gain == min_own_gain):
+        raise ConfigError(f"min_own_gain must be a number or null, got {min_own_gain!r}")
     data = target if isinstance(target, TargetData) else load_target(
         target, split=split, format=format, mc_style=mc_style)
     data = data.sample(n, seed)
@@ -522,7 +586,8 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
     entries = {c.id: c.entry for c in cands if c.entry is not None}
     optimized = parse_weights(weights)[0] == "optimized"
     sel = build_selection(data, cands[0].ref, rows, metric=metric, scorer=scorer, k=k, margin=margin,
-                          weights="uniform" if optimized else weights, penalty=penalty, entries=entries)
+                          weights="uniform" if optimized else weights, penalty=penalty, entries=entries,
+                          min_own_gain=min_own_gain)
     if optimized:
         optimize_weights(sel, data, {c.id: c.path for c in cands}, budget=optimize_budget, seed=seed,
                          batch_size=batch_size, max_length=max_length)
@@ -559,7 +624,7 @@ def optimize_weights(sel: Selection, data: TargetData, paths: dict, *, budget: i
 
 
 __all__ = [
-    "METRICS", "SCORERS", "Candidate", "ScoreConfig", "ScoreRow", "Selection", "build_selection",
-    "candidates_for", "choose_donors", "dist_env", "load_base", "load_full_into", "optimize_weights", "rank_rows",
-    "score_candidates", "select", "shard",
+    "DEFAULT_MIN_OWN_GAIN", "METRICS", "SCORERS", "Candidate", "ScoreConfig", "ScoreRow", "Selection",
+    "build_selection", "candidates_for", "choose_donors", "dist_env", "load_base", "load_full_into",
+    "optimize_weights", "own_training", "rank_rows", "score_candidates", "select", "shard",
 ]

@@ -45,20 +45,26 @@ METRICS = {"sum": "eval_mc_accuracy", "norm": "eval_mc_accuracy_norm"}
 # split: the warm start then trained far slower than the baseline); ``train_scaling`` has the scaling
 # only, ``svd_a_init`` both (what warmstart run does now).
 _S1 = {"lora_scaling": 1.0, "lora_a_norm": None}
+# ``min_own_gain: None`` pins selection by the target score alone, as every variant ran before
+# select skipped donors that never learned their own task (2026-12-01, docs/select.md).
+_G0 = {"min_own_gain": None}
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "main": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
-    "k1": ({"k": 1, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
-    "k3": ({"k": 3, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
-    "factors": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "factors"}),
-    "cat": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "cat", **_S1}),
-    "mwa": ({"k": 2, "metric": "loss", "weights": "mwa:loss"}, {"lora_mode": "svd", **_S1}),
-    "select_acc": ({"k": 2, "metric": "mc-accuracy", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
-    "select_grad": ({"k": 2, "metric": "loss", "scorer": "grad", "weights": "uniform"}, {"lora_mode": "svd", **_S1}),
-    "optimized": ({"k": 2, "metric": "loss", "weights": "optimized", "optimize_budget": 20},
+    "main": ({"k": 2, "metric": "loss", "weights": "uniform", **_G0}, {"lora_mode": "svd", **_S1}),
+    "k1": ({"k": 1, "metric": "loss", "weights": "uniform", **_G0}, {"lora_mode": "svd", **_S1}),
+    "k3": ({"k": 3, "metric": "loss", "weights": "uniform", **_G0}, {"lora_mode": "svd", **_S1}),
+    "factors": ({"k": 2, "metric": "loss", "weights": "uniform", **_G0}, {"lora_mode": "factors"}),
+    "cat": ({"k": 2, "metric": "loss", "weights": "uniform", **_G0}, {"lora_mode": "cat", **_S1}),
+    "mwa": ({"k": 2, "metric": "loss", "weights": "mwa:loss", **_G0}, {"lora_mode": "svd", **_S1}),
+    "select_acc": ({"k": 2, "metric": "mc-accuracy", "weights": "uniform", **_G0}, {"lora_mode": "svd", **_S1}),
+    "select_grad": ({"k": 2, "metric": "loss", "scorer": "grad", "weights": "uniform", **_G0},
+                    {"lora_mode": "svd", **_S1}),
+    "optimized": ({"k": 2, "metric": "loss", "weights": "optimized", "optimize_budget": 20, **_G0},
                   {"lora_mode": "svd", **_S1}),
-    "train_scaling": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", "lora_a_norm": None}),
+    "train_scaling": ({"k": 2, "metric": "loss", "weights": "uniform", **_G0},
+                      {"lora_mode": "svd", "lora_a_norm": None}),
     # and with A at a fresh LoRA's row norm (1/√3), B carrying σ: see merge/lora.py _split
-    "svd_a_init": ({"k": 2, "metric": "loss", "weights": "uniform"}, {"lora_mode": "svd", "lora_a_norm": 3 ** -0.5}),
+    "svd_a_init": ({"k": 2, "metric": "loss", "weights": "uniform", **_G0},
+                   {"lora_mode": "svd", "lora_a_norm": 3 ** -0.5}),
 }
 
 

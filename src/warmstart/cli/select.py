@@ -43,6 +43,11 @@ def select_cmd(
                                         help="Evaluations of the weight search (with --weights optimized)."),
     penalty: float = typer.Option(1.0, "--penalty", help="MWA penalty exponent p."),
     scorer: str = typer.Option("loss", "--scorer", help="loss (evaluate each) or grad (first-order proxy)."),
+    min_own_gain: float = typer.Option(0.02, "--min-own-gain",
+                                       help="A donor must have gained at least this on its own task in its own "
+                                       "training (accuracy points, or relative loss fall; docs/select.md)."),
+    own_gate: bool = typer.Option(True, "--own-gate/--no-own-gate",
+                                  help="Skip donors that never learned their own task (--min-own-gain)."),
     split: str = typer.Option(None, "--split", help="Split of a dataset directory."),
     format: str = typer.Option(None, "--format", help="prompt_completion | messages | mc (default: detect)."),
     mc_style: str = typer.Option("text", "--mc-style", help="Multiple choice as answer text or letter."),
@@ -66,7 +71,8 @@ def select_cmd(
         sel = select(target, base, library=lib, metric=metric, n=n or None, seed=seed, k=k, margin=margin,
                      weights=weights, penalty=penalty, scorer=scorer, split=split, format=format,
                      mc_style=mc_style, batch_size=batch_size, max_length=max_length, mc_mode=mc_mode,
-                     dtype=dtype, optimize_budget=optimize_budget, progress=progress)
+                     dtype=dtype, optimize_budget=optimize_budget,
+                     min_own_gain=min_own_gain if own_gate else None, progress=progress)
     if sel is None:  # another rank writes the result
         return
     if out_file is not None:
@@ -121,8 +127,11 @@ def ranking_table(sel) -> Table:
 def _summary(sel, out_file: Path | None) -> None:
     n_cached = sum(r["cached"] for r in sel.ranking)
     err.print(f"{len(sel.ranking)} scored ({n_cached} from cache), {len(sel.donors)} donor(s) chosen")
+    for x in (sel.own_gate or {}).get("excluded", []):
+        err.print(f"not a donor: {Path(x['ref']).name} never learned its own task ({x['metric']} {x['start']:.4f} "
+                  f"→ {x['final']:.4f} in its {x['from']}; --min-own-gain {sel.own_gate['min_gain']})")
     if not sel.donors:
-        err.print("no candidate beats the base by the margin; train from the base")
+        err.print("no candidate qualifies as a donor (margin / own-task gate); train from the base")
     w = sel.weighting
     if w.get("scheme") == "optimized":
         err.print(f"weights optimized in {w['evaluations']} evaluations ({w['seconds']:.0f} s): {w['metric']} cost "
