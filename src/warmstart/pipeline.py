@@ -382,6 +382,7 @@ def _warm_init(ctx: _Ctx) -> Path:
 
 
 def _train_stage(ctx: _Ctx, t0: float, name: str, init: Path) -> None:
+    from .library import task_name_from_path
     from .train import finetune
 
     train, ev = _split_files(ctx)
@@ -390,7 +391,8 @@ def _train_stage(ctx: _Ctx, t0: float, name: str, init: Path) -> None:
         cfg = dataclasses.replace(cfg, eval_limit=ctx.cfg.eval_max)
     out = ctx.rd.stage(name)
     # force: an unmarked dir is unfinished
-    res = finetune(init, train, ev, out, cfg, force=True, label=name, progress=ctx.progress)
+    res = finetune(init, train, ev, out, cfg, force=True, label=name, progress=ctx.progress,
+                   task=task_name_from_path(ctx.target))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:

@@ -84,14 +84,18 @@ class ScoreRow:
 
 
 def candidates_for(base: str | Path, library: Library | None, *, include_base: bool = True,
-                   ids: Sequence[int] | None = None) -> list[Candidate]:
-    """The base plus every library entry compatible with it (files present), sorted by id."""
+                   ids: Sequence[int] | None = None, include_derived: bool = False) -> list[Candidate]:
+    """The base plus every library entry compatible with it (files present), sorted by id.
+
+    Derived entries (merges, transfers, the stages of warmstart runs: ``Entry.derived``) are left
+    out unless ``include_derived``: a merge of donors offered as a donor counts them twice."""
     base_ck = open_checkpoint(base)
     if base_ck.kind != "full":
         raise ConfigError("--base must be a full model, got a LoRA adapter", path=base_ck.path)
     base_fp = base_ck.fingerprint()
     out = [Candidate("base", base_ck.ref, str(base_ck.path), "base", base_fp)] if include_base else []
-    for e in (library.list(compatible_with=base) if library else []):
+    derived = None if include_derived else False
+    for e in (library.list(compatible_with=base, derived=derived) if library else []):
         if e.missing or (ids is not None and e.id not in ids):
             continue
         fp = e.fingerprint
@@ -498,7 +502,8 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
            format: str | None = None, mc_style: str = "text", batch_size: int = 16,
            max_length: int = DEFAULT_MAX_LENGTH, mc_mode: str = "rank", dtype: str = "float32",
            model=None, tokenizer=None, rank: int | None = None, world_size: int | None = None,
-           optimize_budget: int = 20, progress: Callable[[str, Any], None] | None = None) -> Selection | None:
+           optimize_budget: int = 20, progress: Callable[[str, Any], None] | None = None,
+           include_derived: bool = False) -> Selection | None:
     """Load and sample the target, score the base and every compatible entry, choose donors.
 
     ``weights="optimized"`` then searches the donors' weights with CMA-ES
@@ -512,7 +517,7 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
     data = data.sample(n, seed)
     if rank is None or world_size is None:
         rank, world_size = dist_env()
-    cands = candidates_for(base, library)
+    cands = candidates_for(base, library, include_derived=include_derived)
     cfg = ScoreConfig(metric=metric, scorer=scorer, batch_size=batch_size, max_length=max_length,
                       mc_mode=mc_mode, dtype=dtype)
     rows = score_candidates(data, base, cands, library=library, config=cfg, model=model, tokenizer=tokenizer,

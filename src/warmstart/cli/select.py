@@ -51,6 +51,8 @@ def select_cmd(
     max_length: int = typer.Option(512, "--max-length"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     out_file: Path = typer.Option(None, "--out", "-o", help="Selection file to write (.yaml or .json)."),
+    include_derived: bool = typer.Option(False, "--include-derived",
+                                         help="Also score merges, transfers and warmstart runs' outputs."),
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -66,7 +68,8 @@ def select_cmd(
         sel = select(target, base, library=lib, metric=metric, n=n or None, seed=seed, k=k, margin=margin,
                      weights=weights, penalty=penalty, scorer=scorer, split=split, format=format,
                      mc_style=mc_style, batch_size=batch_size, max_length=max_length, mc_mode=mc_mode,
-                     dtype=dtype, optimize_budget=optimize_budget, progress=progress)
+                     dtype=dtype, optimize_budget=optimize_budget, progress=progress,
+                     include_derived=include_derived)
     if sel is None:  # another rank writes the result
         return
     if out_file is not None:
