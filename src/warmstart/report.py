@@ -11,6 +11,12 @@ metric reaches the baseline's *final* value, linearly interpolated between the
 two evaluations around the crossing, as a percentage of the baseline's steps.
 The wall-clock version adds the time spent selecting and merging, so the warm
 start pays for its own overhead.
+
+No speed-up is claimed when nothing was learned (the baseline never improved on
+its step-0 value) or when the two curves are within the evaluation's noise at
+every evaluation (:func:`assess_effect`); the headline then says which. Δ carries
+a 95% interval: Newcombe's hybrid score interval for two proportions for per-row
+metrics (the curves store aggregate values only, so no paired bootstrap).
 """
 
 from __future__ import annotations
@@ -188,6 +194,79 @@ def compute_parity(warm: Curve, baseline: Curve, metric: str | None = None,
 
 
 # ----------------------------------------------------------------------------
+# Noise: is there an effect to report at all?
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+# Metrics that are a mean of one 0/1 outcome per eval row (mc_accuracy_sum / _norm included);
+# token_accuracy is per token and the loss is continuous, so neither gets a binomial interval.
+ROW_PROPORTIONS = ("accuracy", "exact_match", "mc_accuracy")
+
+
+def is_row_proportion(metric: str) -> bool:
+    name = metric.removeprefix("eval_")
+    return name in ROW_PROPORTIONS or name.startswith("mc_accuracy")
+
+
+def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion ``p`` observed on ``n`` rows."""
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def newcombe_interval(p1: float, n1: int, p2: float, n2: int, z: float = Z95) -> tuple[float, float]:
+    """Interval for p1 − p2 (Newcombe 1998, method 10: hybrid score from two Wilson intervals).
+
+    Written out rather than imported: statsmodels has it but is not otherwise needed. It treats the
+    two runs as independent samples; both are scored on the same rows, which usually correlates
+    them, so the interval is on the wide (conservative) side of a paired one.
+    """
+    l1, u1 = wilson_interval(p1, n1, z)
+    l2, u2 = wilson_interval(p2, n2, z)
+    d = p1 - p2
+    return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
+def eval_rows(c: Curve) -> int | None:
+    n = c.meta.get("eval_examples")
+    return int(n) if _finite(n) and n > 0 else None
+
+
+def assess_effect(warm: Curve, baseline: Curve, metric: str) -> dict:
+    """``verdict`` None (an effect to report), ``"baseline_flat"`` (the baseline's final value is
+    no better than its step-0 value: nothing was learned to speed up) or ``"within_noise"`` (at
+    every step both curves evaluated, the 95% interval of their difference includes 0 — for
+    metrics without an interval, the curves coincide). Also ``eval_rows`` and ``delta_ci95``."""
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    n_w, n_b = eval_rows(warm), eval_rows(baseline)
+    prop = is_row_proportion(metric) and n_w is not None and n_b is not None
+    wf, bf = warm.final(metric), baseline.final(metric)
+    out: dict[str, Any] = {"eval_rows": n_b or n_w, "delta_ci95": None, "ci_method": None, "verdict": None,
+                           "evaluations_compared": 0, "baseline_start": None}
+    if prop and wf is not None and bf is not None:
+        out["delta_ci95"] = list(newcombe_interval(wf, n_w, bf, n_b))
+        out["ci_method"] = "Newcombe hybrid score interval, two proportions"
+    b_series = dict(baseline.series(metric))
+    out["baseline_start"] = b_series.get(0.0)
+    if out["baseline_start"] is not None and bf is not None and sign * (bf - out["baseline_start"]) <= 0:
+        out["verdict"] = "baseline_flat"
+        return out
+    common = [(w, b_series[s]) for s, w in warm.series(metric) if s in b_series]
+    out["evaluations_compared"] = len(common)
+
+    def same(w: float, b: float) -> bool:
+        if prop:
+            lo, hi = newcombe_interval(w, n_w, b, n_b)
+            return lo <= 0 <= hi
+        return abs(w - b) <= 1e-9 * max(1.0, abs(b))
+
+    if common and all(same(w, b) for w, b in common):
+        out["verdict"] = "within_noise"
+    return out
+
+
+# ----------------------------------------------------------------------------
 # The report: numbers (report.json), prose (report.md), plots (PNG)
 
 
@@ -203,7 +282,15 @@ def build_report(warm: Curve, baseline: Curve | None = None, *, metric: str | No
         rep["baseline"] = _run_summary(baseline, metric)
         w, b = rep["warm"]["final"], rep["baseline"]["final"]
         rep["delta"] = None if w is None or b is None else w - b
-        rep["parity"] = compute_parity(warm, baseline, metric, overhead_s).to_dict()
+        rep["effect"] = eff = assess_effect(warm, baseline, metric)
+        par = compute_parity(warm, baseline, metric, overhead_s).to_dict()
+        if eff["verdict"] == "within_noise" or eff["verdict"] and par["status"] != "never":
+            # a crossing inside the noise (or of a flat baseline) is no speed-up: not reported as one
+            par.update(status="no_effect", reason=eff["verdict"], step=None, percent_steps=None,
+                       train_time_s=None, wall_s=None, percent_wall=None)
+        par.update(eval_rows=eff["eval_rows"], baseline_start=eff["baseline_start"],
+                   evaluations_compared=eff["evaluations_compared"])
+        rep["parity"] = par
     rep["overhead_s"] = dict(overhead_s or {})
     return rep
 
@@ -226,6 +313,16 @@ def _pct(v) -> str:
 
 def parity_sentence(par: dict) -> list[str]:
     name = par["metric"].removeprefix("eval_")
+    rows = f"{par['eval_rows']} eval rows" if par.get("eval_rows") else "eval rows unknown"
+    if par["status"] == "no_effect" and par.get("reason") == "baseline_flat":
+        start = "–" if par.get("baseline_start") is None else f"{par['baseline_start']:.4f}"
+        return [f"**Steps to parity: not measured** — the baseline never improved on its step-0 {name} "
+                f"({start} at step 0, {par['target']:.4f} at the end; {rows}): nothing was learned that a warm "
+                f"start could reach sooner. Train longer, with a higher learning rate, or on more data."]
+    if par["status"] == "no_effect":
+        return [f"**Steps to parity: no measurable difference** — warm start and baseline are within the "
+                f"evaluation's noise at all {par.get('evaluations_compared')} evaluations (the 95% interval of "
+                f"their difference includes 0; {rows}), so no speed-up is claimed."]
     if par["status"] == "never":
         return [f"**Steps to parity: never** — the warm start did not reach the baseline's final "
                 f"{name} ({par['target']:.4f}) within its {par['baseline_steps']} steps."]
@@ -239,13 +336,27 @@ def parity_sentence(par: dict) -> list[str]:
             f"{par['baseline_time_s']:.1f} s of training)** = {items}."]
 
 
+def delta_sentence(rep: dict) -> str:
+    """The headline difference with its 95% interval and the number of eval rows behind it."""
+    m, eff = rep["metric"].removeprefix("eval_"), rep.get("effect") or {}
+    rows = f"{eff['eval_rows']} eval rows" if eff.get("eval_rows") else "eval rows unknown"
+    ci = eff.get("delta_ci95")
+    if ci:
+        spread = f"95% CI {ci[0]:+.4f} to {ci[1]:+.4f}, {rows}; Newcombe interval for two proportions"
+    else:
+        spread = f"{rows}; no interval: {m} is not one 0/1 outcome per row"
+    return f"**Δ final {m}: {rep['delta']:+.4f}** ({spread})."
+
+
 def render_markdown(rep: dict, plots: list[str] = ()) -> str:
     m = rep["metric"].removeprefix("eval_")
     lines = [f"# warmstart report: {rep.get('name') or rep.get('target') or 'run'}", ""]
     for k in ("target", "eval", "base"):
         if rep.get(k):
             lines.append(f"- {k}: `{rep[k]}`")
-    lines += [f"- headline metric: {m} (held-out eval split)", ""]
+    eff = rep.get("effect") or {}
+    lines += [f"- headline metric: {m} (held-out eval split"
+              + (f", {eff['eval_rows']} rows)" if eff.get("eval_rows") else ")"), ""]
     w, b = rep["warm"], rep.get("baseline")
     lines += ["| | baseline (plain base) | warm start | Δ |", "|---|---|---|---|"]
     lines.append(f"| final {m} | {_f(b and b['final'])} | {_f(w['final'])} | {_f(rep.get('delta'), '+.4f')} |")
@@ -257,6 +368,8 @@ def render_markdown(rep: dict, plots: list[str] = ()) -> str:
     lines.append(f"| training time (s, eval excluded) | {_f(b and b['train_time_s'], '.1f')} | "
                  f"{_f(w['train_time_s'], '.1f')} | |")
     lines.append("")
+    if rep.get("delta") is not None:
+        lines += [delta_sentence(rep), ""]
     if rep.get("parity"):
         for sentence in parity_sentence(rep["parity"]):
             lines += [sentence, ""]
@@ -367,6 +480,35 @@ COMPARE_COLUMNS = ("target", "metric", "baseline", "warm", "delta", "zero_shot",
                    "parity_wall_pct")
 
 
+def collect_reports(run_dirs: list[str | Path]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The reports of the finished runs, and (run dir, why it was skipped + what to do) for the others."""
+    from .errors import WarmstartError
+    from .pipeline import STAGES, RunDir
+
+    reports, skipped = [], []
+    for d in run_dirs:
+        rd = RunDir(d)
+        f = rd.stage("report") / "report.json"
+        if f.is_file():
+            try:
+                reports.append(read_json(f, "report"))
+                continue
+            except WarmstartError as e:
+                skipped.append((str(d), f"{e.message}; re-render it with `warmstart report {d}`"))
+                continue
+        if not (rd.root / "run.json").is_file():
+            skipped.append((str(d), "not a warmstart run directory (no run.json)"))
+            continue
+        todo = [s for s in STAGES if not rd.done(s)]
+        if todo == ["report"]:
+            why = f"no report yet; write it with `warmstart report {d}`"
+        else:
+            why = (f"unfinished run (stage {todo[0]} not done); re-run the same `warmstart run` command "
+                   f"(--out {d}) to resume it")
+        skipped.append((str(d), why))
+    return reports, skipped
+
+
 def compare_rows(reports: list[dict]) -> list[dict]:
     """One row per report, then a mean row. Parity means are over runs that reached it
     ("never" counts in the n/N, not in the mean)."""
@@ -391,9 +533,9 @@ def compare_markdown(rows: list[dict]) -> str:
     head = ["target", "metric", "baseline", "warm", "Δ", "zero-shot", "steps to parity", "wall to parity"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        never = r.get("parity_status") == "never"
-        steps = "never" if never else _pct(r["parity_steps_pct"])
-        wall = "never" if never else _pct(r["parity_wall_pct"])
+        word = {"never": "never", "no_effect": "no effect"}.get(r.get("parity_status"))
+        steps = word or _pct(r["parity_steps_pct"])
+        wall = word or _pct(r["parity_wall_pct"])
         if r["target"] == "mean":
             steps, wall = f"{steps} ({r['parity_status']})", wall
         lines.append(f"| {r['target']} | {r['metric']} | {_f(r['baseline'])} | {_f(r['warm'])} | "
@@ -405,10 +547,14 @@ __all__ = [
     "Curve",
     "Parity",
     "build_report",
+    "collect_reports",
     "compare_markdown",
     "compare_rows",
+    "assess_effect",
     "compute_parity",
     "crossing",
+    "newcombe_interval",
+    "wilson_interval",
     "pick_metric",
     "plot_curves",
     "render_markdown",
