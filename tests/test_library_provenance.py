@@ -158,3 +158,28 @@ def test_cli_show_prints_dates_and_no_none_and_list_marks_derived(cli, models, t
         assert sorted(_origin(e) for e in lib.list()) == ["", " (run baseline)", " (run merge)", " (run warm)"]
     originals = cli("library", "list", "--library", db, "--no-derived", "--json").json()
     assert [x["ref"] for x in originals] == [str(models / "ft_a")]
+
+
+def test_ranking_and_donor_rows_carry_the_catalog_task(lib, models, tmp_path):
+    from rich.console import Console
+
+    from warmstart.cli.select import checkpoint_label, ranking_table
+    from warmstart.data import load_target
+    from warmstart.report import render_markdown
+    from warmstart.select import ScoreRow, build_selection
+    from warmstart.testing import write_jsonl
+
+    data = load_target(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "completion": "b"}] * 2))
+    e, _ = lib.add(models / "run_lora" / "checkpoint-20")
+    rows = [ScoreRow("base", str(models / "base"), "base", 2.0, False), ScoreRow(e.id, e.ref, "lora", 1.0, False)]
+    sel = build_selection(data, str(models / "base"), rows, metric="loss", scorer="loss", k=1, margin=None,
+                          weights="uniform", penalty=1.0, entries={e.id: e})
+    assert [r["task"] for r in sel.ranking] == ["task_c", None] and sel.donors[0]["task"] == "task_c"
+    assert checkpoint_label(sel.ranking[0]) == "task_c (checkpoint-20)"
+    assert checkpoint_label(sel.ranking[1]) == str(models / "base")  # no task: the whole reference
+    console = Console(width=400, record=True)
+    console.print(ranking_table(sel))
+    assert "task_c (checkpoint-20)" in console.export_text()
+    md = render_markdown({"metric": "eval_loss", "warm": {"final": 1.0, "final_eval_loss": 1.0, "zero_shot": None,
+                                                           "steps": 1, "train_time_s": 1.0}, "donors": sel.donors})
+    assert f"| {e.id} | task_c | lora |" in md

@@ -382,9 +382,9 @@ def render_markdown(rep: dict, plots: list[str] = ()) -> str:
 def _donor_lines(rep: dict) -> list[str]:
     out = []
     if rep.get("donors"):
-        out += ["## Donors", "", "| id | kind | score | weight | ref |", "|---|---|---|---|---|"]
+        out += ["## Donors", "", "| id | task | kind | score | weight | ref |", "|---|---|---|---|---|---|"]
         for d in rep["donors"]:
-            out.append(f"| {d.get('id', '')} | {d.get('kind', '')} | {_f(d.get('score'))} | "
+            out.append(f"| {d.get('id', '')} | {d.get('task') or ''} | {d.get('kind', '')} | {_f(d.get('score'))} | "
                        f"{_f(d.get('weight'), '.3f')} | `{d.get('ref', '')}` |")
         out.append("")
     if rep.get("merge"):

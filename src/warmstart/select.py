@@ -474,6 +474,11 @@ def donor_weights(donors: Sequence[ScoreRow], entries: dict, spec: str, *, highe
     return compute_weights(scheme, n=len(donors), **kw), info
 
 
+def _task_of(entries: dict, entry_id) -> str | None:
+    e = entries.get(entry_id)
+    return e.task if e is not None else None
+
+
 def build_selection(target: TargetData, base: str, rows: Sequence[ScoreRow], *, metric: str, scorer: str,
                     k: int, margin: float | None, weights: str, penalty: float,
                     entries: dict) -> Selection:
@@ -488,10 +493,10 @@ def build_selection(target: TargetData, base: str, rows: Sequence[ScoreRow], *, 
         target={"path": str(target.path), "fingerprint": target.fingerprint(), "sample": target.sample_spec,
                 "format": target.format, "split": target.split, "n_examples": len(target)},
         base=str(base), metric=metric, scorer=scorer, higher_is_better=hib,
-        ranking=[{"rank": i + 1, "id": r.id, "ref": r.ref, "kind": r.kind, "score": r.score, "cached": r.cached}
-                 for i, r in enumerate(ranked)],
-        donors=[{"id": d.id, "ref": d.ref, "kind": d.kind, "score": d.score, "weight": wi}
-                for d, wi in zip(donors, w)],
+        ranking=[{"rank": i + 1, "id": r.id, "ref": r.ref, "kind": r.kind, "task": _task_of(entries, r.id),
+                  "score": r.score, "cached": r.cached} for i, r in enumerate(ranked)],
+        donors=[{"id": d.id, "ref": d.ref, "kind": d.kind, "task": _task_of(entries, d.id), "score": d.score,
+                 "weight": wi} for d, wi in zip(donors, w)],
         weighting=info, k=k, margin=margin,
         created={"warmstart": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 

@@ -112,13 +112,21 @@ def ranking_table(sel) -> Table:
     donors = {d["id"]: d["weight"] for d in sel.donors}
     t = Table(title=f"{sel.metric} on {sel.target['sample']} of {Path(sel.target['path']).name}"
                     f" ({'higher' if sel.higher_is_better else 'lower'} is better, scorer {sel.scorer})")
-    for c in ("rank", "id", "kind", "score", "cached", "donor weight", "ref"):
+    for c in ("rank", "id", "kind", "score", "cached", "donor weight", "checkpoint"):
         t.add_column(c, justify="right" if c in ("rank", "score", "donor weight") else "left", overflow="fold")
     for r in sel.ranking:
         w = donors.get(r["id"])
         t.add_row(str(r["rank"]), str(r["id"]), r["kind"], f"{r['score']:.4f}", "yes" if r["cached"] else "",
-                  "" if w is None else f"{w:.3f}", r["ref"])
+                  "" if w is None else f"{w:.3f}", checkpoint_label(r))
     return t
+
+
+def checkpoint_label(row: dict) -> str:
+    """The catalog's task name with the directory's own name (``capitals (checkpoint-20)``) where the
+    task is known; else the reference itself, whole (a truncated path names nothing)."""
+    if row.get("task"):
+        return f"{row['task']} ({Path(row['ref']).name})"
+    return row["ref"]
 
 
 def _summary(sel, out_file: Path | None) -> None:
