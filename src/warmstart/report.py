@@ -402,34 +402,79 @@ def _stage_lines(rep: dict) -> list[str]:
     return out + [""]
 
 
-def plot_curves(warm: Curve, baseline: Curve | None, metric: str, out_dir: str | Path,
-                overhead_s: float = 0.0) -> list[str]:
-    """Two PNGs (vs step, vs wall clock), each with the metric and the eval loss for both runs.
+def plot_title(rep: dict) -> str:
+    """'warm start vs baseline: capitals.jsonl (run runs/capitals)' from the report's context."""
+    target = Path(rep["target"]).name if rep.get("target") else rep.get("name") or "target"
+    run = f" (run {rep['run_dir']})" if rep.get("run_dir") else ""
+    return f"warm start vs baseline: {target}{run}"
 
-    On the wall-clock axis the warm start begins at its selection + merge overhead."""
+
+def _metric_label(key: str) -> str:
+    return key.removeprefix("eval_").replace("_", " ") if key != "eval_loss" else "eval loss"
+
+
+def _is_fraction(key: str) -> bool:
+    return is_row_proportion(key) or "accuracy" in key
+
+
+def make_figures(warm: Curve, baseline: Curve | None, metric: str, overhead_s: float = 0.0,
+                 title: str = "warm start vs baseline") -> list[tuple[str, Any]]:
+    """The two figures (vs step, vs wall clock) as (file name, matplotlib Figure), unsaved.
+
+    The baseline is dashed with hollow square markers and drawn above the warm start, so it
+    stays visible where the curves coincide. On the wall-clock axis the warm start begins after
+    its selection + merge time, shaded and labelled, so its overhead is seen at a glance."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers / CI
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    out_dir = Path(out_dir)
-    files = []
-    for x, fname, xlabel in (("step", "curves_step.png", "step"),
-                             ("time_s", "curves_wall.png", "wall clock (s, incl. select + merge for warm)")):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figs = []
+    for x, fname, xlabel in (("step", "curves_step.png", "training step"),
+                             ("time_s", "curves_wall.png", "training wall clock (s; eval excluded)")):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
+        fig.suptitle(title + (" — by step" if x == "step" else " — by wall clock"), fontsize=10)
         for ax, key in zip(axes, (metric, "eval_loss")):
-            for c, label, shift in ((baseline, "baseline", 0.0), (warm, "warm start", overhead_s)):
-                s = c.series(key, x) if c else []
-                if s:
-                    off = shift if x == "time_s" else 0.0
-                    ax.plot([a + off for a, _ in s], [v for _, v in s], marker="o", ms=3, label=label)
-            if baseline and key == metric and baseline.final(key) is not None:
-                ax.axhline(baseline.final(key), ls="--", lw=0.8, color="gray", label="baseline final")
+            _draw_runs(ax, warm, baseline, key, x, overhead_s if x == "time_s" else 0.0)
+            if x == "step":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(key.removeprefix("eval_"))
+            ax.set_ylabel(_metric_label(key))
+            if _is_fraction(key):
+                top = max([v for c in (warm, baseline) if c for _, v in c.series(key)] or [0.0])
+                ax.set_ylim(0.0, min(1.0, max(0.05, 1.1 * top)))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
+        figs.append((fname, fig))
+    return figs
+
+
+def _draw_runs(ax, warm: Curve, baseline: Curve | None, key: str, x: str, shift: float) -> None:
+    if shift > 0:
+        ax.axvspan(0.0, shift, color="tab:orange", alpha=0.15, lw=0, label="selection + merge")
+    s = warm.series(key, x)
+    if s:
+        ax.plot([a + shift for a, _ in s], [v for _, v in s], "-", marker="o", ms=4, color="tab:orange",
+                label="warm start", zorder=2)
+    s = baseline.series(key, x) if baseline else []
+    if s:
+        ax.plot([a for a, _ in s], [v for _, v in s], "--", marker="s", ms=7, mfc="none", mew=1.3,
+                color="tab:blue", label="baseline", zorder=3)
+    if baseline and key != "eval_loss" and baseline.final(key) is not None:
+        ax.axhline(baseline.final(key), ls=":", lw=0.8, color="gray", label="baseline final", zorder=1)
+
+
+def plot_curves(warm: Curve, baseline: Curve | None, metric: str, out_dir: str | Path,
+                overhead_s: float = 0.0, title: str = "warm start vs baseline") -> list[str]:
+    """Two PNGs (vs step, vs wall clock), each with the metric and the eval loss for both runs
+    (:func:`make_figures`); returns their file names."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    files = []
+    for fname, fig in make_figures(warm, baseline, metric, overhead_s, title):
         tmp = out_dir / f".{fname}.tmp"
         fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
@@ -442,7 +487,8 @@ def write_report(rep: dict, warm: Curve, baseline: Curve | None, out_dir: str | 
     """report.json, report.md and the plots into ``out_dir``; returns the files written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot_curves(warm, baseline, rep["metric"], out_dir, sum(rep.get("overhead_s", {}).values()))
+    plots = plot_curves(warm, baseline, rep["metric"], out_dir, sum(rep.get("overhead_s", {}).values()),
+                        title=plot_title(rep))
     rep = {**rep, "plots": plots}
     atomic_write_json(out_dir / "report.json", rep)
     atomic_write_text(out_dir / "report.md", render_markdown(rep, plots))
@@ -553,6 +599,7 @@ __all__ = [
     "assess_effect",
     "compute_parity",
     "crossing",
+    "make_figures",
     "newcombe_interval",
     "wilson_interval",
     "pick_metric",
