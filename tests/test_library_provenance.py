@@ -183,3 +183,24 @@ def test_ranking_and_donor_rows_carry_the_catalog_task(lib, models, tmp_path):
     md = render_markdown({"metric": "eval_loss", "warm": {"final": 1.0, "final_eval_loss": 1.0, "zero_shot": None,
                                                            "steps": 1, "train_time_s": 1.0}, "donors": sel.donors})
     assert f"| {e.id} | task_c | lora |" in md
+
+
+def test_real_finetune_output_is_catalogued_with_task_step_and_loss(cli, lib, models, tmp_path):
+    """End to end: `warmstart finetune --task` and the API's default task, then `library add`."""
+    from warmstart.testing import write_jsonl
+    from warmstart.train import TrainConfig, finetune
+
+    d = tmp_path / "plurals"
+    d.mkdir()
+    rows = [{"prompt": f"plural of cat{i}:", "completion": f" cat{i}s"} for i in range(6)]
+    train, ev = write_jsonl(d / "train.jsonl", rows), write_jsonl(d / "eval.jsonl", rows[:2])
+    r = cli("finetune", "--init", models / "base", "--train", train, "--eval", ev, "--out", tmp_path / "a",
+            "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--task", "english_plurals")
+    assert r.code == 0, r.err
+    e, _ = lib.add(tmp_path / "a")
+    fin = json.loads((tmp_path / "a" / "warmstart.json").read_text())["final"]
+    assert e.task == "english_plurals" and e.global_step == 2
+    assert e.final_loss == pytest.approx(fin["train_loss"]) and e.eval_metrics["eval_loss"] == pytest.approx(fin["eval_loss"])
+    assert not e.derived and e.provenance["from"] == [str((models / "base").resolve())]
+    finetune(models / "base", train, ev, tmp_path / "b", TrainConfig(steps=1, batch_size=2, eval_every=1))
+    assert lib.add(tmp_path / "b")[0].task == "plurals"  # from plurals/train.jsonl
