@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from warmstart.report import (Curve, build_report, compare_markdown, compare_rows, newcombe_interval,
-                              render_markdown, wilson_interval)
+from warmstart.report import (
+    Curve,
+    build_report,
+    compare_markdown,
+    compare_rows,
+    newcombe_interval,
+    render_markdown,
+    wilson_interval,
+)
 
 
 def curve(values, *, n_rows=50, metric="eval_exact_match", dt=2.0):

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import Checkpoint, TrainingMetrics, discover, open_checkpoint, resolve, signature_hash
+from .checkpoints import Checkpoint, discover, open_checkpoint, resolve, signature_hash
 from .errors import CheckpointError, LibraryError, WarmstartError
 
 DEFAULT_NAME = "warmstart.db"
@@ -443,9 +443,11 @@ def task_name_from_path(path: str | Path | None) -> str | None:
     return name or None
 
 
-def _metrics(ck: Checkpoint) -> TrainingMetrics:
+def _metrics(ck: Checkpoint):
     """trainer_state.json when there is one, else a ``warmstart finetune`` output's own record
     (its ``final`` curve point and curve.json): finetune removes the Trainer's state files."""
+    from .checkpoints import TrainingMetrics
+
     if ck.metrics is not None:
         return ck.metrics
     meta = ck.meta
@@ -579,5 +581,12 @@ def _base_fingerprint(base: str) -> str | None:
     return fp
 
 
-__all__ = ["Entry", "Library", "ScanResult", "SCHEMA_VERSION", "default_library_path", "provenance_of",
-           "task_name_from_path"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Entry",
+    "Library",
+    "ScanResult",
+    "default_library_path",
+    "provenance_of",
+    "task_name_from_path",
+]
