@@ -147,7 +147,8 @@ def test_cli_show_prints_dates_and_no_none_and_list_marks_derived(cli, models, t
     db = tmp_path / "lib.db"
     run = _fake_run(models, tmp_path / "run")
     assert cli("library", "add", models / "ft_a", "--library", db).code == 0
-    assert cli("library", "scan", run, "--library", db).code == 0
+    r = cli("library", "scan", run, "--library", db)
+    assert r.code == 0 and "3 added, 0 updated, 0 unchanged, 0 failed; 3 derived" in r.err
     r = cli("library", "show", str(models / "ft_a"), "--library", db)
     assert r.code == 0 and "None" not in r.out
     assert re.search(r"created_at\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", r.out)

@@ -85,8 +85,11 @@ def scan(
         print_json({"added": [e.to_dict() for e in res.added], "updated": [e.to_dict() for e in res.updated],
                     "unchanged": len(res.unchanged), "failed": [{"path": p, "error": m} for p, m in res.failed]})
     else:
+        n_derived = sum(e.derived for e in res.added + res.updated)
         err.print(f"{len(res.added)} added, {len(res.updated)} updated, {len(res.unchanged)} unchanged, "
-                  f"{len(res.failed)} failed")
+                  f"{len(res.failed)} failed" + (f"; {n_derived} derived (merges, transfers or run outputs: not "
+                                                 "offered as donors unless `select --include-derived`)"
+                                                 if n_derived else ""), soft_wrap=True)
         for _, msg in res.failed:
             err.print(f"  skipped: {msg}")
     if res.failed and not (res.added or res.updated or res.unchanged):
