@@ -129,6 +129,8 @@ class Parity:
     ``status`` is ``"at_start"`` (already there at the step-0 evaluation, before any
     training), ``"reached"`` or ``"never"``. Percentages are of the baseline's steps
     and of the baseline's training time; ``wall_s`` includes the itemised overhead.
+    :func:`build_report` turns a crossing that is no speed-up into ``"no_effect"``
+    (with ``reason``; see :func:`assess_effect`).
     """
 
     metric: str
