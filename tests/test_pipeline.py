@@ -11,7 +11,7 @@ import pytest
 from warmstart.errors import ConfigError
 from warmstart.library import Library
 from warmstart.pipeline import RunConfig, RunDir, run
-from warmstart.report import Curve, compute_parity
+from warmstart.report import Curve, build_report
 from warmstart.train import TrainConfig
 
 CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Spain", "Madrid"), ("Italy", "Rome")]
@@ -74,9 +74,10 @@ def test_run_resumes_after_failure_and_reports(setup, tmp_path, monkeypatch):
     # the report's numbers are the ones computed from the logged curves
     warm, baseline = Curve.from_file(out / "warm"), Curve.from_file(out / "baseline")
     overhead = {"select": rd.marker("select")["wall_s"], "merge": rd.marker("merge")["wall_s"]}
-    expected = compute_parity(warm, baseline, overhead_s=overhead).to_dict()
+    expected = build_report(warm, baseline, overhead_s=overhead)["parity"]  # compute_parity + the noise check
     rep = json.loads((out / "report" / "report.json").read_text())
     assert rep["parity"] == json.loads(json.dumps(expected))
+    assert rep["effect"]["eval_rows"] == 5
     assert rep["metric"] == "eval_mc_accuracy"
     assert rep["delta"] == pytest.approx(warm.final("eval_mc_accuracy") - baseline.final("eval_mc_accuracy"))
     assert rep["warm"]["zero_shot"] == warm.points[0]["eval_mc_accuracy"]

@@ -85,7 +85,23 @@ def m001_initial(db: sqlite3.Connection) -> None:
     """)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial]
+def m002_provenance(db: sqlite3.Connection) -> None:
+    """What an entry was made from. ``derived`` entries (merges, transfers, the stages of a
+    ``warmstart run``) are excluded from donor candidates by default; existing rows are
+    classified from their files now, so an old catalog stops offering its merges as donors."""
+    _script(db, """
+    ALTER TABLE checkpoints ADD COLUMN derived INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE checkpoints ADD COLUMN provenance TEXT NOT NULL DEFAULT '{}';
+    CREATE INDEX idx_ck_derived ON checkpoints(derived)
+    """)
+    for row_id, path in db.execute("SELECT id, path FROM checkpoints").fetchall():
+        prov = provenance_of(Path(path))
+        if prov:
+            db.execute("UPDATE checkpoints SET derived=?, provenance=? WHERE id=?",
+                       (int(prov["derived"]), json.dumps(prov, sort_keys=True), row_id))
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_provenance]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -115,13 +131,17 @@ class Entry:
     n_params: int | None
     size_bytes: int | None
     created_at: float
+    derived: bool = False  # made by warmstart from other checkpoints (merge, transfer, a run's stages)
+    provenance: dict = field(default_factory=dict)  # made_by, from (input refs), run_dir/stage
     missing: bool = field(default=False)  # files vanished since registration
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Entry:
         d = dict(row)
-        for k, default in (("tags", {}), ("loss_history", []), ("eval_metrics", {}), ("lora", None)):
-            d[k] = json.loads(d[k]) if d[k] else default
+        for k, default in (("tags", {}), ("loss_history", []), ("eval_metrics", {}), ("lora", None),
+                           ("provenance", {})):
+            d[k] = json.loads(d[k]) if d.get(k) else default
+        d["derived"] = bool(d.get("derived"))
         d["missing"] = not Path(d["path"]).exists()
         return cls(**d)
 
@@ -233,10 +253,13 @@ class Library:
         ck = open_checkpoint(ref, allow_pickle=allow_pickle)
         existing = self._get_by_ref(ck.ref)
         fp = ck.fingerprint()
-        if existing and existing.fingerprint == fp and task is None and not tags and base is None:
+        prov = provenance_of(ck.path, ck.meta)
+        if existing and existing.fingerprint == fp and task is None and not tags and base is None \
+                and existing.provenance == prov and existing.global_step == _metrics(ck).global_step:
             return existing, "unchanged"
         sig = ck.signature()  # names + shapes from the headers; hashed once here, stored once per architecture
         row = self._row_for(ck, fp, sig, task=task, tags=tags, base=base, run=run, existing=existing)
+        row.update(derived=int(prov.get("derived", False)), provenance=json.dumps(prov, sort_keys=True))
         self._write("INSERT OR IGNORE INTO signatures VALUES (?,?)", (row["arch_signature"], json.dumps(sig)))
         cols = [c for c in row if c != "created_at"] if existing else list(row)
         if existing:
@@ -251,7 +274,7 @@ class Library:
 
     def _row_for(self, ck: Checkpoint, fp: str, sig: dict, *, task, tags, base, run,
                  existing: Entry | None) -> dict:
-        m = ck.metrics
+        m = _metrics(ck)
         reader = ck.weights()
         base_model = base or ck.base_model or (existing.base_model if existing else None)
         merged_tags = dict(existing.tags if existing else {})
@@ -262,13 +285,13 @@ class Library:
             "base_model": base_model,
             "base_fingerprint": _base_fingerprint(base_model) if base_model else None,
             "arch_signature": signature_hash(sig), "fingerprint": fp,
-            "task": task or ck.task or (existing.task if existing else None),
+            "task": task or ck.task or (existing.task if existing else None) or _task_from_meta(ck),
             "tags": json.dumps(merged_tags, sort_keys=True),
             "run": run or (existing.run if existing else None),
-            "global_step": m.global_step if m else None,
-            "final_loss": m.final_loss if m else None,
-            "loss_history": json.dumps(m.loss_history if m else []),
-            "eval_metrics": json.dumps(m.eval_metrics if m else {}),
+            "global_step": m.global_step,
+            "final_loss": m.final_loss,
+            "loss_history": json.dumps(m.loss_history),
+            "eval_metrics": json.dumps(m.eval_metrics),
             "lora": json.dumps(ck.lora.to_dict()) if ck.lora else None,
             "n_tensors": len(reader),
             "n_params": sum(x.numel for x in reader.meta.values()),
@@ -333,8 +356,13 @@ class Library:
 
     def list(self, *, base: str | None = None, task: str | None = None, kind: str | None = None,
              tag: dict[str, str] | None = None, compatible_with: str | Path | None = None,
-             run: str | None = None) -> list[Entry]:
+             run: str | None = None, derived: bool | None = None) -> list[Entry]:
+        """Entries matching every filter given; ``derived=False`` leaves out merges, transfers and
+        the stages of warmstart runs (see :func:`provenance_of`)."""
         where, params = [], []
+        if derived is not None:
+            where.append("derived=?")
+            params.append(int(derived))
         if base:
             where.append("(base_model=? OR base_model=?)")
             params += [base, _abs_or_same(base)]
@@ -396,6 +424,130 @@ class Library:
         return [dict(r) for r in self.db.execute(sql, params)]
 
 
+# ----------------------------------------------------------------------------
+# warmstart's own metadata: training numbers and provenance from warmstart.json
+
+RUN_STAGES = ("merge", "warm", "baseline")  # stage directories of `warmstart run` that hold checkpoints
+_SPLIT_NAMES = {"train", "training", "validation", "valid", "val", "dev", "test", "eval", "data"}
+
+
+def task_name_from_path(path: str | Path | None) -> str | None:
+    """A task name from a data file: its stem, or its folder's name for split files
+    (``capitals/train.jsonl`` is task ``capitals``, not ``train``)."""
+    if not path:
+        return None
+    p = Path(path)
+    name = p.stem if p.suffix else p.name
+    if name.lower() in _SPLIT_NAMES and p.parent.name:
+        return p.parent.name
+    return name or None
+
+
+def _metrics(ck: Checkpoint):
+    """trainer_state.json when there is one, else a ``warmstart finetune`` output's own record
+    (its ``final`` curve point and curve.json): finetune removes the Trainer's state files."""
+    from .checkpoints import TrainingMetrics
+
+    if ck.metrics is not None:
+        return ck.metrics
+    meta = ck.meta
+    final = meta.get("final") if meta.get("kind") == "finetune" else None
+    if not isinstance(final, dict):
+        return TrainingMetrics()
+    history = []
+    try:
+        points = json.loads((ck.path / "curve.json").read_text()).get("points") or []
+        history = [[int(q["step"]), float(q["train_loss"])] for q in points
+                   if isinstance(q, dict) and _num(q.get("step")) and _num(q.get("train_loss"))]
+    except (OSError, ValueError, AttributeError):
+        pass  # the curve is optional for cataloguing; the final point still gives step and loss
+    return TrainingMetrics(
+        global_step=int(final["step"]) if _num(final.get("step")) else None,
+        final_loss=float(final["train_loss"]) if _num(final.get("train_loss")) else None,
+        loss_history=history,
+        eval_metrics={k: float(v) for k, v in final.items() if k.startswith("eval_") and _num(v)})
+
+
+def _task_from_meta(ck: Checkpoint) -> str | None:
+    """For warmstart's outputs that predate the ``task`` field: the run's target, or the data file."""
+    run = _run_stage(ck.path)
+    if run:
+        return task_name_from_path(run.get("target"))
+    data = ck.meta.get("train_data")
+    return task_name_from_path(data.get("path")) if isinstance(data, dict) else None
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _read_meta_quietly(d: Path) -> dict:
+    try:
+        m = json.loads((d / "warmstart.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def _made_by(meta: dict) -> str | None:
+    if meta.get("made_by") == "warmstart merge":
+        return "merge"
+    if meta.get("warmstart") == "transfer":
+        return "transfer"
+    if meta.get("kind") == "finetune":
+        return "finetune"
+    return None
+
+
+def _run_stage(path: Path) -> dict:
+    """``{run_dir, stage, target}`` when ``path`` lies in a merge/warm/baseline stage of a
+    ``warmstart run`` directory (recognised by its run.json), else ``{}``."""
+    path = path.resolve()
+    for anc in list(path.parents)[:4]:
+        f = anc / "run.json"
+        if f.is_file() and path.relative_to(anc).parts[0] in RUN_STAGES:
+            try:
+                info = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(info, dict) and "config" in info and "target" in info:
+                return {"run_dir": str(anc), "stage": path.relative_to(anc).parts[0],
+                        "target": info.get("target")}
+    return {}
+
+
+def provenance_of(path: str | Path, meta: dict | None = None) -> dict:
+    """What a checkpoint was made from, read from warmstart's own files; ``{}`` for a checkpoint
+    warmstart did not make.
+
+    ``made_by`` (merge, transfer, finetune), ``from`` (input references) and, inside a
+    ``warmstart run`` directory, ``run_dir``/``stage``/``target``. ``derived`` is true for
+    merges, transfers, every stage of a run (the warm start was made from the donors, the
+    baseline from the run's own target) and a fine-tune whose initialization is itself derived:
+    such entries are never picked as donors unless asked for (``select(include_derived=True)``).
+    """
+    path = Path(path)
+    meta = _read_meta_quietly(path) if meta is None else meta
+    made_by = _made_by(meta)
+    prov: dict[str, Any] = {}
+    src: list[str] = []
+    if made_by == "merge":
+        src = [str(i.get("ref")) for i in meta.get("inputs") or [] if isinstance(i, dict) and i.get("role") != "base"]
+    elif made_by == "transfer":
+        src = [str(meta["finetuned"])] if meta.get("finetuned") else []
+    elif made_by == "finetune" and isinstance(meta.get("init"), dict):
+        src = [str(x) for x in (meta["init"].get("model"), meta["init"].get("adapter")) if x]
+    if made_by:
+        prov = {"made_by": made_by, "from": src}
+    prov.update(_run_stage(path))
+    if not prov:
+        return {}
+    init_derived = made_by == "finetune" and any(
+        _made_by(_read_meta_quietly(Path(x))) in ("merge", "transfer") or _run_stage(Path(x)) for x in src)
+    prov["derived"] = made_by in ("merge", "transfer") or "stage" in prov or init_derived
+    return prov
+
+
 def _same(a, b) -> bool:
     if isinstance(a, (dict, list)) or a is None and isinstance(b, str):
         try:
@@ -429,4 +581,12 @@ def _base_fingerprint(base: str) -> str | None:
     return fp
 
 
-__all__ = ["Entry", "Library", "ScanResult", "SCHEMA_VERSION", "default_library_path"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Entry",
+    "Library",
+    "ScanResult",
+    "default_library_path",
+    "provenance_of",
+    "task_name_from_path",
+]

@@ -333,7 +333,8 @@ def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
         diff = sorted(k for k in info if json.dumps(old.get(k), sort_keys=True, default=str)
                       != json.dumps(info[k], sort_keys=True, default=str))
         if diff:
-            raise ConfigError(f"this run directory holds a run with different {', '.join(diff)}",
+            changes = "; ".join(setting_changes({k: old.get(k) for k in diff}, {k: info[k] for k in diff}))
+            raise ConfigError(f"this run directory holds a run with different {', '.join(diff)} ({changes})",
                               path=ctx.rd.root, hint="re-run with the same settings to resume, choose "
                               "another --out, or pass --force to start over")
         return
@@ -347,6 +348,21 @@ def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
 
     atomic_write_json(path, {**info, "base": base_ref, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "versions": versions()})
+
+
+def setting_changes(old: Any, new: Any, limit: int = 6) -> list[str]:
+    """``["config.train.steps: 20 (this run) → 40 (now)", ...]``: the settings that differ, by dotted name."""
+    out = _leaf_changes(old, new, "")
+    return out[:limit] + ([f"and {len(out) - limit} more"] if len(out) > limit else [])
+
+
+def _leaf_changes(old: Any, new: Any, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new), key=str)
+                for c in _leaf_changes(old.get(k), new.get(k), f"{prefix}{k}.")]
+    if json.dumps(old, sort_keys=True, default=str) == json.dumps(new, sort_keys=True, default=str):
+        return []
+    return [f"{prefix.rstrip('.')}: {json.dumps(old, default=str)} (this run) → {json.dumps(new, default=str)} (now)"]
 
 
 def _file_hash(p: Path | None) -> str | None:
@@ -498,13 +514,15 @@ def _warm_init(ctx: _Ctx) -> Path:
 
 
 def _train_stage(ctx: _Ctx, t0: float, name: str, init: Path) -> None:
+    from .library import task_name_from_path
     from .train import finetune
 
     train, ev = _split_files(ctx)
     cfg = ctx.cfg.train  # its eval_limit was applied by the split stage: eval.jsonl holds the rows scored
     out = ctx.rd.stage(name)
     # force: an unmarked dir is unfinished
-    res = finetune(init, train, ev, out, cfg, force=True, label=name, progress=ctx.progress)
+    res = finetune(init, train, ev, out, cfg, force=True, label=name, progress=ctx.progress,
+                   task=task_name_from_path(ctx.target))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:

@@ -11,6 +11,12 @@ metric reaches the baseline's *final* value, linearly interpolated between the
 two evaluations around the crossing, as a percentage of the baseline's steps.
 The wall-clock version adds the time spent selecting and merging, so the warm
 start pays for its own overhead.
+
+No speed-up is claimed when nothing was learned (the baseline never improved on
+its step-0 value) or when the two curves are within the evaluation's noise at
+every evaluation (:func:`assess_effect`); the headline then says which. Δ carries
+a 95% interval: Newcombe's hybrid score interval for two proportions for per-row
+metrics (the curves store aggregate values only, so no paired bootstrap).
 """
 
 from __future__ import annotations
@@ -123,6 +129,8 @@ class Parity:
     ``status`` is ``"at_start"`` (already there at the step-0 evaluation, before any
     training), ``"reached"`` or ``"never"``. Percentages are of the baseline's steps
     and of the baseline's training time; ``wall_s`` includes the itemised overhead.
+    :func:`build_report` turns a crossing that is no speed-up into ``"no_effect"``
+    (with ``reason``; see :func:`assess_effect`).
     """
 
     metric: str
@@ -188,6 +196,79 @@ def compute_parity(warm: Curve, baseline: Curve, metric: str | None = None,
 
 
 # ----------------------------------------------------------------------------
+# Noise: is there an effect to report at all?
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+# Metrics that are a mean of one 0/1 outcome per eval row (mc_accuracy_sum / _norm included);
+# token_accuracy is per token and the loss is continuous, so neither gets a binomial interval.
+ROW_PROPORTIONS = ("accuracy", "exact_match", "mc_accuracy")
+
+
+def is_row_proportion(metric: str) -> bool:
+    name = metric.removeprefix("eval_")
+    return name in ROW_PROPORTIONS or name.startswith("mc_accuracy")
+
+
+def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion ``p`` observed on ``n`` rows."""
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def newcombe_interval(p1: float, n1: int, p2: float, n2: int, z: float = Z95) -> tuple[float, float]:
+    """Interval for p1 − p2 (Newcombe 1998, method 10: hybrid score from two Wilson intervals).
+
+    Written out rather than imported: statsmodels has it but is not otherwise needed. It treats the
+    two runs as independent samples; both are scored on the same rows, which usually correlates
+    them, so the interval is on the wide (conservative) side of a paired one.
+    """
+    l1, u1 = wilson_interval(p1, n1, z)
+    l2, u2 = wilson_interval(p2, n2, z)
+    d = p1 - p2
+    return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
+def eval_rows(c: Curve) -> int | None:
+    n = c.meta.get("eval_examples")
+    return int(n) if _finite(n) and n > 0 else None
+
+
+def assess_effect(warm: Curve, baseline: Curve, metric: str) -> dict:
+    """``verdict`` None (an effect to report), ``"baseline_flat"`` (the baseline's final value is
+    no better than its step-0 value: nothing was learned to speed up) or ``"within_noise"`` (at
+    every step both curves evaluated, the 95% interval of their difference includes 0 — for
+    metrics without an interval, the curves coincide). Also ``eval_rows`` and ``delta_ci95``."""
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    n_w, n_b = eval_rows(warm), eval_rows(baseline)
+    prop = is_row_proportion(metric) and n_w is not None and n_b is not None
+    wf, bf = warm.final(metric), baseline.final(metric)
+    out: dict[str, Any] = {"eval_rows": n_b or n_w, "delta_ci95": None, "ci_method": None, "verdict": None,
+                           "evaluations_compared": 0, "baseline_start": None}
+    if prop and wf is not None and bf is not None:
+        out["delta_ci95"] = list(newcombe_interval(wf, n_w, bf, n_b))
+        out["ci_method"] = "Newcombe hybrid score interval, two proportions"
+    b_series = dict(baseline.series(metric))
+    out["baseline_start"] = b_series.get(0.0)
+    if out["baseline_start"] is not None and bf is not None and sign * (bf - out["baseline_start"]) <= 0:
+        out["verdict"] = "baseline_flat"
+        return out
+    common = [(w, b_series[s]) for s, w in warm.series(metric) if s in b_series]
+    out["evaluations_compared"] = len(common)
+
+    def same(w: float, b: float) -> bool:
+        if prop:
+            lo, hi = newcombe_interval(w, n_w, b, n_b)
+            return lo <= 0 <= hi
+        return abs(w - b) <= 1e-9 * max(1.0, abs(b))
+
+    if common and all(same(w, b) for w, b in common):
+        out["verdict"] = "within_noise"
+    return out
+
+
+# ----------------------------------------------------------------------------
 # The report: numbers (report.json), prose (report.md), plots (PNG)
 
 
@@ -203,7 +284,15 @@ def build_report(warm: Curve, baseline: Curve | None = None, *, metric: str | No
         rep["baseline"] = _run_summary(baseline, metric)
         w, b = rep["warm"]["final"], rep["baseline"]["final"]
         rep["delta"] = None if w is None or b is None else w - b
-        rep["parity"] = compute_parity(warm, baseline, metric, overhead_s).to_dict()
+        rep["effect"] = eff = assess_effect(warm, baseline, metric)
+        par = compute_parity(warm, baseline, metric, overhead_s).to_dict()
+        if eff["verdict"] == "within_noise" or eff["verdict"] and par["status"] != "never":
+            # a crossing inside the noise (or of a flat baseline) is no speed-up: not reported as one
+            par.update(status="no_effect", reason=eff["verdict"], step=None, percent_steps=None,
+                       train_time_s=None, wall_s=None, percent_wall=None)
+        par.update(eval_rows=eff["eval_rows"], baseline_start=eff["baseline_start"],
+                   evaluations_compared=eff["evaluations_compared"])
+        rep["parity"] = par
     rep["overhead_s"] = dict(overhead_s or {})
     return rep
 
@@ -226,6 +315,16 @@ def _pct(v) -> str:
 
 def parity_sentence(par: dict) -> list[str]:
     name = par["metric"].removeprefix("eval_")
+    rows = f"{par['eval_rows']} eval rows" if par.get("eval_rows") else "eval rows unknown"
+    if par["status"] == "no_effect" and par.get("reason") == "baseline_flat":
+        start = "–" if par.get("baseline_start") is None else f"{par['baseline_start']:.4f}"
+        return [f"**Steps to parity: not measured** — the baseline never improved on its step-0 {name} "
+                f"({start} at step 0, {par['target']:.4f} at the end; {rows}): nothing was learned that a warm "
+                f"start could reach sooner. Train longer, with a higher learning rate, or on more data."]
+    if par["status"] == "no_effect":
+        return [f"**Steps to parity: no measurable difference** — warm start and baseline are within the "
+                f"evaluation's noise at all {par.get('evaluations_compared')} evaluations (the 95% interval of "
+                f"their difference includes 0; {rows}), so no speed-up is claimed."]
     if par["status"] == "never":
         return [f"**Steps to parity: never** — the warm start did not reach the baseline's final "
                 f"{name} ({par['target']:.4f}) within its {par['baseline_steps']} steps."]
@@ -239,6 +338,18 @@ def parity_sentence(par: dict) -> list[str]:
             f"{par['baseline_time_s']:.1f} s of training)** = {items}."]
 
 
+def delta_sentence(rep: dict) -> str:
+    """The headline difference with its 95% interval and the number of eval rows behind it."""
+    m, eff = rep["metric"].removeprefix("eval_"), rep.get("effect") or {}
+    rows = f"{eff['eval_rows']} eval rows" if eff.get("eval_rows") else "eval rows unknown"
+    ci = eff.get("delta_ci95")
+    if ci:
+        spread = f"95% CI {ci[0]:+.4f} to {ci[1]:+.4f}, {rows}; Newcombe interval for two proportions"
+    else:
+        spread = f"{rows}; no interval: {m} is not one 0/1 outcome per row"
+    return f"**Δ final {m}: {rep['delta']:+.4f}** ({spread})."
+
+
 def render_markdown(rep: dict, plots: list[str] = ()) -> str:
     m = rep["metric"].removeprefix("eval_")
     lines = [f"# warmstart report: {rep.get('name') or rep.get('target') or 'run'}", ""]
@@ -247,7 +358,9 @@ def render_markdown(rep: dict, plots: list[str] = ()) -> str:
             lines.append(f"- {k}: `{rep[k]}`")
     if rep.get("eval_rows"):
         lines.append(f"- eval rows: {eval_rows_text(rep['eval_rows'])}")
-    lines += [f"- headline metric: {m} (held-out eval split)", ""]
+    eff = rep.get("effect") or {}
+    lines += [f"- headline metric: {m} (held-out eval split"
+              + (f", {eff['eval_rows']} rows)" if eff.get("eval_rows") else ")"), ""]
     w, b = rep["warm"], rep.get("baseline")
     lines += ["| | baseline (plain base) | warm start | Δ |", "|---|---|---|---|"]
     lines.append(f"| final {m} | {_f(b and b['final'])} | {_f(w['final'])} | {_f(rep.get('delta'), '+.4f')} |")
@@ -259,6 +372,8 @@ def render_markdown(rep: dict, plots: list[str] = ()) -> str:
     lines.append(f"| training time (s, eval excluded) | {_f(b and b['train_time_s'], '.1f')} | "
                  f"{_f(w['train_time_s'], '.1f')} | |")
     lines.append("")
+    if rep.get("delta") is not None:
+        lines += [delta_sentence(rep), ""]
     if rep.get("parity"):
         for sentence in parity_sentence(rep["parity"]):
             lines += [sentence, ""]
@@ -298,9 +413,9 @@ def selection_sentence(s: dict, rep: dict) -> str:
 def _donor_lines(rep: dict) -> list[str]:
     out = []
     if rep.get("donors"):
-        out += ["## Donors", "", "| id | kind | score | weight | ref |", "|---|---|---|---|---|"]
+        out += ["## Donors", "", "| id | task | kind | score | weight | ref |", "|---|---|---|---|---|---|"]
         for d in rep["donors"]:
-            out.append(f"| {d.get('id', '')} | {d.get('kind', '')} | {_f(d.get('score'))} | "
+            out.append(f"| {d.get('id', '')} | {d.get('task') or ''} | {d.get('kind', '')} | {_f(d.get('score'))} | "
                        f"{_f(d.get('weight'), '.3f')} | `{d.get('ref', '')}` |")
         out.append("")
     if rep.get("merge"):
@@ -318,34 +433,79 @@ def _stage_lines(rep: dict) -> list[str]:
     return out + [""]
 
 
-def plot_curves(warm: Curve, baseline: Curve | None, metric: str, out_dir: str | Path,
-                overhead_s: float = 0.0) -> list[str]:
-    """Two PNGs (vs step, vs wall clock), each with the metric and the eval loss for both runs.
+def plot_title(rep: dict) -> str:
+    """'warm start vs baseline: capitals.jsonl (run runs/capitals)' from the report's context."""
+    target = Path(rep["target"]).name if rep.get("target") else rep.get("name") or "target"
+    run = f" (run {rep['run_dir']})" if rep.get("run_dir") else ""
+    return f"warm start vs baseline: {target}{run}"
 
-    On the wall-clock axis the warm start begins at its selection + merge overhead."""
+
+def _metric_label(key: str) -> str:
+    return key.removeprefix("eval_").replace("_", " ") if key != "eval_loss" else "eval loss"
+
+
+def _is_fraction(key: str) -> bool:
+    return is_row_proportion(key) or "accuracy" in key
+
+
+def make_figures(warm: Curve, baseline: Curve | None, metric: str, overhead_s: float = 0.0,
+                 title: str = "warm start vs baseline") -> list[tuple[str, Any]]:
+    """The two figures (vs step, vs wall clock) as (file name, matplotlib Figure), unsaved.
+
+    The baseline is dashed with hollow square markers and drawn above the warm start, so it
+    stays visible where the curves coincide. On the wall-clock axis the warm start begins after
+    its selection + merge time, shaded and labelled, so its overhead is seen at a glance."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers / CI
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    out_dir = Path(out_dir)
-    files = []
-    for x, fname, xlabel in (("step", "curves_step.png", "step"),
-                             ("time_s", "curves_wall.png", "wall clock (s, incl. select + merge for warm)")):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figs = []
+    for x, fname, xlabel in (("step", "curves_step.png", "training step"),
+                             ("time_s", "curves_wall.png", "training wall clock (s; eval excluded)")):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
+        fig.suptitle(title + (" — by step" if x == "step" else " — by wall clock"), fontsize=10)
         for ax, key in zip(axes, (metric, "eval_loss")):
-            for c, label, shift in ((baseline, "baseline", 0.0), (warm, "warm start", overhead_s)):
-                s = c.series(key, x) if c else []
-                if s:
-                    off = shift if x == "time_s" else 0.0
-                    ax.plot([a + off for a, _ in s], [v for _, v in s], marker="o", ms=3, label=label)
-            if baseline and key == metric and baseline.final(key) is not None:
-                ax.axhline(baseline.final(key), ls="--", lw=0.8, color="gray", label="baseline final")
+            _draw_runs(ax, warm, baseline, key, x, overhead_s if x == "time_s" else 0.0)
+            if x == "step":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(key.removeprefix("eval_"))
+            ax.set_ylabel(_metric_label(key))
+            if _is_fraction(key):
+                top = max([v for c in (warm, baseline) if c for _, v in c.series(key)] or [0.0])
+                ax.set_ylim(0.0, min(1.0, max(0.05, 1.1 * top)))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
+        figs.append((fname, fig))
+    return figs
+
+
+def _draw_runs(ax, warm: Curve, baseline: Curve | None, key: str, x: str, shift: float) -> None:
+    if shift > 0:
+        ax.axvspan(0.0, shift, color="tab:orange", alpha=0.15, lw=0, label="selection + merge")
+    s = warm.series(key, x)
+    if s:
+        ax.plot([a + shift for a, _ in s], [v for _, v in s], "-", marker="o", ms=4, color="tab:orange",
+                label="warm start", zorder=2)
+    s = baseline.series(key, x) if baseline else []
+    if s:
+        ax.plot([a for a, _ in s], [v for _, v in s], "--", marker="s", ms=7, mfc="none", mew=1.3,
+                color="tab:blue", label="baseline", zorder=3)
+    if baseline and key != "eval_loss" and baseline.final(key) is not None:
+        ax.axhline(baseline.final(key), ls=":", lw=0.8, color="gray", label="baseline final", zorder=1)
+
+
+def plot_curves(warm: Curve, baseline: Curve | None, metric: str, out_dir: str | Path,
+                overhead_s: float = 0.0, title: str = "warm start vs baseline") -> list[str]:
+    """Two PNGs (vs step, vs wall clock), each with the metric and the eval loss for both runs
+    (:func:`make_figures`); returns their file names."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    files = []
+    for fname, fig in make_figures(warm, baseline, metric, overhead_s, title):
         tmp = out_dir / f".{fname}.tmp"
         fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
@@ -358,7 +518,8 @@ def write_report(rep: dict, warm: Curve, baseline: Curve | None, out_dir: str | 
     """report.json, report.md and the plots into ``out_dir``; returns the files written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot_curves(warm, baseline, rep["metric"], out_dir, sum(rep.get("overhead_s", {}).values()))
+    plots = plot_curves(warm, baseline, rep["metric"], out_dir, sum(rep.get("overhead_s", {}).values()),
+                        title=plot_title(rep))
     rep = {**rep, "plots": plots}
     atomic_write_json(out_dir / "report.json", rep)
     atomic_write_text(out_dir / "report.md", render_markdown(rep, plots))
@@ -404,6 +565,35 @@ COMPARE_COLUMNS = ("target", "metric", "baseline", "warm", "delta", "zero_shot",
                    "parity_wall_pct")
 
 
+def collect_reports(run_dirs: list[str | Path]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The reports of the finished runs, and (run dir, why it was skipped + what to do) for the others."""
+    from .errors import WarmstartError
+    from .pipeline import STAGES, RunDir
+
+    reports, skipped = [], []
+    for d in run_dirs:
+        rd = RunDir(d)
+        f = rd.stage("report") / "report.json"
+        if f.is_file():
+            try:
+                reports.append(read_json(f, "report"))
+                continue
+            except WarmstartError as e:
+                skipped.append((str(d), f"{e.message}; re-render it with `warmstart report {d}`"))
+                continue
+        if not (rd.root / "run.json").is_file():
+            skipped.append((str(d), "not a warmstart run directory (no run.json)"))
+            continue
+        todo = [s for s in STAGES if not rd.done(s)]
+        if todo == ["report"]:
+            why = f"no report yet; write it with `warmstart report {d}`"
+        else:
+            why = (f"unfinished run (stage {todo[0]} not done); re-run the same `warmstart run` command "
+                   f"(--out {d}) to resume it")
+        skipped.append((str(d), why))
+    return reports, skipped
+
+
 def compare_rows(reports: list[dict]) -> list[dict]:
     """One row per report, then a mean row. Parity means are over runs that reached it
     ("never" counts in the n/N, not in the mean)."""
@@ -428,9 +618,9 @@ def compare_markdown(rows: list[dict]) -> str:
     head = ["target", "metric", "baseline", "warm", "Δ", "zero-shot", "steps to parity", "wall to parity"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        never = r.get("parity_status") == "never"
-        steps = "never" if never else _pct(r["parity_steps_pct"])
-        wall = "never" if never else _pct(r["parity_wall_pct"])
+        word = {"never": "never", "no_effect": "no effect"}.get(r.get("parity_status"))
+        steps = word or _pct(r["parity_steps_pct"])
+        wall = word or _pct(r["parity_wall_pct"])
         if r["target"] == "mean":
             steps, wall = f"{steps} ({r['parity_status']})", wall
         lines.append(f"| {r['target']} | {r['metric']} | {_f(r['baseline'])} | {_f(r['warm'])} | "
@@ -441,16 +631,21 @@ def compare_markdown(rows: list[dict]) -> str:
 __all__ = [
     "Curve",
     "Parity",
+    "assess_effect",
     "build_report",
+    "collect_reports",
     "compare_markdown",
     "compare_rows",
     "compute_parity",
     "eval_rows_text",
     "crossing",
+    "make_figures",
+    "newcombe_interval",
     "pick_metric",
     "plot_curves",
     "render_markdown",
     "report_run",
     "selection_sentence",
+    "wilson_interval",
     "write_report",
 ]

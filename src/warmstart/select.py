@@ -84,14 +84,18 @@ class ScoreRow:
 
 
 def candidates_for(base: str | Path, library: Library | None, *, include_base: bool = True,
-                   ids: Sequence[int] | None = None) -> list[Candidate]:
-    """The base plus every library entry compatible with it (files present), sorted by id."""
+                   ids: Sequence[int] | None = None, include_derived: bool = False) -> list[Candidate]:
+    """The base plus every library entry compatible with it (files present), sorted by id.
+
+    Derived entries (merges, transfers, the stages of warmstart runs: ``Entry.derived``) are left
+    out unless ``include_derived``: a merge of donors offered as a donor counts them twice."""
     base_ck = open_checkpoint(base)
     if base_ck.kind != "full":
         raise ConfigError("--base must be a full model, got a LoRA adapter", path=base_ck.path)
     base_fp = base_ck.fingerprint()
     out = [Candidate("base", base_ck.ref, str(base_ck.path), "base", base_fp)] if include_base else []
-    for e in (library.list(compatible_with=base) if library else []):
+    derived = None if include_derived else False
+    for e in (library.list(compatible_with=base, derived=derived) if library else []):
         if e.missing or (ids is not None and e.id not in ids):
             continue
         fp = e.fingerprint
@@ -526,6 +530,11 @@ def donor_weights(donors: Sequence[ScoreRow], entries: dict, spec: str, *, highe
     return compute_weights(scheme, n=len(donors), **kw), info
 
 
+def _task_of(entries: dict, entry_id) -> str | None:
+    e = entries.get(entry_id)
+    return e.task if e is not None else None
+
+
 def build_selection(target: TargetData, base: str, rows: Sequence[ScoreRow], *, metric: str, scorer: str,
                     k: int, margin: float | None, weights: str, penalty: float,
                     entries: dict, min_own_gain: float | None = None) -> Selection:
@@ -541,10 +550,10 @@ def build_selection(target: TargetData, base: str, rows: Sequence[ScoreRow], *, 
         target={"path": str(target.path), "fingerprint": target.fingerprint(), "sample": target.sample_spec,
                 "format": target.format, "split": target.split, "n_examples": len(target)},
         base=str(base), metric=metric, scorer=scorer, higher_is_better=hib,
-        ranking=[{"rank": i + 1, "id": r.id, "ref": r.ref, "kind": r.kind, "score": r.score, "cached": r.cached}
-                 for i, r in enumerate(ranked)],
-        donors=[{"id": d.id, "ref": d.ref, "kind": d.kind, "score": d.score, "weight": wi}
-                for d, wi in zip(donors, w)],
+        ranking=[{"rank": i + 1, "id": r.id, "ref": r.ref, "kind": r.kind, "task": _task_of(entries, r.id),
+                  "score": r.score, "cached": r.cached} for i, r in enumerate(ranked)],
+        donors=[{"id": d.id, "ref": d.ref, "kind": d.kind, "task": _task_of(entries, d.id), "score": d.score,
+                 "weight": wi} for d, wi in zip(donors, w)],
         weighting=info, k=k, margin=margin,
         own_gate={"min_gain": min_own_gain,
                   "excluded": [{"id": r.id, "ref": r.ref, **never[r.id]} for r in ranked if r.id in never]},
@@ -558,7 +567,8 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
            max_length: int = DEFAULT_MAX_LENGTH, mc_mode: str = "rank", dtype: str = "float32",
            model=None, tokenizer=None, rank: int | None = None, world_size: int | None = None,
            optimize_budget: int = 20, min_own_gain: float | None = DEFAULT_MIN_OWN_GAIN,
-           progress: Callable[[str, Any], None] | None = None) -> Selection | None:
+           progress: Callable[[str, Any], None] | None = None,
+           include_derived: bool = False) -> Selection | None:
     """Load and sample the target, score the base and every compatible entry, choose donors.
 
     ``weights="optimized"`` then searches the donors' weights with CMA-ES
@@ -576,7 +586,7 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
     data = data.sample(n, seed)
     if rank is None or world_size is None:
         rank, world_size = dist_env()
-    cands = candidates_for(base, library)
+    cands = candidates_for(base, library, include_derived=include_derived)
     cfg = ScoreConfig(metric=metric, scorer=scorer, batch_size=batch_size, max_length=max_length,
                       mc_mode=mc_mode, dtype=dtype)
     rows = score_candidates(data, base, cands, library=library, config=cfg, model=model, tokenizer=tokenizer,

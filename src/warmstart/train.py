@@ -165,12 +165,13 @@ class TrainResult:
 
 def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: TrainConfig | None = None, *,
              adapter: str | Path | None = None, force: bool = False, progress: bool = False,
-             label: str | None = None) -> TrainResult:
+             label: str | None = None, task: str | None = None) -> TrainResult:
     """Train from ``init`` (+ optional ``adapter``) on ``train_data``, evaluating on ``eval_data``.
 
     ``train_data``/``eval_data`` are paths or :class:`warmstart.data.TargetData`. Writes ``out``
     atomically: the model or adapter (standard format), tokenizer, ``curve.json``/``curve.csv``,
-    ``warmstart.json`` and a README model card.
+    ``warmstart.json`` and a README model card. ``task`` is recorded in ``warmstart.json`` for the
+    catalog (default: the training data's file name, or its folder's for ``train.jsonl``-like names).
     """
     cfg = (config or TrainConfig()).validate()
     out = Path(out)
@@ -199,7 +200,7 @@ def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: T
                                 trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
         if main:
             _save(trainer, tokenizer, tmp, kind=kind, init=init, adapter=adapter, cfg=cfg, curve=curve,
-                  train_data=train_data, eval_data=eval_data)
+                  train_data=train_data, eval_data=eval_data, task=task)
     final = curve.points[-1] if curve.points else {}
     return TrainResult(out=out, curve=curve, kind=kind, train_time_s=curve.train_time_s, final=final)
 
@@ -455,7 +456,8 @@ def versions() -> dict[str, str]:
             "peft": peft.__version__, "python": platform.python_version()}
 
 
-def _save(trainer, tokenizer, tmp: Path, *, kind, init, adapter, cfg, curve, train_data, eval_data) -> None:
+def _save(trainer, tokenizer, tmp: Path, *, kind, init, adapter, cfg, curve, train_data, eval_data,
+          task=None) -> None:
     trainer.save_model(str(tmp))  # adapter_model.safetensors for PEFT, model.safetensors for full
     tokenizer.save_pretrained(tmp)
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; warmstart.json records the settings
@@ -467,7 +469,10 @@ def _save(trainer, tokenizer, tmp: Path, *, kind, init, adapter, cfg, curve, tra
     if not cfg.save_checkpoints:
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
     curve.write(tmp)
-    meta = {"kind": "finetune", "output": kind, "init": _describe_init(init, adapter, cfg), "config": cfg.to_dict(),
+    from .library import task_name_from_path
+
+    meta = {"kind": "finetune", "task": task or task_name_from_path(train_data.path), "output": kind,
+            "init": _describe_init(init, adapter, cfg), "config": cfg.to_dict(),
             "train_data": {"path": train_data.path, "rows": len(train_data), "fingerprint": train_data.fingerprint()},
             "eval_data": {"path": eval_data.path, "rows": len(eval_data), "fingerprint": eval_data.fingerprint()},
             "final": curve.points[-1] if curve.points else None, "train_time_s": curve.train_time_s,

@@ -71,6 +71,8 @@ def finetune_cmd(
     format: str = typer.Option(None, "--format", help="prompt_completion, messages or mc (detected if omitted)."),
     mc_style: str = typer.Option(None, "--mc-style", help="text or letter, for multiple-choice rows."),
     save_checkpoints: bool = typer.Option(None, "--save-checkpoints/--no-save-checkpoints"),
+    task: str = typer.Option(None, "--task", help="Task name recorded for the catalog (default: from the "
+                             "--train file name)."),
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -83,7 +85,7 @@ def finetune_cmd(
                        save_checkpoints=save_checkpoints)
     from ..train import finetune
 
-    res = finetune(init, train, eval_, out, cfg, adapter=adapter, force=force, progress=not json_out)
+    res = finetune(init, train, eval_, out, cfg, adapter=adapter, force=force, progress=not json_out, task=task)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one process reports

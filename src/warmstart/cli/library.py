@@ -85,8 +85,11 @@ def scan(
         print_json({"added": [e.to_dict() for e in res.added], "updated": [e.to_dict() for e in res.updated],
                     "unchanged": len(res.unchanged), "failed": [{"path": p, "error": m} for p, m in res.failed]})
     else:
+        n_derived = sum(e.derived for e in res.added + res.updated)
         err.print(f"{len(res.added)} added, {len(res.updated)} updated, {len(res.unchanged)} unchanged, "
-                  f"{len(res.failed)} failed")
+                  f"{len(res.failed)} failed" + (f"; {n_derived} derived (merges, transfers or run outputs: not "
+                                                 "offered as donors unless `select --include-derived`)"
+                                                 if n_derived else ""), soft_wrap=True)
         for _, msg in res.failed:
             err.print(f"  skipped: {msg}")
     if res.failed and not (res.added or res.updated or res.unchanged):
@@ -102,11 +105,34 @@ def entries_table(entries: list[Entry]) -> Table:
     for col in ("id", "kind", "task", "base", "step", "loss", "ref"):
         t.add_column(col, overflow="fold")
     for e in entries:
-        kind = e.kind + (f" r{e.lora['r']}" if e.lora else "")
+        kind = e.kind + (f" r{e.lora['r']}" if e.lora else "") + _origin(e)
         ref = e.ref + (" [red](missing)[/]" if e.missing else "")
         t.add_row(str(e.id), kind, e.task or "", _short(e.base_model), "" if e.global_step is None else str(e.global_step),
                   _fmt_loss(e.final_loss), ref)
     return t
+
+
+def _origin(e: Entry) -> str:
+    """' (merge)', ' (run warm)', ...: derived entries are marked; they are not donors by default."""
+    if not e.derived:
+        return ""
+    p = e.provenance
+    return f" ({'run ' + p['stage'] if p.get('stage') else p.get('made_by', 'derived')})"
+
+
+def _show_value(k: str, v):
+    """One `library show` value as a person reads it: dates as ISO dates, no 'None'."""
+    import datetime
+
+    if v is None or v == {} or v == []:
+        return "–"
+    if k == "created_at":
+        return datetime.datetime.fromtimestamp(v, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    if k == "loss_history":
+        return f"{len(v)} points, last {v[-1]}"
+    if k == "provenance":
+        return ", ".join(f"{a}: {b}" for a, b in v.items())
+    return v
 
 
 def _short(s: str | None) -> str:
@@ -129,6 +155,8 @@ def list_(
     tag: list[str] = typer.Option(None, "--tag", help="KEY=VALUE, repeatable."),
     compatible_with: str = typer.Option(None, "--compatible-with",
                                         help="Only entries that can be merged with this base model."),
+    derived: bool = typer.Option(None, "--derived/--no-derived",
+                                 help="Only merges, transfers and run outputs / only the others."),
     library: Path = LibraryOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -136,7 +164,8 @@ def list_(
     if kind and kind not in ("full", "lora"):
         raise ConfigError(f"--kind must be 'full' or 'lora', got {kind!r}")
     with _open(library, create=False) as lib:
-        entries = lib.list(base=base, task=task, kind=kind, tag=_parse_tags(tag), compatible_with=compatible_with)
+        entries = lib.list(base=base, task=task, kind=kind, tag=_parse_tags(tag), compatible_with=compatible_with,
+                           derived=derived)
     if json_out:
         print_json([e.to_dict() for e in entries])
         return
@@ -160,9 +189,7 @@ def show(
         print_json(d)
         return
     for k, v in d.items():
-        if k == "loss_history" and v:
-            v = f"{len(v)} points, last {v[-1]}"
-        out.print(f"[bold]{k:>16}[/]  {v}")
+        out.print(f"[bold]{k:>16}[/]  {_show_value(k, v)}", highlight=False)
 
 
 @app.command("remove", epilog="\nExample:\n\n  warmstart library remove 3 7\n")

@@ -188,8 +188,12 @@ def _print_headline(rep: dict) -> None:
     w, b = rep["warm"], rep.get("baseline")
     line = f"warm start {m} {w['final']:.4f}"
     if b:
-        line += f" vs baseline {b['final']:.4f} (Δ {rep['delta']:+.4f})"
-    err.print(line)
+        from ..report import delta_sentence
+
+        line += f" vs baseline {b['final']:.4f}"
+        if rep.get("delta") is not None:
+            line += "; " + delta_sentence(rep).replace("**", "")
+    err.print(line, highlight=False)
     for s in parity_sentence(rep["parity"]) if rep.get("parity") else []:
         err.print(s.replace("**", ""))
 
@@ -214,12 +218,17 @@ def compare_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="Run directories (one per target)."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Tabulate several runs: one row per target, the mean at the bottom (markdown on stdout)."""
-    from .._io import read_json
-    from ..report import compare_markdown, compare_rows
+    """Tabulate several runs: one row per target, the mean at the bottom (markdown on stdout).
 
-    reports = [read_json(Path(d) / "report" / "report.json", "report (run `warmstart report RUN_DIR` first)")
-               for d in run_dirs]
+    Runs without a report are skipped, one line each on stderr saying why and what to do."""
+    from ..errors import ConfigError
+    from ..report import collect_reports, compare_markdown, compare_rows
+
+    reports, skipped = collect_reports(run_dirs)
+    for d, why in skipped:
+        err.print(f"skipped {d}: {why}", markup=False, highlight=False, soft_wrap=True)
+    if not reports:
+        raise ConfigError(f"none of the {len(run_dirs)} run directories has a report", hint=skipped[0][1])
     rows = compare_rows(reports)
     if json_out:
         print_json(rows)

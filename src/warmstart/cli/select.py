@@ -56,6 +56,8 @@ def select_cmd(
     max_length: int = typer.Option(512, "--max-length"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     out_file: Path = typer.Option(None, "--out", "-o", help="Selection file to write (.yaml or .json)."),
+    include_derived: bool = typer.Option(False, "--include-derived",
+                                         help="Also score merges, transfers and warmstart runs' outputs."),
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -72,7 +74,8 @@ def select_cmd(
                      weights=weights, penalty=penalty, scorer=scorer, split=split, format=format,
                      mc_style=mc_style, batch_size=batch_size, max_length=max_length, mc_mode=mc_mode,
                      dtype=dtype, optimize_budget=optimize_budget,
-                     min_own_gain=min_own_gain if own_gate else None, progress=progress)
+                     min_own_gain=min_own_gain if own_gate else None, progress=progress,
+                     include_derived=include_derived)
     if sel is None:  # another rank writes the result
         return
     if out_file is not None:
@@ -115,13 +118,21 @@ def ranking_table(sel) -> Table:
     donors = {d["id"]: d["weight"] for d in sel.donors}
     t = Table(title=f"{sel.metric} on {sel.target['sample']} of {Path(sel.target['path']).name}"
                     f" ({'higher' if sel.higher_is_better else 'lower'} is better, scorer {sel.scorer})")
-    for c in ("rank", "id", "kind", "score", "cached", "donor weight", "ref"):
+    for c in ("rank", "id", "kind", "score", "cached", "donor weight", "checkpoint"):
         t.add_column(c, justify="right" if c in ("rank", "score", "donor weight") else "left", overflow="fold")
     for r in sel.ranking:
         w = donors.get(r["id"])
         t.add_row(str(r["rank"]), str(r["id"]), r["kind"], f"{r['score']:.4f}", "yes" if r["cached"] else "",
-                  "" if w is None else f"{w:.3f}", r["ref"])
+                  "" if w is None else f"{w:.3f}", checkpoint_label(r))
     return t
+
+
+def checkpoint_label(row: dict) -> str:
+    """The catalog's task name with the directory's own name (``capitals (checkpoint-20)``) where the
+    task is known; else the reference itself, whole (a truncated path names nothing)."""
+    if row.get("task"):
+        return f"{row['task']} ({Path(row['ref']).name})"
+    return row["ref"]
 
 
 def _summary(sel, out_file: Path | None) -> None:
