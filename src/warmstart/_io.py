@@ -186,22 +186,23 @@ def write_errors(out: str | Path) -> Iterator[None]:
                              hint=f"check free space and permissions of {out.parent}") from None
 
 
-def open_regular(path: str | Path, what: str = "file"):
+def open_regular(path: str | Path, what: str = "file", error: type[WarmstartError] | None = None):
     """Open ``path`` for reading only if it is a regular file: a named pipe or a device would block
     forever or never end. O_NONBLOCK makes the open itself return at once; it is cleared after."""
     from .errors import CheckpointError
 
+    error = error or CheckpointError
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise CheckpointError(f"{what} not found", path=path) from None
+        raise error(f"{what} not found", path=path) from None
     except OSError as e:
-        raise CheckpointError(f"cannot read {what} ({e.strerror})", path=path) from None
+        raise error(f"cannot read {what} ({e.strerror})", path=path) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise CheckpointError(f"{what} is not a regular file", path=path)
+        raise error(f"{what} is not a regular file", path=path)
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     return os.fdopen(fd, "rb")
 
@@ -221,3 +222,34 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise CheckpointError(f"{what} is nested too deeply to parse", path=path) from None
     except OSError as e:
         raise CheckpointError(f"cannot read {what} ({e.strerror})", path=path) from None
+
+
+def read_text_file(path: str | Path, what: str, error: type[WarmstartError] | None = None) -> str:
+    """A small text input (config, plan, selection): regular files only, UTF-8, a bad byte names its line."""
+    path = Path(path)
+    try:
+        with open_regular(path, what, error) as f:
+            raw = f.read()
+    except OSError as e:
+        raise (error or ConfigError)(f"cannot read {what} ({e.strerror})", path=path) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise (error or ConfigError)(f"{what} is not UTF-8 text (line {line}: {e.reason})", path=path) from None
+
+
+def read_config(path: str | Path, what: str, error: type[WarmstartError] | None = None) -> Any:
+    """Parse a YAML (or, by suffix, JSON) input; every way it can fail is one error naming the file."""
+    import yaml
+
+    path = Path(path)
+    error = error or ConfigError
+    text = read_text_file(path, what, error)
+    try:
+        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as e:
+        raise error(f"{what} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
+                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", path=path) from None
+    except RecursionError:
+        raise error(f"{what} is nested too deeply to read", path=path) from None

@@ -16,6 +16,7 @@ problem before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ._io import TMP_MARK, open_regular, read_json
-from .errors import CheckpointError, IncompatibleError
+from .errors import CheckpointError, IncompatibleError, WarmstartError
 
 Kind = Literal["full", "lora"]
 
@@ -277,6 +278,8 @@ class WeightReader:
 
 
 def _check_finite(t, name: str, file: Path) -> None:
+    if t.is_floating_point() and t.element_size() == 1:  # FP8: torch has no isfinite kernel for it
+        t = t.float()
     if t.is_floating_point() and not bool(t.isfinite().all()):
         bad = int((~t.isfinite()).sum())
         raise CheckpointError(f"tensor {name!r} contains {bad} NaN/Inf value(s)", path=file,
@@ -417,14 +420,32 @@ class TrainingMetrics:
         state = read_json(path, "trainer_state.json")
         if not isinstance(state, dict):
             raise CheckpointError("trainer_state.json is not a JSON object", path=path)
+        try:
+            return cls._parse(state)
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise CheckpointError(f"a value is not a number ({e})", path=path,
+                                  hint="fix or remove trainer_state.json; the weights do not need it") from None
+
+    @classmethod
+    def _parse(cls, state: dict) -> TrainingMetrics:
         hist = state.get("log_history") or []
-        losses = [(int(e.get("step", 0)), float(e["loss"])) for e in hist if isinstance(e, dict) and "loss" in e]
+        if not isinstance(hist, list):
+            raise TypeError("log_history is not a list")
+        losses = [(_int(e.get("step", 0)), float(e["loss"])) for e in hist if isinstance(e, dict) and "loss" in e]
         evals: dict[str, float] = {}
         for e in hist:
             if isinstance(e, dict) and any(k.startswith("eval_") for k in e):
                 evals = {k: float(v) for k, v in e.items() if k.startswith("eval_") and isinstance(v, (int, float))}
-        return cls(global_step=state.get("global_step"), final_loss=losses[-1][1] if losses else None,
-                   loss_history=losses, eval_metrics=evals, epoch=state.get("epoch"))
+        step, epoch = state.get("global_step"), state.get("epoch")
+        return cls(global_step=None if step is None else _int(step), final_loss=losses[-1][1] if losses else None,
+                   loss_history=losses, eval_metrics=evals, epoch=None if epoch is None else float(epoch))
+
+
+def _int(v: Any) -> int:
+    """A step count: an integer, or a float/str that is one (JSON writers differ); bools are not."""
+    if isinstance(v, bool) or float(v) != int(float(v)):
+        raise ValueError(f"step {v!r} is not an integer")
+    return int(float(v))
 
 
 # ----------------------------------------------------------------------------
@@ -809,6 +830,50 @@ def check_adapters_agree(adapters: list[Checkpoint]) -> None:
 
 
 # ----------------------------------------------------------------------------
+# Loading through transformers: the one place a bare or damaged checkpoint meets it
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+@contextlib.contextmanager
+def _loading(path: str | Path, what: str, hint: str):
+    """transformers and tokenizers raise ValueError, OSError, KeyError, JSONDecodeError, their own
+    exception types... for what is, to the user, one problem: this directory cannot be loaded. Every
+    one becomes a single CheckpointError naming the directory (bugs in warmstart are not in here)."""
+    try:
+        yield
+    except (WarmstartError, MemoryError):
+        raise
+    except Exception as e:
+        text = str(e).strip()
+        msg = text.splitlines()[0][:300] if text else ""
+        raise CheckpointError(f"cannot load the {what} ({type(e).__name__}{': ' + msg if msg else ''})",
+                              path=path, hint=hint) from None
+
+
+def load_tokenizer(path: str | Path):
+    """``AutoTokenizer.from_pretrained(path)``; a missing, corrupt or unknown tokenizer is one line."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError("no tokenizer files (tokenizer.json, tokenizer_config.json, ...)", path=p,
+                              hint="copy the tokenizer files of the model it was trained from into it")
+    with _loading(p, "tokenizer", "copy the tokenizer files of the model it was trained from into it"):
+        return AutoTokenizer.from_pretrained(p)
+
+
+def load_causal_lm(path: str | Path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``; an unknown ``model_type``, a config
+    transformers cannot read or weights that do not fit it are one line naming the directory."""
+    from transformers import AutoModelForCausalLM
+
+    with _loading(path, "model", "check model_type and architectures in config.json against the installed "
+                                 "transformers version"):
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+# ----------------------------------------------------------------------------
 # Discovering every checkpoint under a tree (training runs included)
 
 
@@ -846,6 +911,8 @@ __all__ = [
     "WeightReader",
     "check_adapter_fits",
     "check_adapters_agree",
+    "load_causal_lm",
+    "load_tokenizer",
     "lora_modules",
     "discover",
     "is_hub_id",

@@ -91,15 +91,10 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        import yaml
+        from ._io import read_config
 
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError("run config not found", path=path)
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"run config is not valid YAML ({e})", path=path) from None
+        d = read_config(path, "run config") or {}
         if not isinstance(d, dict):
             raise ConfigError("run config must be a mapping", path=path)
         return cls.from_dict(d, where=path)
@@ -353,9 +348,9 @@ def _stage_select(ctx: _Ctx, t0: float) -> None:
 
 
 def _read_selection(path: Path) -> dict:
-    import yaml
+    from ._io import read_config
 
-    return yaml.safe_load(path.read_text()) or {}
+    return read_config(path, "selection file") or {}
 
 
 def _stage_merge(ctx: _Ctx, t0: float) -> None:

@@ -59,6 +59,7 @@ def select_cmd(
     from ..library import Library
     from ..select import dist_env, select
 
+    _check_numbers(batch_size=batch_size, max_length=max_length, n=n, k=k, optimize_budget=optimize_budget)
     rank, world = dist_env()
     if out_file is not None and rank == 0:
         check_output(out_file, force=force, inputs=[target, library_path(library), *_local(base)])
@@ -78,6 +79,16 @@ def select_cmd(
     else:
         out.print(ranking_table(sel))
     _summary(sel, out_file)
+
+
+def _check_numbers(**values: int) -> None:
+    """Counts that must be positive (n, k: zero has a meaning, negatives none): refused before any work."""
+    from ..errors import ConfigError
+
+    for name, v in values.items():
+        low = 0 if name in ("n", "k") else 1
+        if v < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
 
 
 def _local(ref: str) -> list[Path]:
@@ -108,7 +119,13 @@ class _progress:
         self.rank = rank
 
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                              TimeElapsedColumn(), console=err, transient=True, disable=self.rank != 0)

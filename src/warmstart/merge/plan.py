@@ -19,7 +19,6 @@ Every problem in a file is collected and reported at once, naming the file.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,18 +233,10 @@ def _model_spec(m, problems: list[str]) -> ModelSpec:
 
 
 def _load_file(path: Path):
-    import yaml
+    # not found, not a regular file, not UTF-8, not YAML/JSON, nested too deeply: one line each
+    from .._io import read_config
 
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError("plan file not found", path=path) from None
-    except OSError as e:
-        raise ConfigError(f"cannot read plan file ({e.strerror})", path=path) from None
-    try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(f"not valid YAML/JSON ({str(e).splitlines()[0]})", path=path) from None
+    return read_config(path, "plan file")
 
 
 def parse_size(s: str | int) -> int:
@@ -257,10 +248,13 @@ def parse_size(s: str | int) -> int:
     for u in sorted(units, key=len, reverse=True):
         if t.endswith(u):
             try:
-                return int(float(t[: -len(u)]) * units[u])
-            except ValueError:
+                n = int(float(t[: -len(u)]) * units[u])
+            except (ValueError, OverflowError):  # OverflowError: 1e400GB is float infinity
                 break
-    if t.isdigit():
+            if n <= 0:
+                raise ValueError(f"bad size {s!r} (a shard size must be positive)")
+            return n
+    if t.isdigit() and int(t) > 0:
         return int(t)
     raise ValueError(f"bad size {s!r} (use e.g. 500MB, 2GB)")
 
