@@ -143,8 +143,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorMeta], dict[str, str]
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"corrupt safetensors header ({type(e).__name__}: {str(e)[:200]})", path=path) from None
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError("corrupt safetensors header (__metadata__ is not a mapping)", path=path)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError("corrupt safetensors header (__metadata__ is not a mapping of strings)", path=path)
     base = 8 + hlen
     data_len = size - base
     tensors = {name: _tensor_meta(name, info, path, base, data_len) for name, info in header.items()}
@@ -167,8 +167,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
 
 def _tensor_meta(name: str, info: Any, path: Path, base: int, data_len: int) -> TensorMeta:
     try:
+        if not isinstance(info["shape"], list) or not isinstance(info["data_offsets"], list):
+            raise ValueError
         dtype, shape, (s, e) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        if not all(type(x) is int and x >= 0 for x in (*shape, s, e)):
+        if not isinstance(dtype, str) or not all(type(x) is int and x >= 0 for x in (*shape, s, e)):
             raise ValueError
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"corrupt safetensors header (bad entry for tensor {name!r})", path=path) from None

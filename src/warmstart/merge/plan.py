@@ -189,9 +189,11 @@ class MergePlan:
             raise ConfigError("selection file needs a non-empty 'donors' list", path=path)
         models = []
         for d in data["donors"]:
-            if not isinstance(d, dict) or "ref" not in d:
-                raise ConfigError(f"selection donor without 'ref': {d!r}", path=path)
+            if not isinstance(d, dict) or not isinstance(d.get("ref"), str) or not d["ref"]:
+                raise ConfigError(f"selection donor without a 'ref' path: {d!r}", path=path)
+            _check_selection_types(d, path)
             models.append(ModelSpec(str(d["ref"]), d.get("weight"), score=d.get("score")))
+        _check_selection_types({k: data.get(k) for k in ("base", "method", "metric", "params")}, path)
         metric = str(data.get("metric") or "loss")
         if method is None:
             method = str(data.get("method") or "linear")
@@ -213,6 +215,23 @@ class MergePlan:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _check_selection_types(d: dict, path: Path) -> None:
+    """A selection file is written by `select`/`optimize` but may be edited by hand: a string where a
+    weight belongs would fail deep in the merge with a TypeError instead of naming the field."""
+    def num(v):
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+                             and abs(v) != float("inf"))
+
+    want = {"weight": (num, "a finite number"), "score": (num, "a finite number"),
+            "base": (lambda v: v is None or (isinstance(v, str) and v), "a path or hub id"),
+            "method": (lambda v: v is None or isinstance(v, str), "a method name"),
+            "metric": (lambda v: v is None or isinstance(v, str), "a metric name"),
+            "params": (lambda v: v is None or isinstance(v, dict), "a mapping")}
+    for k, (ok, what) in want.items():
+        if k in d and not ok(d[k]):
+            raise ConfigError(f"selection field {k!r} must be {what}, got {d[k]!r}", path=path)
 
 
 def _model_spec(m, problems: list[str]) -> ModelSpec:
