@@ -221,3 +221,14 @@ def test_an_unwritable_output_is_one_line_and_leaves_nothing(cli, models, tmp_pa
     r = cli("transfer", "--base-old", models / "base", "--finetuned", models / "ft_a", "--base-new",
             models / "ft_b", "--out", out)
     assert_user_error(r, "cannot write output", out=out)
+
+
+@pytest.mark.parametrize("curve", [{"points": [1, 2]}, {"points": [{"step": "x"}]}, {"points": [], "meta": []},
+                                   {"points": [{"step": 1, "loss": "low"}]}])
+def test_malformed_curve_file_is_one_line(tmp_path, curve):
+    from warmstart.errors import DataError
+    from warmstart.report import Curve
+
+    (tmp_path / "curve.json").write_text(json.dumps(curve))
+    with pytest.raises(DataError, match="curve.json"):
+        Curve.from_file(tmp_path)
