@@ -152,18 +152,16 @@ def test_unreadable_weights_file(cli, z, tmp_path, monkeypatch):
     """A weights file that cannot be opened (EACCES, simulated so the test also runs as root)."""
     import shutil
 
-    import warmstart.checkpoints as wc
-
     d = tmp_path / "eacces"
     shutil.copytree(z.ft_a, d)
-    real_open = open
+    real_open = os.open  # inputs are opened through warmstart._io.open_regular (os.open, regular files only)
 
     def fake_open(p, *a, **k):
         if str(p).endswith("eacces/model.safetensors"):
             raise PermissionError(13, "Permission denied", str(p))
         return real_open(p, *a, **k)
 
-    monkeypatch.setattr(wc, "open", fake_open, raising=False)
+    monkeypatch.setattr(os, "open", fake_open)
     assert_user_error(cli("merge", d, z.ft_b, "--out", tmp_path / "m"), "eacces/model.safetensors",
                       "permission denied", out=tmp_path / "m")
 

@@ -33,7 +33,7 @@ from .errors import IncompatibleError
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 
 
@@ -70,7 +70,10 @@ class PreadReader:
             digests[m.name] = h.hexdigest()
         if m.dtype not in ST_DTYPES:
             raise IncompatibleError(f"tensor {m.name!r} has dtype {m.dtype}, which cannot be merged", path=m.file)
-        return buf.view(ST_DTYPES[m.dtype]).reshape(m.shape)
+        t = buf.view(ST_DTYPES[m.dtype]).reshape(m.shape)
+        # FP8 has almost no CPU kernels (no sum, no isfinite): hand it on as float32, exactly (every FP8
+        # value is a float32); the output keeps the input's dtype unless the plan sets another
+        return t.float() if m.dtype.startswith("F8_") else t
 
     def close(self):
         for fd in self._fds.values():

@@ -16,6 +16,7 @@ problem before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -29,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ._io import TMP_MARK, read_json
-from .errors import CheckpointError
+from ._io import TMP_MARK, open_regular, read_json
+from .errors import CheckpointError, IncompatibleError, WarmstartError
 
 Kind = Literal["full", "lora"]
 
@@ -115,11 +116,15 @@ class TensorMeta:
 
 
 def read_header(path: str | Path) -> tuple[dict[str, TensorMeta], dict[str, str]]:
-    """Parse and validate a safetensors header: returns tensor metadata and ``__metadata__``."""
+    """Parse and validate a safetensors header: returns tensor metadata and ``__metadata__``.
+
+    The checks are the reference implementation's (safetensors ``Metadata::validate``): every entry
+    well-formed, no name twice, and the tensors tile the data section exactly (no overlap, no gap,
+    no trailing bytes), so a file that safetensors itself refuses is refused here too, by name."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path, "safetensors file") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError("truncated safetensors file (shorter than its 8-byte header length)", path=path)
@@ -130,38 +135,71 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorMeta], dict[str, str]
     except OSError as e:
         raise CheckpointError(f"cannot read safetensors file ({e.strerror})", path=path) from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
         if not isinstance(header, dict):
             raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt safetensors header ({e})", path=path) from None
+    except _Duplicate as e:
+        raise CheckpointError(f"corrupt safetensors header (tensor {e.args[0]!r} is named twice)", path=path) from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"corrupt safetensors header ({type(e).__name__}: {str(e)[:200]})", path=path) from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError("corrupt safetensors header (__metadata__ is not a mapping of strings)", path=path)
     base = 8 + hlen
     data_len = size - base
-    tensors: dict[str, TensorMeta] = {}
-    spans = []
-    for name, info in header.items():
-        try:
-            dtype, shape, (s, e) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"corrupt safetensors header (bad entry for tensor {name!r})", path=path) from None
-        if dtype not in DTYPE_SIZES:
-            raise CheckpointError(f"unsupported dtype {dtype!r} for tensor {name!r}", path=path)
-        numel = 1
-        for d in shape:
-            numel *= d
-        if not (0 <= s <= e) or e - s != numel * DTYPE_SIZES[dtype]:
-            raise CheckpointError(f"corrupt safetensors header (offsets of {name!r} do not match its shape)", path=path)
-        if e > data_len:
-            raise CheckpointError(
-                f"truncated safetensors file (tensor {name!r} ends at byte {base + e}, file has {size})", path=path)
-        spans.append((s, e))
-        tensors[name] = TensorMeta(name, dtype, shape, path, base + s, base + e)
-    spans.sort()
-    for (s0, e0), (s1, _) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise CheckpointError("corrupt safetensors header (tensor data overlaps)", path=path)
+    tensors = {name: _tensor_meta(name, info, path, base, data_len) for name, info in header.items()}
+    _check_tiling(tensors, base, data_len, path)
     return tensors, metadata
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _Duplicate(k)
+        d[k] = v
+    return d
+
+
+def _tensor_meta(name: str, info: Any, path: Path, base: int, data_len: int) -> TensorMeta:
+    try:
+        if not isinstance(info["shape"], list) or not isinstance(info["data_offsets"], list):
+            raise ValueError
+        dtype, shape, (s, e) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if not isinstance(dtype, str) or not all(type(x) is int and x >= 0 for x in (*shape, s, e)):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"corrupt safetensors header (bad entry for tensor {name!r})", path=path) from None
+    if dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"unsupported dtype {dtype!r} for tensor {name!r}", path=path)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if not (0 <= s <= e) or e - s != numel * DTYPE_SIZES[dtype]:
+        raise CheckpointError(f"corrupt safetensors header (offsets of {name!r} do not match its shape)", path=path)
+    if e > data_len:
+        raise CheckpointError(
+            f"truncated safetensors file (tensor {name!r} ends at byte {base + e}, file has {base + data_len})",
+            path=path)
+    return TensorMeta(name, dtype, shape, path, base + s, base + e)
+
+
+def _check_tiling(tensors: dict[str, TensorMeta], base: int, data_len: int, path: Path) -> None:
+    end = 0
+    for m in sorted(tensors.values(), key=lambda m: (m.start, m.end)):
+        if m.start - base < end:
+            raise CheckpointError("corrupt safetensors header (tensor data overlaps)", path=path)
+        if m.start - base > end:
+            raise CheckpointError(f"corrupt safetensors header ({m.start - base - end} bytes before tensor "
+                                  f"{m.name!r} belong to no tensor)", path=path)
+        end = m.end - base
+    if end != data_len:
+        raise CheckpointError(f"corrupt safetensors header ({data_len - end} trailing bytes belong to no tensor)",
+                              path=path)
 
 
 # ----------------------------------------------------------------------------
@@ -242,6 +280,8 @@ class WeightReader:
 
 
 def _check_finite(t, name: str, file: Path) -> None:
+    if t.is_floating_point() and t.element_size() == 1:  # FP8: torch has no isfinite kernel for it
+        t = t.float()
     if t.is_floating_point() and not bool(t.isfinite().all()):
         bad = int((~t.isfinite()).sum())
         raise CheckpointError(f"tensor {name!r} contains {bad} NaN/Inf value(s)", path=file,
@@ -382,14 +422,32 @@ class TrainingMetrics:
         state = read_json(path, "trainer_state.json")
         if not isinstance(state, dict):
             raise CheckpointError("trainer_state.json is not a JSON object", path=path)
+        try:
+            return cls._parse(state)
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise CheckpointError(f"a value is not a number ({e})", path=path,
+                                  hint="fix or remove trainer_state.json; the weights do not need it") from None
+
+    @classmethod
+    def _parse(cls, state: dict) -> TrainingMetrics:
         hist = state.get("log_history") or []
-        losses = [(int(e.get("step", 0)), float(e["loss"])) for e in hist if isinstance(e, dict) and "loss" in e]
+        if not isinstance(hist, list):
+            raise TypeError("log_history is not a list")
+        losses = [(_int(e.get("step", 0)), float(e["loss"])) for e in hist if isinstance(e, dict) and "loss" in e]
         evals: dict[str, float] = {}
         for e in hist:
             if isinstance(e, dict) and any(k.startswith("eval_") for k in e):
                 evals = {k: float(v) for k, v in e.items() if k.startswith("eval_") and isinstance(v, (int, float))}
-        return cls(global_step=state.get("global_step"), final_loss=losses[-1][1] if losses else None,
-                   loss_history=losses, eval_metrics=evals, epoch=state.get("epoch"))
+        step, epoch = state.get("global_step"), state.get("epoch")
+        return cls(global_step=None if step is None else _int(step), final_loss=losses[-1][1] if losses else None,
+                   loss_history=losses, eval_metrics=evals, epoch=None if epoch is None else float(epoch))
+
+
+def _int(v: Any) -> int:
+    """A step count: an integer, or a float/str that is one (JSON writers differ); bools are not."""
+    if isinstance(v, bool) or float(v) != int(float(v)):
+        raise ValueError(f"step {v!r} is not an integer")
+    return int(float(v))
 
 
 # ----------------------------------------------------------------------------
@@ -524,9 +582,15 @@ def _full_model_files(d: Path) -> list[Path]:
         wm = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise CheckpointError("safetensors index has no weight_map", path=index)
+        for name in set(wm.values()):
+            # a shard is a plain file name next to the index: "../other/x.safetensors" or "/abs/x" would
+            # read another checkpoint's weights under this one's name
+            if not isinstance(name, str) or name in ("", ".", "..") or name != Path(name).name or "\\" in name:
+                raise CheckpointError(f"index names shard {name!r}, which is not a file in the checkpoint "
+                                      "directory", path=index)
         files = sorted({d / f for f in wm.values()})
         for f in files:
-            if Path(f).name != Path(f).name.replace("/", "") or not f.exists():
+            if not f.exists():
                 raise CheckpointError(f"shard {f.name} named in the index is missing", path=index)
         return files
     return sorted(p for p in d.glob("*.safetensors") if TMP_MARK not in p.name)
@@ -634,19 +698,7 @@ def _open_adapter(ref: str, d: Path, allow_pickle: bool) -> Checkpoint:
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise CheckpointError(f"unsupported PEFT type {peft_type!r} (only LoRA adapters are supported)", path=cfg_path)
-    try:
-        targets = cfg.get("target_modules") or []
-        info = LoraInfo(
-            base_model=cfg.get("base_model_name_or_path") or None,
-            r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])),
-            use_rslora=bool(cfg.get("use_rslora", False)),
-            target_modules=tuple(sorted(targets)) if isinstance(targets, list) else (str(targets),),
-            rank_pattern=dict(cfg.get("rank_pattern") or {}), alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-            peft_type=peft_type)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"adapter_config.json is missing or has a bad field ({e})", path=cfg_path) from None
-    if info.r <= 0:
-        raise CheckpointError(f"adapter rank r={info.r} must be positive", path=cfg_path)
+    info = _lora_info(cfg, cfg_path, peft_type)
     f = d / "adapter_model.safetensors"
     pickle = False
     if f.exists():
@@ -654,8 +706,173 @@ def _open_adapter(ref: str, d: Path, allow_pickle: bool) -> Checkpoint:
     else:
         files, pickle = _pickle_or_fail(d, allow_pickle, "LoRA adapter"), True
     ck = Checkpoint(ref, d, "lora", files, cfg, lora=info, metrics=_metrics_for(d), pickle=pickle, meta=_read_meta(d))
-    ck.weights()
+    lora_modules(ck)  # A/B shapes against each other and against r / rank_pattern, from the header only
     return ck
+
+
+def _lora_info(cfg: dict, cfg_path: Path, peft_type: str) -> LoraInfo:
+    """The fields that set an adapter's scaling, each type-checked: a wrong one would merge at the
+    wrong scale (or raise deep inside a merge) instead of being refused here."""
+    def bad(field_: str, why: str):
+        return CheckpointError(f"field {field_!r} {why}", path=cfg_path)
+
+    r = cfg.get("r")
+    if type(r) is not int or r <= 0:
+        raise bad("r", f"must be a positive integer, got {r!r}")
+    alpha = cfg.get("lora_alpha", r)
+    if type(alpha) not in (int, float) or not (alpha == alpha) or abs(alpha) == float("inf"):
+        raise bad("lora_alpha", f"must be a number, got {alpha!r}")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise bad("base_model_name_or_path", f"must be a string or null, got {base!r}")
+    targets = cfg.get("target_modules") or []
+    if not isinstance(targets, (list, str)) or (isinstance(targets, list) and
+                                                not all(isinstance(t, str) for t in targets)):
+        raise bad("target_modules", f"must be a list of names or a regex string, got {targets!r}")
+    patterns = {}
+    for key, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+        pat = cfg.get(key) or {}
+        if not isinstance(pat, dict):
+            raise bad(key, f"must be a mapping of module regex to value, got {type(pat).__name__}")
+        for k, v in pat.items():
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise bad(key, f"key {k!r} is not a valid regular expression ({e})") from None
+            ok = type(v) is int and v > 0 if kind is int else type(v) in (int, float) and v == v
+            if not ok:
+                raise bad(key, f"value for {k!r} must be a {'positive integer' if kind is int else 'number'}, "
+                               f"got {v!r}")
+        patterns[key] = dict(pat)
+    return LoraInfo(base_model=base or None, r=r, alpha=float(alpha), use_rslora=bool(cfg.get("use_rslora", False)),
+                    target_modules=tuple(sorted(targets)) if isinstance(targets, list) else (targets,),
+                    rank_pattern=patterns["rank_pattern"], alpha_pattern=patterns["alpha_pattern"],
+                    peft_type=peft_type)
+
+
+_LORA_KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.weight)?$")
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: its name in the base model, rank, and the base weight shape it needs."""
+
+    name: str
+    rank: int
+    in_features: int
+    out_features: int
+    embedding: bool
+
+
+def lora_modules(ck: Checkpoint) -> dict[str, LoraModule]:
+    """Every LoRA pair of an adapter, checked from the header (no tensor is read): A is [r, in] and B
+    [out, r] with the same r, and that r is what adapter_config.json says for the module (``r`` or its
+    ``rank_pattern`` entry). PEFT refuses an adapter that breaks any of these; merged, it would be
+    scaled by the wrong alpha/r without a word."""
+    cfg_path = ck.path / "adapter_config.json"
+    pairs: dict[str, dict[str, TensorMeta]] = {}
+    for key, m in ck.weights().meta.items():
+        if (mt := _LORA_KEY.match(key)):
+            pairs.setdefault(mt["mod"], {})[mt["ab"]] = m
+    out = {}
+    for mod, ab in sorted(pairs.items()):
+        name = mod[len(_PEFT_PREFIX):] if mod.startswith(_PEFT_PREFIX) else mod
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"module {name!r} has lora_{next(iter(ab))} without its partner", path=ck.path)
+        A, B = ab["A"], ab["B"]
+        if len(A.shape) != 2 or len(B.shape) != 2:
+            raise CheckpointError(f"module {name!r}: LoRA factors must be matrices, got A {list(A.shape)} and B "
+                                  f"{list(B.shape)}", path=A.file)
+        if A.shape[0] != B.shape[1]:
+            raise CheckpointError(f"module {name!r}: lora_A {list(A.shape)} and lora_B {list(B.shape)} disagree on "
+                                  "the rank", path=A.file)
+        want = _pattern_value(ck.lora.rank_pattern, name, ck.lora.r)
+        if A.shape[0] != want:
+            src = "its rank_pattern entry" if want != ck.lora.r else "r"
+            raise CheckpointError(f"{src} says rank {want} for module {name!r}, its tensors have rank {A.shape[0]}",
+                                  path=cfg_path, hint="the adapter would be scaled by the wrong alpha/r; fix r "
+                                  "or rank_pattern in adapter_config.json")
+        emb = "lora_embedding_A" in A.name
+        out[name] = LoraModule(name, A.shape[0], A.shape[1], B.shape[0], emb)
+    return out
+
+
+def check_adapter_fits(adapter: Checkpoint, base: Checkpoint) -> None:
+    """Refuse an adapter whose modules the base lacks, or whose factor shapes do not fit the base's
+    weights: merged, it would give an adapter PEFT cannot attach (or a wrong ΔW shape)."""
+    meta = base.weights().meta
+    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
+    for name, m in lora_modules(adapter).items():
+        w = meta.get(f"{name}.weight")
+        if w is None:
+            raise IncompatibleError(f"adapter has LoRA factors for module {name!r}, which the base {base.path} "
+                                    "does not have", path=adapter.path, hint="it was trained on another "
+                                    "architecture or base")
+        shapes = [(m.out_features, m.in_features)]
+        if fan_in_fan_out or m.embedding:  # Conv1D / embedding weights are stored [in, out]
+            shapes.append((m.in_features, m.out_features))
+        if tuple(w.shape) not in shapes:
+            raise IncompatibleError(f"module {name!r}: the adapter's factors make a {list(shapes[0])} update, the "
+                                    f"base weight is {list(w.shape)}", path=adapter.path,
+                                    hint=f"it was trained on another base than {base.path}")
+
+
+def check_adapters_agree(adapters: list[Checkpoint]) -> None:
+    """Adapters merged together must make updates of the same shape for every module they share."""
+    seen: dict[str, tuple[tuple[int, int], Path]] = {}
+    for ck in adapters:
+        for name, m in lora_modules(ck).items():
+            shape = (m.out_features, m.in_features)
+            if name in seen and seen[name][0] != shape:
+                raise IncompatibleError(f"module {name!r} is {list(seen[name][0])} in {seen[name][1]} but "
+                                        f"{list(shape)} here", path=ck.path,
+                                        hint="adapters of different architectures cannot be merged")
+            seen.setdefault(name, (shape, ck.path))
+
+
+# ----------------------------------------------------------------------------
+# Loading through transformers: the one place a bare or damaged checkpoint meets it
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+@contextlib.contextmanager
+def _loading(path: str | Path, what: str, hint: str):
+    """transformers and tokenizers raise ValueError, OSError, KeyError, JSONDecodeError, their own
+    exception types... for what is, to the user, one problem: this directory cannot be loaded. Every
+    one becomes a single CheckpointError naming the directory (bugs in warmstart are not in here)."""
+    try:
+        yield
+    except (WarmstartError, MemoryError):
+        raise
+    except Exception as e:
+        text = str(e).strip()
+        msg = text.splitlines()[0][:300] if text else ""
+        raise CheckpointError(f"cannot load the {what} ({type(e).__name__}{': ' + msg if msg else ''})",
+                              path=path, hint=hint) from None
+
+
+def load_tokenizer(path: str | Path):
+    """``AutoTokenizer.from_pretrained(path)``; a missing, corrupt or unknown tokenizer is one line."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError("no tokenizer files (tokenizer.json, tokenizer_config.json, ...)", path=p,
+                              hint="copy the tokenizer files of the model it was trained from into it")
+    with _loading(p, "tokenizer", "copy the tokenizer files of the model it was trained from into it"):
+        return AutoTokenizer.from_pretrained(p)
+
+
+def load_causal_lm(path: str | Path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``; an unknown ``model_type``, a config
+    transformers cannot read or weights that do not fit it are one line naming the directory."""
+    from transformers import AutoModelForCausalLM
+
+    with _loading(path, "model", "check model_type and architectures in config.json against the installed "
+                                 "transformers version"):
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 # ----------------------------------------------------------------------------
@@ -694,6 +911,11 @@ __all__ = [
     "TensorMeta",
     "TrainingMetrics",
     "WeightReader",
+    "check_adapter_fits",
+    "check_adapters_agree",
+    "load_causal_lm",
+    "load_tokenizer",
+    "lora_modules",
     "discover",
     "is_hub_id",
     "open_checkpoint",

@@ -139,38 +139,63 @@ def _read_rows(path: Path, split: str | None) -> tuple[list[tuple[int, Any]], st
                     hint="use .jsonl, .json, .csv, .parquet or a save_to_disk directory")
 
 
-def _read_json_lines(path: Path) -> list[tuple[int, Any]]:
+def _read_text(path: Path) -> str:
+    """A data file's text (regular files only: a named pipe would block); a bad byte names its line."""
+    from ._io import open_regular
+
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path, "data file", DataError) as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read data file ({e.strerror})", path=path) from None
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text ({e.reason})", path=path) from None
+        line, col = raw.count(b"\n", 0, e.start) + 1, e.start - raw.rfind(b"\n", 0, e.start)
+        raise DataError(f"line {line}: not UTF-8 text ({e.reason} at byte {col})", path=path) from None
+
+
+def _loads(text: str, where: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where or f'line {e.lineno}'}: invalid JSON ({e.msg} at column {e.colno})",
+                        path=path) from None
+    except RecursionError:
+        raise DataError(f"{where or 'file'}: JSON nested too deeply to read", path=path) from None
+
+
+def _read_json_lines(path: Path) -> list[tuple[int, Any]]:
+    text = _read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):  # a .json file holding one list of rows
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"line {e.lineno}: invalid JSON ({e.msg})", path=path) from None
+        rows = _loads(text, "", path)
+        if not isinstance(rows, list):
+            raise DataError("a .json file must hold one list of rows", path=path)
         return [(i + 1, r) for i, r in enumerate(rows)]
     out = []
     for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"line {lineno}: invalid JSON ({e.msg} at column {e.colno})", path=path) from None
+        if line.strip():
+            out.append((lineno, _loads(line, f"line {lineno}", path)))
     return out
 
 
 def _read_csv(path: Path) -> list[tuple[int, Any]]:
+    import io
+
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        try:
-            for row in reader:
-                out.append((reader.line_num, row))
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise DataError(f"line {reader.line_num}: malformed CSV ({e})", path=path) from None
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    try:
+        header = next(reader, None)
+        for cells in reader:
+            if not cells:
+                continue  # a blank line, as DictReader skips it
+            if len(cells) != len(header):  # DictReader would file extra cells under None, fill missing with None
+                raise DataError(f"line {reader.line_num}: {len(cells)} fields, the header has {len(header)}",
+                                path=path)
+            out.append((reader.line_num, dict(zip(header, cells))))
+    except csv.Error as e:
+        raise DataError(f"line {reader.line_num}: malformed CSV ({e})", path=path) from None
     return out
 
 
@@ -397,6 +422,11 @@ def encode_messages(tokenizer, messages: list[dict], *, max_length: int = 512) -
 
 def tokenize(data: TargetData, tokenizer, *, max_length: int = 512, add_eos: bool = False) -> list[dict]:
     """One dict per example: ``input_ids``, ``attention_mask``, ``labels`` (-100 off-target)."""
+    if any(ex.messages is not None for ex in data.examples) and not getattr(tokenizer, "chat_template", None):
+        first = next(ex for ex in data.examples if ex.messages is not None)
+        raise DataError(f"line {first.line}: chat rows need a tokenizer with a chat template, and the tokenizer "
+                        f"of {getattr(tokenizer, 'name_or_path', '') or 'the model'} has none", path=data.path,
+                        hint="use a model whose tokenizer defines chat_template, or prompt/completion rows")
     out = []
     for ex in data.examples:
         if ex.messages is not None:

@@ -136,11 +136,20 @@ class Entry:
     missing: bool = field(default=False)  # files vanished since registration
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Entry:
+    def from_row(cls, row: sqlite3.Row, db: str | Path | None = None, *, lenient: bool = False) -> Entry:
+        """``lenient``: a field that is not valid JSON (a row edited by hand or by another tool) becomes
+        its default and the fingerprint is blanked, so that `add` rewrites the whole row."""
         d = dict(row)
         for k, default in (("tags", {}), ("loss_history", []), ("eval_metrics", {}), ("lora", None),
                            ("provenance", {})):
-            d[k] = json.loads(d[k]) if d.get(k) else default
+            try:
+                d[k] = json.loads(d[k]) if d.get(k) else default
+            except (ValueError, TypeError, RecursionError):
+                if not lenient:
+                    raise LibraryError(f"catalog entry #{d.get('id')} has a {k} field that is not valid JSON",
+                                       path=db, hint=f"re-register it with `warmstart library add {d.get('path')}`, "
+                                       "which rewrites the row") from None
+                d[k], d["fingerprint"] = default, ""
         d["derived"] = bool(d.get("derived"))
         d["missing"] = not Path(d["path"]).exists()
         return cls(**d)
@@ -251,7 +260,7 @@ class Library:
             base: str | None = None, allow_pickle: bool = False, run: str | None = None) -> tuple[Entry, str]:
         """Register one checkpoint. Returns the entry and 'added', 'updated' or 'unchanged'."""
         ck = open_checkpoint(ref, allow_pickle=allow_pickle)
-        existing = self._get_by_ref(ck.ref)
+        existing = self._get_by_ref(ck.ref, lenient=True)
         fp = ck.fingerprint()
         prov = provenance_of(ck.path, ck.meta)
         if existing and existing.fingerprint == fp and task is None and not tags and base is None \
@@ -336,9 +345,9 @@ class Library:
         return gone
 
     # -- queries ---------------------------------------------------------
-    def _get_by_ref(self, ref: str) -> Entry | None:
+    def _get_by_ref(self, ref: str, *, lenient: bool = False) -> Entry | None:
         row = self.db.execute("SELECT * FROM checkpoints WHERE ref=?", (ref,)).fetchone()
-        return Entry.from_row(row) if row else None
+        return Entry.from_row(row, self.path, lenient=lenient) if row else None
 
     def get(self, entry_id: int | str) -> Entry:
         """By numeric id, or by reference (path or hub id)."""
@@ -352,7 +361,7 @@ class Library:
                                   (str(p.resolve()) if p.exists() else ref, ref)).fetchone()
         if row is None:
             raise LibraryError(f"no entry {entry_id!r}", path=self.path, hint="see `warmstart library list`")
-        return Entry.from_row(row)
+        return Entry.from_row(row, self.path)
 
     def list(self, *, base: str | None = None, task: str | None = None, kind: str | None = None,
              tag: dict[str, str] | None = None, compatible_with: str | Path | None = None,
@@ -383,7 +392,7 @@ class Library:
             where.append(clause)
             params += cparams
         sql = "SELECT * FROM checkpoints" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
-        return [Entry.from_row(r) for r in self.db.execute(sql, params)]
+        return [Entry.from_row(r, self.path) for r in self.db.execute(sql, params)]
 
     def _compatible_clause(self, base_ref: str | Path) -> tuple[str, list]:
         """Full models with the base's architecture signature; adapters whose base is this base."""

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output
-from .checkpoints import open_checkpoint
+from .checkpoints import load_causal_lm, load_tokenizer, open_checkpoint
 from .errors import ConfigError, IncompatibleError
 
 METRICS = {"loss": "loss", "accuracy": "token_accuracy", "mc-accuracy": "mc_accuracy"}
@@ -168,7 +168,6 @@ class _FullMixer:
 
     def __init__(self, base, donors, method: str, params: dict):
         import torch
-        from transformers import AutoModelForCausalLM
 
         from .merge import get_method
 
@@ -177,7 +176,7 @@ class _FullMixer:
             if d.signature() != sig:
                 raise IncompatibleError("candidate's tensors differ from the base's (names or shapes)", path=d.path,
                                         hint="optimize needs donors fine-tuned from --base")
-        self.model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
+        self.model = load_causal_lm(base.path, dtype=torch.float32).eval()
         self.base_sd = base.weights().state_dict(torch.float32)
         self.donor_sds = [d.weights().state_dict(torch.float32) for d in donors]
         self.method, self.params = method, params
@@ -206,13 +205,12 @@ class _LoraMixer:
         import torch
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
-        from transformers import AutoModelForCausalLM
 
         for a in adapters:
             if a.config.get("use_dora") or a.config.get("modules_to_save"):
                 raise IncompatibleError("adapters with DoRA or modules_to_save cannot be mixed exactly by scaling",
                                         path=a.path, hint="merge them into full models first")
-        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+        model = load_causal_lm(base.path, dtype=torch.float32)
         self.names = [f"c{i}" for i in range(len(adapters))]
         try:
             pm = PeftModel.from_pretrained(model, adapters[0].path, adapter_name=self.names[0])
@@ -284,7 +282,6 @@ def optimize(candidates: Sequence[str | Path], base: str | Path, targets: Sequen
     the Pareto front), ``objective.png`` and the merged model in ``model/``.
     """
     import torch
-    from transformers import AutoTokenizer
 
     from .data import TargetData, load_target
     from .evaluate import evaluate
@@ -307,7 +304,7 @@ def optimize(candidates: Sequence[str | Path], base: str | Path, targets: Sequen
         check_output(Path(out), force=force, inputs=[base_ck.path] + [c.path for c in cks])
     # a TargetData is used as given (select() passes its already-drawn sample)
     datas = [t if isinstance(t, TargetData) else load_target(t).sample(sample, seed=seed) for t in targets]
-    tok = AutoTokenizer.from_pretrained(base_ck.path)
+    tok = load_tokenizer(base_ck.path)
     mixer = _LoraMixer(base_ck, cks) if kind == "lora" else _FullMixer(base_ck, cks, method, params)
 
     def fn(w: list[float], d: float | None):

@@ -125,15 +125,10 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        import yaml
+        from ._io import read_config
 
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError("run config not found", path=path)
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"run config is not valid YAML ({e})", path=path) from None
+        d = read_config(path, "run config") or {}
         if not isinstance(d, dict):
             raise ConfigError("run config must be a mapping", path=path)
         return cls.from_dict(d, where=path)
@@ -300,6 +295,7 @@ def run(target: str | Path, library: str | Path, base: str | Path, out: str | Pa
     for p, what in ((ctx.target, "target data"), (ctx.eval, "eval data")):
         if p is not None and not p.exists():
             raise ConfigError(f"{what} not found", path=p)
+    _check_out(ctx)  # every process: all of them refuse, none waits at a barrier for the others
     if main:
         _claim_run_dir(ctx, str(base), force)
     state.wait_for_everyone()
@@ -320,6 +316,23 @@ def run(target: str | Path, library: str | Path, base: str | Path, out: str | Pa
         ctx.log(f"{name}: done in {ctx.rd.marker(name)['wall_s']:.1f} s")
     rep = read_json(ctx.rd.stage("report") / "report.json", "report")
     return RunResult(ctx.rd.root, ran, skipped, rep)
+
+
+def _check_out(ctx: _Ctx) -> None:
+    """Before the first stage: the run directory is not a file, and neither equals, contains nor lies
+    inside any input (base, target, eval, catalog, any library entry). Every stage writes below it."""
+    from ._io import check_not_input
+    from .library import Library
+
+    root = ctx.rd.root
+    if os.path.lexists(root) and not root.is_dir():
+        raise ConfigError("--out names an existing file, not a run directory", path=root,
+                          hint="choose a new directory")
+    inputs = [ctx.base, ctx.target, ctx.eval, ctx.library]
+    if ctx.library.is_file():
+        with Library(ctx.library, create=False) as lib:
+            inputs += [Path(e.path) for e in lib.list()]
+    check_not_input(root, inputs)
 
 
 def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
@@ -467,9 +480,9 @@ def _stage_select(ctx: _Ctx, t0: float) -> None:
 
 
 def _read_selection(path: Path) -> dict:
-    import yaml
+    from ._io import read_config
 
-    return yaml.safe_load(path.read_text()) or {}
+    return read_config(path, "selection file") or {}
 
 
 def _stage_merge(ctx: _Ctx, t0: float) -> None:

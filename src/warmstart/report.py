@@ -57,6 +57,13 @@ class Curve:
         d = read_json(path, "curve file")
         if not isinstance(d, dict) or not isinstance(d.get("points"), list):
             raise DataError("curve file has no 'points' list", path=path)
+        if not isinstance(d.get("meta", {}), dict):
+            raise DataError("curve file's 'meta' is not a mapping", path=path)
+        for i, p in enumerate(d["points"]):  # the report does arithmetic on every value
+            num = (int, float, type(None))
+            if not isinstance(p, dict) or not isinstance(p.get("step"), (int, float)) or \
+                    not all(isinstance(v, num) for v in p.values()):
+                raise DataError(f"curve point {i} is not a mapping of numbers with a 'step'", path=path)
         return cls(points=d["points"], meta=d.get("meta", {}))
 
     def to_dict(self) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _gradproxy
-from .checkpoints import open_checkpoint
+from .checkpoints import load_causal_lm, load_tokenizer, open_checkpoint
 from .data import TargetData, load_target
 from .errors import CheckpointError, ConfigError, IncompatibleError, WarmstartError
 from .evaluate import evaluate, n_rows
@@ -302,7 +302,6 @@ def _score_loras(model, loras: list[Candidate], run, record) -> Any:
 def load_base(base: str | Path, *, dtype: str = "float32", device: str | None = None):
     """The base model and its tokenizer, loaded once for all candidates."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = open_checkpoint(base).path
     if device is None:  # one GPU per process under accelerate/torchrun
@@ -310,8 +309,8 @@ def load_base(base: str | Path, *, dtype: str = "float32", device: str | None = 
     td = getattr(torch, str(dtype), None)
     if not isinstance(td, torch.dtype) or not td.is_floating_point:  # torch.int4 exists but cannot hold a model
         raise ConfigError(f"unknown dtype {dtype!r}", hint="float32, bfloat16 or float16")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=td).to(device)
-    tok = AutoTokenizer.from_pretrained(path)
+    model = load_causal_lm(path, dtype=td).to(device)
+    tok = load_tokenizer(path)
     model.eval()
     return model, tok
 
@@ -383,18 +382,10 @@ class Selection:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Selection:
-        import json
-
-        import yaml
+        from ._io import read_config
 
         path = Path(path)
-        try:
-            text = path.read_text()
-            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except FileNotFoundError:
-            raise ConfigError("selection file not found", path=path) from None
-        except (ValueError, yaml.YAMLError) as e:
-            raise ConfigError(f"selection file is not valid YAML/JSON ({e})", path=path) from None
+        data = read_config(path, "selection file")
         if not isinstance(data, dict):
             raise ConfigError("selection file must hold a mapping", path=path)
         names = {f for f in cls.__dataclass_fields__}

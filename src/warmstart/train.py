@@ -33,7 +33,8 @@ from typing import Any
 
 from transformers import ProgressCallback, TrainerCallback
 
-from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output
+from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output, read_config
+from .checkpoints import load_causal_lm, load_tokenizer
 from .errors import CheckpointError, ConfigError, IncompatibleError
 from .report import Curve
 
@@ -135,7 +136,7 @@ class TrainConfig:
         if p is not None and not p.is_file():
             raise ConfigError("training config not found", path=p)
         try:
-            d = yaml.safe_load(p.read_text() if p else text_or_path) or {}
+            d = (read_config(p, "training config") if p else yaml.safe_load(text_or_path)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"training config is not valid YAML ({e})", path=p) from None
         if not isinstance(d, dict):
@@ -233,7 +234,10 @@ def _resolve_init(init: Path, adapter: Path | None) -> tuple[Path, Path | None]:
 
 def _adapter_base(adapter: Path) -> str:
     try:
-        return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        if not isinstance(base, str) or not base:
+            raise KeyError(f"it is {base!r}")
+        return base
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"adapter_config.json has no usable base_model_name_or_path ({e})",
                               path=adapter) from None
@@ -249,10 +253,8 @@ def _setup_data(data, cfg: TrainConfig, limit: int | None = None):
 
 
 def _setup_tokenizer(init: Path, adapter: Path | None):
-    from transformers import AutoTokenizer
-
     src = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else init
-    tok = AutoTokenizer.from_pretrained(src)
+    tok = load_tokenizer(src)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -261,9 +263,7 @@ def _setup_tokenizer(init: Path, adapter: Path | None):
 def _setup_model(init: Path, adapter: Path | None, cfg: TrainConfig):
     """The model to train and what will be saved: ``"lora"`` (an adapter) or ``"full"``."""
     import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)  # mixed precision via Trainer
+    model = load_causal_lm(init, dtype=torch.float32)  # mixed precision via Trainer
     if adapter is not None:
         from peft import PeftModel
 

@@ -66,10 +66,13 @@ def select_cmd(
     from ..library import Library
     from ..select import dist_env, select
 
+    _check_numbers(batch_size=batch_size, max_length=max_length, n=n, k=k, optimize_budget=optimize_budget)
     rank, world = dist_env()
     if out_file is not None and rank == 0:
-        check_output(out_file, force=force)
+        check_output(out_file, force=force, inputs=[target, library_path(library), *_local(base)])
     with Library(library_path(library)) as lib, _progress(rank) as progress:
+        if out_file is not None and rank == 0:  # nor over a library entry (a file in a checkpoint dir)
+            check_output(out_file, force=force, inputs=[e.path for e in lib.list()])
         sel = select(target, base, library=lib, metric=metric, n=n or None, seed=seed, k=k, margin=margin,
                      weights=weights, penalty=penalty, scorer=scorer, split=split, format=format,
                      mc_style=mc_style, batch_size=batch_size, max_length=max_length, mc_mode=mc_mode,
@@ -79,12 +82,43 @@ def select_cmd(
     if sel is None:  # another rank writes the result
         return
     if out_file is not None:
-        sel.to_file(out_file)
+        _write_selection(sel, out_file, force)
     if json_out:
         print_json(sel.to_dict())
     else:
         out.print(ranking_table(sel))
     _summary(sel, out_file)
+
+
+def _check_numbers(**values: int) -> None:
+    """Counts that must be positive (n, k: zero has a meaning, negatives none): refused before any work."""
+    from ..errors import ConfigError
+
+    for name, v in values.items():
+        low = 0 if name in ("n", "k") else 1
+        if v < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
+
+
+def _local(ref: str) -> list[Path]:
+    """The base as a local directory when it is one (a hub id's cache dir is not the user's to write)."""
+    p = Path(ref).expanduser()
+    return [p] if p.exists() else []
+
+
+def _write_selection(sel, out_file: Path, force: bool) -> None:
+    """Like Selection.to_file, but without --force a file that appeared meanwhile (another writer that
+    finished first) is kept and this command fails, instead of silently replacing it."""
+    import json
+
+    import yaml
+
+    from .._io import atomic_write_text
+
+    d = sel.to_dict()
+    text = (json.dumps(d, indent=2, default=str) + "\n" if out_file.suffix.lower() == ".json"
+            else yaml.safe_dump(d, sort_keys=False, allow_unicode=True))
+    atomic_write_text(out_file, text, force=force)
 
 
 class _progress:
@@ -94,7 +128,13 @@ class _progress:
         self.rank = rank
 
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                              TimeElapsedColumn(), console=err, transient=True, disable=self.rank != 0)

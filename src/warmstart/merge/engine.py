@@ -25,7 +25,8 @@ import torch
 
 from .._io import atomic_dir, atomic_write_json, check_output
 from .._tensorio import ST_DTYPES, PreadReader, ShardWriter, numel, shard_layout
-from ..checkpoints import Checkpoint, TensorMeta, _check_finite, open_checkpoint
+from ..checkpoints import (Checkpoint, TensorMeta, _check_finite, check_adapter_fits, check_adapters_agree,
+                           open_checkpoint)
 from ..errors import ConfigError, IncompatibleError
 from .methods import get_method, tensor_seed, validate
 from .plan import MergePlan, parse_size
@@ -252,6 +253,11 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
     kinds = {c.kind for c in cks}
     if kinds == {"lora"}:
         from .lora import merge_plan_adapters
+
+        check_adapters_agree(cks)
+        if base_ck is not None and base_ck.kind == "full":
+            for c in cks:
+                check_adapter_fits(c, base_ck)
 
         return merge_plan_adapters(plan, cks, out, force=force, progress=progress)
     if "lora" in kinds or (base_ck is not None and base_ck.kind != "full"):

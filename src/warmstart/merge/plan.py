@@ -19,7 +19,6 @@ Every problem in a file is collected and reported at once, naming the file.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,9 +189,11 @@ class MergePlan:
             raise ConfigError("selection file needs a non-empty 'donors' list", path=path)
         models = []
         for d in data["donors"]:
-            if not isinstance(d, dict) or "ref" not in d:
-                raise ConfigError(f"selection donor without 'ref': {d!r}", path=path)
+            if not isinstance(d, dict) or not isinstance(d.get("ref"), str) or not d["ref"]:
+                raise ConfigError(f"selection donor without a 'ref' path: {d!r}", path=path)
+            _check_selection_types(d, path)
             models.append(ModelSpec(str(d["ref"]), d.get("weight"), score=d.get("score")))
+        _check_selection_types({k: data.get(k) for k in ("base", "method", "metric", "params")}, path)
         metric = str(data.get("metric") or "loss")
         if method is None:
             method = str(data.get("method") or "linear")
@@ -216,6 +217,23 @@ class MergePlan:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
+def _check_selection_types(d: dict, path: Path) -> None:
+    """A selection file is written by `select`/`optimize` but may be edited by hand: a string where a
+    weight belongs would fail deep in the merge with a TypeError instead of naming the field."""
+    def num(v):
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+                             and abs(v) != float("inf"))
+
+    want = {"weight": (num, "a finite number"), "score": (num, "a finite number"),
+            "base": (lambda v: v is None or (isinstance(v, str) and v), "a path or hub id"),
+            "method": (lambda v: v is None or isinstance(v, str), "a method name"),
+            "metric": (lambda v: v is None or isinstance(v, str), "a metric name"),
+            "params": (lambda v: v is None or isinstance(v, dict), "a mapping")}
+    for k, (ok, what) in want.items():
+        if k in d and not ok(d[k]):
+            raise ConfigError(f"selection field {k!r} must be {what}, got {d[k]!r}", path=path)
+
+
 def _model_spec(m, problems: list[str]) -> ModelSpec:
     if isinstance(m, ModelSpec):
         return m
@@ -234,18 +252,10 @@ def _model_spec(m, problems: list[str]) -> ModelSpec:
 
 
 def _load_file(path: Path):
-    import yaml
+    # not found, not a regular file, not UTF-8, not YAML/JSON, nested too deeply: one line each
+    from .._io import read_config
 
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError("plan file not found", path=path) from None
-    except OSError as e:
-        raise ConfigError(f"cannot read plan file ({e.strerror})", path=path) from None
-    try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(f"not valid YAML/JSON ({str(e).splitlines()[0]})", path=path) from None
+    return read_config(path, "plan file")
 
 
 def parse_size(s: str | int) -> int:
@@ -257,10 +267,13 @@ def parse_size(s: str | int) -> int:
     for u in sorted(units, key=len, reverse=True):
         if t.endswith(u):
             try:
-                return int(float(t[: -len(u)]) * units[u])
-            except ValueError:
+                n = int(float(t[: -len(u)]) * units[u])
+            except (ValueError, OverflowError):  # OverflowError: 1e400GB is float infinity
                 break
-    if t.isdigit():
+            if n <= 0:
+                raise ValueError(f"bad size {s!r} (a shard size must be positive)")
+            return n
+    if t.isdigit() and int(t) > 0:
         return int(t)
     raise ValueError(f"bad size {s!r} (use e.g. 500MB, 2GB)")
 
