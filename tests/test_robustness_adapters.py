@@ -129,6 +129,23 @@ def test_adapters_of_different_shapes_are_refused_not_a_traceback(cli, models, t
     _merge_refused(cli, tmp_path, [models / "lora_a", d], "q_proj", "[32, 32]", "[48, 48]")
 
 
+def test_finetune_and_transfer_refuse_an_adapter_the_base_does_not_fit(cli, models, tmp_path):
+    """Every path that opens an adapter with a base checks it against the base (merge above)."""
+    from warmstart import testing
+
+    wide = testing.make_adapter(models / "other_arch", tmp_path / "wide", seed=1)
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f" a{i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "ft"
+    r = cli("finetune", "--init", models / "base", "--adapter", wide, "--train", data, "--eval", data,
+            "--out", out, "--steps", "1")
+    assert_user_error(r, "q_proj", "[48, 48]", "[32, 32]", out=out)
+    out = tmp_path / "tr"
+    r = cli("transfer", "--base-old", models / "base", "--finetuned", wide, "--base-new", models / "ft_a",
+            "--out", out)
+    assert_user_error(r, "q_proj", "[48, 48]", "[32, 32]", out=out)
+
+
 # -- safetensors headers --------------------------------------------------------------------------
 
 

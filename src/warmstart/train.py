@@ -178,10 +178,12 @@ def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: T
     out = Path(out)
     init, adapter = _resolve_init(_local(init), _local(adapter) if adapter else None)
     check_output(out, force=force, inputs=[init] + ([adapter] if adapter else []))
-    from .checkpoints import open_checkpoint
+    from .checkpoints import check_adapter_fits, open_checkpoint
 
-    for ref in [init] + ([adapter] if adapter else []):
-        open_checkpoint(ref)  # corrupt weights, bad config or PEFT type: one line naming the file, not a traceback
+    # corrupt weights, bad config or PEFT type: one line naming the file, not a traceback
+    opened = [open_checkpoint(ref) for ref in [init] + ([adapter] if adapter else [])]
+    if adapter:
+        check_adapter_fits(opened[1], opened[0])  # modules and shapes against the base, before any loading
     train_data, eval_data = _setup_data(train_data, cfg), _setup_data(eval_data, cfg, limit=cfg.eval_limit)
 
     import transformers

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_dir, atomic_write_json, check_output
-from .checkpoints import Checkpoint, open_checkpoint
+from .checkpoints import Checkpoint, check_adapter_fits, open_checkpoint
 from .errors import CheckpointError, ConfigError, IncompatibleError
 
 # A relative drift ||base_new − base_old|| / ||base_old|| above this, or a cosine
@@ -465,6 +465,8 @@ def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, 
         if ck.kind != "full":
             raise IncompatibleError(f"{what} must be a full model, not a LoRA adapter", path=ck.path)
     fin = _Finetuned(open_checkpoint(finetuned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite))
+    if fin.is_lora:
+        check_adapter_fits(fin.ck, old)  # a module --base-old lacks, or a ΔW of another shape: refused here
     if out is not None and not dry_run:
         check_output(Path(out), force=force, inputs=[old.path, new.path, fin.ck.path])
     cfg = _output_config(old, fin.ck, new, config_from)
