@@ -104,6 +104,17 @@ def build_bad_zoo(models: Path, root: Path) -> SimpleNamespace:
     return z
 
 
+def make_lib(tmp_path: Path, *refs) -> Path:
+    """A catalog at ``tmp_path/lib.db`` holding ``refs``."""
+    from warmstart.library import Library
+
+    lib = tmp_path / "lib.db"
+    with Library(lib) as L:
+        for r in refs:
+            L.add(r)
+    return lib
+
+
 def assert_user_error(r, *needles: str, out: Path | None = None) -> None:
     """Exit 1, one line on stderr naming the problem (no traceback), and nothing written at ``out``."""
     assert r.code == 1, (r.code, r.err[-2000:])

@@ -8,7 +8,7 @@ import multiprocessing as mp
 import shutil
 
 import pytest
-from _robustness import assert_nothing_written, assert_user_error, tree_state, write_mc
+from _robustness import assert_nothing_written, assert_user_error, tree_state, write_mc, make_lib
 
 from warmstart._io import atomic_dir, atomic_write_text
 from warmstart.errors import OutputExistsError
@@ -23,16 +23,6 @@ def inputs(models, tmp_path):
     return root
 
 
-def _lib(tmp_path, *refs):
-    from warmstart.library import Library
-
-    lib = tmp_path / "lib.db"
-    with Library(lib) as L:
-        for r in refs:
-            L.add(r)
-    return lib
-
-
 def _select(cli, i, lib, out, *extra):
     return cli("select", "--target", i / "train.jsonl", "--base", i / "base", "--n", 4, "--library", lib,
                "--out", out, *extra)
@@ -41,7 +31,7 @@ def _select(cli, i, lib, out, *extra):
 @pytest.mark.parametrize("where,force", [("base/config.json", True), ("base/sel.yaml", False),
                                          ("train.jsonl", True), ("ft_a/sel.yaml", False), ("lib.db", True)])
 def test_select_out_never_writes_into_or_over_an_input(cli, inputs, tmp_path, where, force):
-    lib = _lib(tmp_path, inputs / "ft_a")  # the catalog is written by design (WAL), so it lives outside
+    lib = make_lib(tmp_path, inputs / "ft_a")  # the catalog is written by design (WAL), so it lives outside
     before = tree_state(inputs)
     out = lib if where == "lib.db" else inputs / where
     r = _select(cli, inputs, lib, out, *(["--force"] if force else []))
@@ -51,7 +41,7 @@ def test_select_out_never_writes_into_or_over_an_input(cli, inputs, tmp_path, wh
 
 @pytest.mark.parametrize("where", ["base/run", "ft_a/run", "train.jsonl", ".", "lib.db"])
 def test_run_out_checked_against_every_input_before_the_first_stage(cli, inputs, tmp_path, where):
-    lib = _lib(tmp_path, inputs / "ft_a")
+    lib = make_lib(tmp_path, inputs / "ft_a")
     before = tree_state(inputs)
     r = cli("run", "--target", inputs / "train.jsonl", "--base", inputs / "base", "--library", lib,
             "--out", lib if where == "lib.db" else inputs / where, "--steps", 1)
@@ -64,7 +54,7 @@ def test_run_out_naming_an_existing_file(cli, inputs, tmp_path):
     f = tmp_path / "a_file"
     f.write_text("x")
     r = cli("run", "--target", inputs / "train.jsonl", "--base", inputs / "base", "--library",
-            _lib(tmp_path, inputs / "ft_a"), "--out", f, "--steps", 1)
+            make_lib(tmp_path, inputs / "ft_a"), "--out", f, "--steps", 1)
     assert_user_error(r, "existing file")
     assert f.read_text() == "x"
 

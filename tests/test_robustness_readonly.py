@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from _robustness import tree_state, write_mc
+from _robustness import tree_state, write_mc, make_lib
 
 
 @pytest.fixture
@@ -20,22 +20,12 @@ def inputs(models, tmp_path):
     return root
 
 
-def _lib(tmp_path, *refs):
-    from warmstart.library import Library
-
-    lib = tmp_path / "lib.db"
-    with Library(lib) as L:
-        for r in refs:
-            L.add(r)
-    return lib
-
-
 FAST_TRAIN = ["--steps", 2, "--batch-size", 4, "--eval-every", 2, "--max-length", 48]
 
 COMMANDS = {
     "library-scan": lambda i, t: ["library", "scan", i, "--library", t / "lib.db"],
     "select": lambda i, t: ["select", "--target", i / "train.jsonl", "--base", i / "base", "--n", 4,
-                            "--library", _lib(t, i / "ft_a", i / "lora_a"), "--out", t / "sel.yaml"],
+                            "--library", make_lib(t, i / "ft_a", i / "lora_a"), "--out", t / "sel.yaml"],
     "merge-full-ties": lambda i, t: ["merge", i / "ft_a", i / "ft_b", "--method", "ties", "--base", i / "base",
                                      "--density", "0.5", "--out", t / "m"],
     "merge-sharded-linear": lambda i, t: ["merge", i / "ft_a", i / "ft_b", "--base", i / "base_sharded",
@@ -69,7 +59,7 @@ def test_inputs_byte_identical_after(cli, inputs, tmp_path, name):
 
 
 def test_run_leaves_inputs_byte_identical(cli, inputs, tmp_path):
-    lib = _lib(tmp_path, inputs / "lora_a", inputs / "lora_b")
+    lib = make_lib(tmp_path, inputs / "lora_a", inputs / "lora_b")
     before = tree_state(inputs)
     r = cli("run", "--target", inputs / "train.jsonl", "--library", lib, "--base", inputs / "base",
             "--k", 1, "--no-baseline", *FAST_TRAIN[:6], "--out", tmp_path / "run")
