@@ -123,13 +123,33 @@ def option_loglikelihoods(model, tokenizer, data: TargetData, *, batch_size: int
     All options of all questions go into one batched pass.
     """
     _need_mc(data)
-    flat = [(ex.prompt, o) for ex in data.examples for o in ex.options]
-    scores = loglikelihoods(model, tokenizer, flat, batch_size=batch_size, max_length=max_length)
+    scores = mc_option_scores(model, tokenizer, data, batch_size=batch_size, max_length=max_length)
     out, k = [], 0
     for ex in data.examples:
         out.append([s.logprob for s in scores[k:k + len(ex.options)]])
         k += len(ex.options)
     return out
+
+
+def mc_option_scores(model, tokenizer, data: TargetData, *, batch_size: int = 16, max_length: int = 512,
+                     progress: Callable[[int], None] | None = None, shared_prompt: bool = True) -> list[RowScore]:
+    """A RowScore per option of every question, flat in question order.
+
+    ``shared_prompt`` (the default) scores each question's prompt once, with its
+    options packed after it (:mod:`warmstart._packed`); ``False`` scores one
+    (prompt + option) row per option, the reference the packed path is tested against.
+    """
+    rows = [encode_pair(tokenizer, ex.prompt, o, max_length=max_length) for ex in data.examples for o in ex.options]
+    if not shared_prompt:
+        return score_rows(model, rows, pad_id=pad_id_of(tokenizer), batch_size=batch_size, progress=progress)
+    from ._packed import score_packed
+
+    groups, k = [], 0
+    for ex in data.examples:
+        groups.append(rows[k:k + len(ex.options)])
+        k += len(ex.options)
+    return score_packed(model, groups, pad_id=pad_id_of(tokenizer), batch_size=batch_size, progress=progress,
+                        fallback=lambda rs: score_rows(model, rs, pad_id=pad_id_of(tokenizer), batch_size=batch_size))
 
 
 def _need_mc(data: TargetData) -> None:
@@ -144,7 +164,7 @@ def _need_mc(data: TargetData) -> None:
 
 def evaluate(model, tokenizer, data: TargetData, *, metrics: Sequence[str] = METRICS, batch_size: int = 16,
              max_length: int = 512, mc_mode: str = "rank", length_normalize: bool = False,
-             progress: Callable[[int], None] | None = None) -> dict[str, float]:
+             progress: Callable[[int], None] | None = None, shared_prompt: bool = True) -> dict[str, float]:
     """Teacher-forced metrics on ``data``.
 
     Returns ``loss`` (token-weighted mean NLL of target tokens), ``token_accuracy``,
@@ -152,6 +172,8 @@ def evaluate(model, tokenizer, data: TargetData, *, metrics: Sequence[str] = MET
     ``mc_accuracy_sum``, ``mc_accuracy_norm`` and ``mc_accuracy`` (the normalised one
     when ``length_normalize``). ``mc_accuracy`` is skipped silently for non-MC data
     when it is only one of several metrics asked for. Also ``n_examples``, ``n_tokens``.
+    ``shared_prompt``: score a question's prompt once for all its options (see
+    :func:`mc_option_scores`; equal to per-option rows up to float rounding).
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -163,7 +185,8 @@ def evaluate(model, tokenizer, data: TargetData, *, metrics: Sequence[str] = MET
         _need_mc(data)
         if mc_mode == "letter" and data.mc_style != "letter":
             data = data.with_mc_style("letter", data.mc_template if data.mc_style == "letter" else None)
-        return _evaluate_mc(model, tokenizer, data, metrics, batch_size, max_length, length_normalize, progress)
+        return _evaluate_mc(model, tokenizer, data, metrics, batch_size, max_length, length_normalize, progress,
+                            shared_prompt)
     rows = tokenize(data, tokenizer, max_length=max_length)
     scores = score_rows(model, rows, pad_id=pad_id_of(tokenizer), batch_size=batch_size, progress=progress)
     return _token_metrics(scores, metrics)
@@ -181,11 +204,11 @@ def _token_metrics(scores: list[RowScore], metrics: Sequence[str]) -> dict[str, 
     return out
 
 
-def _evaluate_mc(model, tokenizer, data, metrics, batch_size, max_length, length_normalize, progress):
+def _evaluate_mc(model, tokenizer, data, metrics, batch_size, max_length, length_normalize, progress,
+                 shared_prompt=True):
     """One pass scores every option; the correct option's row also gives the token metrics."""
-    flat = [(ex.prompt, o) for ex in data.examples for o in ex.options]
-    rows = [encode_pair(tokenizer, p, c, max_length=max_length) for p, c in flat]
-    scores = score_rows(model, rows, pad_id=pad_id_of(tokenizer), batch_size=batch_size, progress=progress)
+    scores = mc_option_scores(model, tokenizer, data, batch_size=batch_size, max_length=max_length,
+                              progress=progress, shared_prompt=shared_prompt)
     correct_rows, hit_sum, hit_norm, k = [], 0, 0, 0
     for ex in data.examples:
         opts = scores[k:k + len(ex.options)]
@@ -217,4 +240,5 @@ def n_rows(data: TargetData, metric: str, mc_mode: str = "rank") -> int:
     return len(data.examples)
 
 
-__all__ = ["METRICS", "RowScore", "evaluate", "loglikelihoods", "option_loglikelihoods", "score_rows", "n_rows"]
+__all__ = ["METRICS", "RowScore", "evaluate", "loglikelihoods", "option_loglikelihoods", "score_rows", "n_rows",
+           "mc_option_scores"]
