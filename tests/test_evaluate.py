@@ -192,3 +192,32 @@ def test_shared_prompt_falls_back_where_packing_would_change_a_score(models, tmp
     rows = mc_option_scores(model, tok, data, max_length=12, shared_prompt=False)
     assert [p.logprob for p in packed] == pytest.approx([r.logprob for r in rows], abs=1e-4)
     assert [p.n_tokens for p in packed] == [r.n_tokens for r in rows]
+
+
+def test_bf16_compute_is_close_to_float32_and_leaves_the_model_as_it_was(tmp_path, base, monkeypatch):
+    """bfloat16 matmuls (autocast) with float32 logits: the loss within 1 % and the same choices on this
+    tiny model; afterwards the model computes exactly as before (the float32 head patch is removed)."""
+    from warmstart import _precision
+
+    model, tok = base
+    data = load_target(write_jsonl(tmp_path / "mc.jsonl", MC_VARIED))
+    ref = evaluate(model, tok, data)
+    got = evaluate(model, tok, data, compute_dtype="bfloat16")
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-2) and got["loss"] != ref["loss"]
+    assert "forward" not in model.lm_head.__dict__ and evaluate(model, tok, data) == ref
+    seen = []
+    orig = torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        seen.append((tuple(w.shape), x.dtype, torch.is_autocast_enabled("cpu")))
+        return orig(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    evaluate(model, tok, data, compute_dtype="bfloat16")
+    head = [s for s in seen if s[0] == tuple(model.lm_head.weight.shape)]
+    assert head and all(dt == torch.float32 and not ac for _, dt, ac in head)  # the head: float32, no autocast
+    # auto: bfloat16 exactly when the CPU flags say so
+    monkeypatch.setattr(_precision, "cpu_has_fast_bf16", lambda: False)
+    assert _precision.resolve("auto", "cpu") == "float32" and _precision.resolve("float32", "cpu") == "float32"
+    monkeypatch.setattr(_precision, "cpu_has_fast_bf16", lambda: True)
+    assert _precision.resolve("auto", "cpu") == "bfloat16"

@@ -71,7 +71,8 @@ def block_mask(segment, dtype):
 
 
 def score_packed(model, groups: list[list[dict]], *, pad_id: int, batch_size: int = 16,
-                 progress: Callable[[int], None] | None = None, fallback: Callable | None = None) -> list:
+                 progress: Callable[[int], None] | None = None, fallback: Callable | None = None,
+                 compute_dtype: str | None = None) -> list:
     """RowScores of every row of every group, flat in input order.
 
     Packed rows are sorted by length and batched so that a batch holds about
@@ -79,6 +80,7 @@ def score_packed(model, groups: list[list[dict]], *, pad_id: int, batch_size: in
     """
     import torch
 
+    from ._precision import compute
     from .evaluate import RowScore
 
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -100,7 +102,7 @@ def score_packed(model, groups: list[list[dict]], *, pad_id: int, batch_size: in
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), compute(model, compute_dtype):
             for batch in _batches(order, groups, batch_size):
                 scores = _score_batch(model, [packed[gi] for gi in batch], pad_id, device)
                 for gi, per in zip(batch, scores):
@@ -135,6 +137,8 @@ def _score_batch(model, items: list[dict], pad_id: int, device) -> list[list[tup
 
     ids, pos, seg = padded("input_ids", pad_id), padded("position_ids", 0), padded("segment", -1)
     dtype = model.get_input_embeddings().weight.dtype
+    if torch.is_autocast_enabled(device.type):  # the attention then runs in the autocast dtype
+        dtype = torch.get_autocast_dtype(device.type)
     # (batch row, predicting position, target token, option number within the batch)
     flat = [(b, p, t, o) for b, it in enumerate(items)
             for o, opt in enumerate(it["targets"]) for p, t in opt]
