@@ -164,7 +164,7 @@ def test_training_with_labelled_logits_matches_full_logits(models, data, tmp_pat
     is in the curve."""
     from warmstart import train
 
-    cfg = TrainConfig(**FAST, eval_dtype="float32")
+    cfg = TrainConfig(**FAST, eval_dtype="float32", precision="fp32")
     sparse = finetune(models / "base", *data, tmp_path / "a", cfg)
     monkeypatch.setattr(train, "_with_keep", lambda b: b)  # the model then returns every position's logits
     full = finetune(models / "base", *data, tmp_path / "b", cfg)
@@ -175,3 +175,42 @@ def test_training_with_labelled_logits_matches_full_logits(models, data, tmp_pat
         assert p["evaluation_s"] > 0
     with pytest.raises(ConfigError, match="eval_dtype"):
         TrainConfig(eval_dtype="int8").validate()
+
+
+def test_group_by_length_batches_carry_less_padding(models, tmp_path, monkeypatch):
+    import warmstart.data as wd
+
+    d = tmp_path / "d.jsonl"
+    with open(d, "w") as f:
+        for i in range(16):  # lengths 1..16 words, shuffled
+            n = (i * 7) % 16 + 1
+            f.write(json.dumps({"prompt": "say" + " la" * n, "completion": " ok"}) + "\n")
+    widths = []
+    orig = wd.collate
+
+    def spy(batch, pad):
+        out = orig(batch, pad)
+        widths.append(1 - float(out["attention_mask"].float().mean()))
+        return out
+
+    monkeypatch.setattr(wd, "collate", spy)
+    pads = {}
+    for g in (False, True):
+        widths.clear()
+        finetune(models / "base", d, d, tmp_path / f"o{g}", TrainConfig(**{**FAST, "group_by_length": g}))
+        pads[g] = sum(widths) / len(widths)  # training batches only: evaluate.py bound collate at import
+    assert pads[True] < pads[False]
+
+
+def test_precision_auto_is_bf16_autocast_exactly_where_the_hardware_has_it(monkeypatch):
+    import torch
+
+    from warmstart import _precision
+    from warmstart.train import _precision_flags
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(_precision, "cpu_has_fast_bf16", lambda: True)
+    assert _precision_flags("auto") == {"bf16": True, "fp16": False, "use_cpu": True}
+    monkeypatch.setattr(_precision, "cpu_has_fast_bf16", lambda: False)
+    assert _precision_flags("auto") == {"bf16": False, "fp16": False}
+    assert _precision_flags("fp32") == {"bf16": False, "fp16": False}

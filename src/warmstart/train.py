@@ -71,6 +71,7 @@ class TrainConfig:
     max_length: int = 512
     precision: str = "auto"
     eval_dtype: str = "auto"  # matmuls of the eval curve: auto (bf16 where fast) | float32 | bfloat16
+    group_by_length: bool = False  # batches of similar length (transformers' LengthGroupedSampler): less padding
     format: str | None = None  # data format (detected when None)
     mc_style: str = "text"
     save_checkpoints: bool = False
@@ -306,9 +307,14 @@ def _all_trainable(model):
 def _precision_flags(precision: str) -> dict:
     import torch
 
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+    if precision == "auto":  # bf16 autocast (float32 master weights, optimizer and loss) where it is fast
+        from ._precision import resolve
+
+        precision = "bf16" if resolve("auto", "cuda" if torch.cuda.is_available() else "cpu") == "bfloat16" else "fp32"
+    flags = {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+    if flags["bf16"] and not torch.cuda.is_available():
+        flags["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told it runs on the CPU
+    return flags
 
 
 def _setup_trainer(model, tokenizer, train_data, cfg: TrainConfig, workdir: Path, evaluator, progress: bool):
@@ -326,6 +332,8 @@ def _setup_trainer(model, tokenizer, train_data, cfg: TrainConfig, workdir: Path
         save_strategy="steps" if cfg.save_checkpoints else "no", save_steps=cfg.eval_every,
         remove_unused_columns=False, label_names=["labels"], disable_tqdm=not progress,
         dataloader_num_workers=0, dataloader_pin_memory=_on_gpu(), **_precision_flags(cfg.precision),
+        # off by default: it changes which rows share a batch, so results differ from the random order's
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
     # Logits only where a label is (see _labelled_logits_loss); not under torch DataParallel (n_gpu > 1),
     # which would split the position index along with the batch.
