@@ -131,14 +131,14 @@ def _rows_batches(rows, batch_size):
 
 
 def _packed_batches(groups, batch_size):
-    from warmstart._packed import _batches, pack
+    from warmstart._packed import _batches, build_row, pack
 
     packed = [pack(g) for g in groups]
-    order = sorted(range(len(groups)), key=lambda i: -len(packed[i]["input_ids"]))
+    order = sorted(range(len(groups)), key=lambda i: packed[i]["prompt"])
     out = []
     for b in _batches(order, groups, batch_size):
-        out.append((sum(len(packed[i]["input_ids"]) for i in b),
-                    sum(len({p for opt in packed[i]["targets"] for p, _ in opt}) for i in b)))
+        row = build_row([packed[i] for i in b])
+        out.append((len(row["input_ids"]), len({p for per in row["targets"] for opt in per for p, _ in opt})))
     return out
 
 

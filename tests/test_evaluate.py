@@ -188,6 +188,14 @@ def test_shared_prompt_falls_back_where_packing_would_change_a_score(models, tmp
     ex = data.examples[10]
     short = [encode_pair(tok, ex.prompt, o, max_length=12) for o in ex.options]
     assert pack(short) is None and pack([encode_pair(tok, ex.prompt, o) for o in ex.options]) is not None
+    # questions sharing an instruction prefix share it in the row: fewer tokens than prompt-per-question
+    from warmstart._packed import build_row
+
+    items = [pack([encode_pair(tok, e.prompt, o) for o in e.options]) for e in data.examples[:3]]
+    row = build_row(items)
+    own = sum(len(it["prompt"]) + sum(map(len, it["options"])) for it in items)
+    lcp = len(tok("Capital number ")["input_ids"]) - 1  # the shared text, minus a token that may merge
+    assert len(row["input_ids"]) <= own - 2 * lcp and row["question"][:lcp] == [-1] * lcp
     packed = mc_option_scores(model, tok, data, max_length=12)
     rows = mc_option_scores(model, tok, data, max_length=12, shared_prompt=False)
     assert [p.logprob for p in packed] == pytest.approx([r.logprob for r in rows], abs=1e-4)

@@ -2,13 +2,16 @@
 
 Rank classification scores every option as a completion of the same prompt,
 and the prompt is usually most of the tokens (an ARC question with four short
-answers: ~85 %). Here one row holds the prompt followed by all its options,
-and a block attention mask lets each option's tokens see the prompt and their
-own earlier tokens only; each option's positions restart where the prompt
-ends. Every option token then sees exactly the context it sees in its own
-(prompt + option) row, so the log-likelihoods are those of the per-option path
-up to float rounding (tests/test_evaluate.py checks it). The first token of
-every option is predicted at the prompt's last position, shared by all options.
+answers: ~85 %). Here one row holds a batch of questions: the prefix their
+prompts share (a task's instruction, once questions are sorted by prompt)
+once, then per question the rest of its prompt and all its options. A tree
+attention mask lets a token see the shared prefix, its own question's prompt
+and its own option's earlier tokens only, and positions restart so each token
+sits where it sits in its own row. Every option token then sees exactly the
+context it sees in its own (prompt + option) row, so the log-likelihoods are
+those of the per-option path up to float rounding (tests/test_evaluate.py
+checks it). The first token of every option is predicted at the prompt's last
+position, shared by all options. One row per batch: no padding at all.
 
 Hand-written because neither transformers nor lm-eval ship it: transformers
 accepts a prepared 4-D mask (``masking_utils`` returns it as-is) and explicit
@@ -36,38 +39,65 @@ def _prompt_len(row: dict) -> int:
 
 
 def pack(group: list[dict]) -> dict | None:
-    """One packed row for a question's option rows, or None when packing would change a score."""
+    """A question's prompt and option tokens, or None when sharing the prompt would change a score."""
     p = _prompt_len(group[0])
     prompt = group[0]["input_ids"][:p]
     if p == 0 or any(_prompt_len(r) != p or r["input_ids"][:p] != prompt for r in group):
         return None
-    ids, pos, seg, targets = list(prompt), list(range(p)), [0] * p, []
-    for j, r in enumerate(group, start=1):
-        c = r["input_ids"][p:]
-        start = len(ids)
-        # token t of the option is predicted at the position before it: the prompt's last for t = 0
-        targets.append([(p - 1 if t == 0 else start + t - 1, tok) for t, tok in enumerate(c)])
-        ids += c
-        pos += range(p, p + len(c))
-        seg += [j] * len(c)
-    return {"input_ids": ids, "position_ids": pos, "segment": seg, "targets": targets}
+    return {"prompt": prompt, "options": [r["input_ids"][p:] for r in group]}
 
 
-def block_mask(segment, dtype):
-    """Additive (B, 1, W, W) mask: causal, and an option attends to the prompt (segment 0) and itself.
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
 
-    Padding is segment -1: no real token attends to it; a pad query attends to itself only
-    (a row with no allowed key would be undefined in the softmax).
+
+def build_row(items: list[dict]) -> dict:
+    """One row for several questions: their common prompt prefix once, then per question the rest
+    of its prompt and its options.
+
+    Every token carries (question, option): question -1 is the shared prefix, option 0 a
+    question's own prompt. Positions restart so each token sits where it sits in its own
+    (prompt + option) row. ``targets``: per question, per option, (predicting index, token).
     """
+    lcp = _common_prefix([it["prompt"] for it in items])
+    ids, pos = list(items[0]["prompt"][:lcp]), list(range(lcp))
+    q, o, targets = [-1] * lcp, [0] * lcp, []
+    for qi, it in enumerate(items):
+        rest = it["prompt"][lcp:]
+        plen = len(it["prompt"])
+        ids += rest
+        pos += range(lcp, plen)
+        q += [qi] * len(rest)
+        o += [0] * len(rest)
+        last = len(ids) - 1  # the prompt's last token (in the shared prefix when rest is empty)
+        per = []
+        for j, c in enumerate(it["options"], start=1):
+            start = len(ids)
+            per.append([(last if t == 0 else start + t - 1, tok) for t, tok in enumerate(c)])
+            ids += c
+            pos += range(plen, plen + len(c))
+            q += [qi] * len(c)
+            o += [j] * len(c)
+        targets.append(per)
+    return {"input_ids": ids, "position_ids": pos, "question": q, "option": o, "targets": targets}
+
+
+def tree_mask(question, option, dtype):
+    """Additive (1, 1, W, W) mask: causal; the shared prefix is seen by all, a question's prompt
+    by its own tokens, an option by itself only."""
     import torch
 
-    w = segment.shape[1]
-    sq, sk = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones(w, w, dtype=torch.bool, device=segment.device).tril()
-    allowed = causal & ((sq == sk) | (sk == 0)) & (sk != -1)
-    allowed |= torch.eye(w, dtype=torch.bool, device=segment.device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    w = question.shape[-1]
+    qq, qk = question[:, None], question[None, :]
+    oq, ok = option[:, None], option[None, :]
+    causal = torch.ones(w, w, dtype=torch.bool, device=question.device).tril()
+    allowed = causal & ((qk == -1) | ((qq == qk) & ((ok == 0) | (ok == oq))))
+    mask = torch.zeros((w, w), dtype=dtype, device=question.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 def score_packed(model, groups: list[list[dict]], *, pad_id: int, batch_size: int = 16,
@@ -75,8 +105,8 @@ def score_packed(model, groups: list[list[dict]], *, pad_id: int, batch_size: in
                  compute_dtype: str | None = None) -> list:
     """RowScores of every row of every group, flat in input order.
 
-    Packed rows are sorted by length and batched so that a batch holds about
-    ``batch_size`` options (the per-option path's unit), which keeps padding small.
+    Questions are sorted by prompt tokens and cut into rows of about ``batch_size``
+    options (the per-option path's unit), one row per forward.
     """
     import torch
 
@@ -96,8 +126,8 @@ def score_packed(model, groups: list[list[dict]], *, pad_id: int, batch_size: in
             out[offsets[gi] + i] = s
         if progress:
             progress(len(rest))
-    order = sorted((gi for gi, pk in enumerate(packed) if pk is not None),
-                   key=lambda gi: -len(packed[gi]["input_ids"]))
+    # sorted by prompt tokens: questions that share an instruction prefix land in the same row
+    order = sorted((gi for gi, pk in enumerate(packed) if pk is not None), key=lambda gi: packed[gi]["prompt"])
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -128,40 +158,48 @@ def _batches(order: list[int], groups, batch_size: int):
 
 
 def _score_batch(model, items: list[dict], pad_id: int, device) -> list[list[tuple[float, int, int]]]:
+    """One forward of one row (no padding) holding every question of the batch."""
     import torch
 
-    w = max(len(it["input_ids"]) for it in items)
+    row = build_row(items)
 
-    def padded(key, fill):
-        return torch.tensor([it[key] + [fill] * (w - len(it[key])) for it in items], dtype=torch.long, device=device)
+    def t(key):
+        return torch.tensor([row[key]], dtype=torch.long, device=device)
 
-    ids, pos, seg = padded("input_ids", pad_id), padded("position_ids", 0), padded("segment", -1)
     dtype = model.get_input_embeddings().weight.dtype
     if torch.is_autocast_enabled(device.type):  # the attention then runs in the autocast dtype
         dtype = torch.get_autocast_dtype(device.type)
-    # (batch row, predicting position, target token, option number within the batch)
-    flat = [(b, p, t, o) for b, it in enumerate(items)
-            for o, opt in enumerate(it["targets"]) for p, t in opt]
-    n_opts = [len(it["targets"]) for it in items]
-    first = [sum(n_opts[:b]) for b in range(len(items))]
-    rb, pp, tg, ob = (torch.tensor(x, dtype=torch.long, device=device) for x in zip(*flat)) if flat else (
-        torch.zeros(0, dtype=torch.long, device=device),) * 4
-    ob = ob + torch.tensor(first, dtype=torch.long, device=device)[rb]
+    # (predicting position, target token, option number within the row)
+    flat = [(p, tok, k) for k, (p, tok) in _numbered(row["targets"])]
+    n_opts = sum(len(per) for per in row["targets"])
+    pp, tg, ob = (torch.tensor(x, dtype=torch.long, device=device) for x in zip(*flat)) if flat else (
+        torch.zeros(0, dtype=torch.long, device=device),) * 3
     keep = torch.unique(pp)  # sorted: the LM head runs only where a target is predicted
-    mask = block_mask(seg, dtype)
+    mask = tree_mask(t("question")[0], t("option")[0], dtype)
+    kw = {"input_ids": t("input_ids"), "attention_mask": mask, "position_ids": t("position_ids")}
     try:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+        logits = model(**kw, logits_to_keep=keep).logits[0]
     except TypeError:  # a model without logits_to_keep: every position's logits
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    col = torch.searchsorted(keep, pp) if logits.shape[1] == len(keep) else pp
-    sel = logits[rb, col].float().log_softmax(-1)
+        logits = model(**kw).logits[0]
+    col = torch.searchsorted(keep, pp) if logits.shape[0] == len(keep) else pp
+    sel = logits[col].float().log_softmax(-1)
     lp = sel.gather(-1, tg[:, None]).squeeze(-1).double()
     hit = (sel.argmax(-1) == tg).long()
-    total = sum(n_opts)
-    lp_sum = torch.zeros(total, dtype=torch.float64, device=device).index_add_(0, ob, lp)
-    hits = torch.zeros(total, dtype=torch.long, device=device).index_add_(0, ob, hit)
-    cnt = torch.zeros(total, dtype=torch.long, device=device).index_add_(0, ob, torch.ones_like(hit))
-    res, lp_l, n_l, h_l = [], lp_sum.tolist(), cnt.tolist(), hits.tolist()
-    for b in range(len(items)):
-        res.append([(lp_l[o], n_l[o], h_l[o]) for o in range(first[b], first[b] + n_opts[b])])
+    lp_sum = torch.zeros(n_opts, dtype=torch.float64, device=device).index_add_(0, ob, lp).tolist()
+    hits = torch.zeros(n_opts, dtype=torch.long, device=device).index_add_(0, ob, hit).tolist()
+    cnt = torch.zeros(n_opts, dtype=torch.long, device=device).index_add_(0, ob, torch.ones_like(hit)).tolist()
+    res, k = [], 0
+    for per in row["targets"]:
+        res.append([(lp_sum[k + j], cnt[k + j], hits[k + j]) for j in range(len(per))])
+        k += len(per)
     return res
+
+
+def _numbered(targets):
+    """((option number in the row, (position, token)) for every target token."""
+    k = 0
+    for per in targets:
+        for opt in per:
+            for pt in opt:
+                yield k, pt
+            k += 1
