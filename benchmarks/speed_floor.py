@@ -206,9 +206,9 @@ def job_train_step(pm, tok, data, bs, steps=3):
     pm.eval()
     spans = [(int(b["attention_mask"].sum()), int((b["labels"][:, 1:] != -100).sum())) for b in batches[:1]]
     pad = 1 - sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches)
-    return (t["old"] / steps, t["new"] / steps, spans, 2,
-            f"{steps} steps each, interleaved; labelled logits alone (fp32) {t['sparse'] / steps:.2f} s; "
+    note = (f"{steps} steps each, interleaved; labelled logits alone (fp32) {t['sparse'] / steps:.2f} s; "
             f"padding {100 * pad:.0f} %")
+    return t["old"] / steps, t["new"] / steps, spans, 2, note
 
 
 def main() -> None:

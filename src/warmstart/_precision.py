@@ -21,7 +21,7 @@ from pathlib import Path
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16 in the CPU flags (Linux); False where they cannot be read."""
     try:

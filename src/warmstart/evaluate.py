@@ -261,5 +261,5 @@ def n_rows(data: TargetData, metric: str, mc_mode: str = "rank") -> int:
     return len(data.examples)
 
 
-__all__ = ["METRICS", "RowScore", "evaluate", "loglikelihoods", "option_loglikelihoods", "score_rows", "n_rows",
-           "mc_option_scores"]
+__all__ = ["METRICS", "RowScore", "evaluate", "loglikelihoods", "mc_option_scores", "n_rows", "option_loglikelihoods",
+           "score_rows"]
