@@ -143,3 +143,89 @@ def test_loglikelihoods_and_errors(tmp_path, base):
         assert model.training is True
     finally:
         model.eval()
+
+
+# Questions with 2-4 options of different lengths, prompts of different lengths.
+MC_VARIED = [{"question": f"Capital number {i}?" + " more" * i,
+              "choices": ["Paris", "Berlin town", "Madrid", "Rome" + " x" * i][: 2 + i % 3], "answer": i % 2}
+             for i in range(11)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_scoring_equals_per_option_rows(models, tmp_path, attn):
+    """The packed path (prompt once, options after it under a block mask) against one row per option
+    and against unbatched hand forwards; also under a LoRA adapter (PEFT passes the mask through)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from warmstart.evaluate import mc_option_scores
+
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    m = AutoModelForCausalLM.from_pretrained(models / "base", dtype=torch.float32, attn_implementation=attn)
+    data = load_target(write_jsonl(tmp_path / "mc.jsonl", MC_VARIED))
+    for model in (m, PeftModel.from_pretrained(m, models / "lora_a")):
+        packed = mc_option_scores(model, tok, data, batch_size=5)
+        rows = mc_option_scores(model, tok, data, batch_size=5, shared_prompt=False)
+        hand = [hand_target_logprobs(model, tok, ex.prompt, o) for ex in data.examples for o in ex.options]
+        assert len(packed) == len(rows) == len(hand) == sum(len(r["choices"]) for r in MC_VARIED)
+        for p, r, (lps, hits) in zip(packed, rows, hand):
+            assert p.logprob == pytest.approx(r.logprob, abs=1e-4)  # the stated tolerance (fp32): 1e-4 nats
+            assert p.logprob == pytest.approx(sum(lps), abs=1e-4)
+            assert (p.n_tokens, p.n_correct) == (r.n_tokens, r.n_correct) == (len(lps), sum(hits))
+        a, b = evaluate(model, tok, data), evaluate(model, tok, data, shared_prompt=False)
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+
+
+def test_shared_prompt_falls_back_where_packing_would_change_a_score(models, tmp_path, base):
+    """A prompt cut by max_length differently per option cannot be shared: those questions go through
+    the per-option path, so the results still equal it."""
+    from warmstart._packed import pack
+    from warmstart.data import encode_pair
+    from warmstart.evaluate import mc_option_scores
+
+    model, tok = base
+    data = load_target(write_jsonl(tmp_path / "mc.jsonl", MC_VARIED))
+    ex = data.examples[10]
+    short = [encode_pair(tok, ex.prompt, o, max_length=12) for o in ex.options]
+    assert pack(short) is None and pack([encode_pair(tok, ex.prompt, o) for o in ex.options]) is not None
+    # questions sharing an instruction prefix share it in the row: fewer tokens than prompt-per-question
+    from warmstart._packed import build_row
+
+    items = [pack([encode_pair(tok, e.prompt, o) for o in e.options]) for e in data.examples[:3]]
+    row = build_row(items)
+    own = sum(len(it["prompt"]) + sum(map(len, it["options"])) for it in items)
+    lcp = len(tok("Capital number ")["input_ids"]) - 1  # the shared text, minus a token that may merge
+    assert len(row["input_ids"]) <= own - 2 * lcp and row["question"][:lcp] == [-1] * lcp
+    packed = mc_option_scores(model, tok, data, max_length=12)
+    rows = mc_option_scores(model, tok, data, max_length=12, shared_prompt=False)
+    assert [p.logprob for p in packed] == pytest.approx([r.logprob for r in rows], abs=1e-4)
+    assert [p.n_tokens for p in packed] == [r.n_tokens for r in rows]
+
+
+def test_bf16_compute_is_close_to_float32_and_leaves_the_model_as_it_was(tmp_path, base, monkeypatch):
+    """bfloat16 matmuls (autocast) with float32 logits: the loss within 1 % and the same choices on this
+    tiny model; afterwards the model computes exactly as before (the float32 head patch is removed)."""
+    from warmstart import _precision
+
+    model, tok = base
+    data = load_target(write_jsonl(tmp_path / "mc.jsonl", MC_VARIED))
+    ref = evaluate(model, tok, data)
+    got = evaluate(model, tok, data, compute_dtype="bfloat16")
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-2) and got["loss"] != ref["loss"]
+    assert "forward" not in model.lm_head.__dict__ and evaluate(model, tok, data) == ref
+    seen = []
+    orig = torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        seen.append((tuple(w.shape), x.dtype, torch.is_autocast_enabled("cpu")))
+        return orig(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    evaluate(model, tok, data, compute_dtype="bfloat16")
+    head = [s for s in seen if s[0] == tuple(model.lm_head.weight.shape)]
+    assert head and all(dt == torch.float32 and not ac for _, dt, ac in head)  # the head: float32, no autocast
+    # auto: bfloat16 exactly when the CPU flags say so
+    monkeypatch.setattr(_precision, "cpu_has_fast_bf16", lambda: False)
+    assert _precision.resolve("auto", "cpu") == "float32" and _precision.resolve("float32", "cpu") == "float32"
+    monkeypatch.setattr(_precision, "cpu_has_fast_bf16", lambda: True)
+    assert _precision.resolve("auto", "cpu") == "bfloat16"

@@ -120,7 +120,9 @@ def test_scores_equal_fresh_evaluation(zoo, models, lib):
     cands = candidates_for(models / "base", lib)
     model, tok = load_base(models / "base")
     ident = id(model)
-    rows = {r.ref: r.score for r in score_candidates(data, models / "base", cands, model=model, tokenizer=tok)}
+    cfg = ScoreConfig(compute_dtype="float32")  # exact equality; bf16 agreement: test_compute_dtype_*
+    rows = {r.ref: r.score for r in score_candidates(data, models / "base", cands, model=model, tokenizer=tok,
+                                                     config=cfg)}
     assert id(model) == ident
     for name in ("full_target", "lora_target"):
         ref = str((zoo / name).resolve())
@@ -369,3 +371,22 @@ def test_optimized_weights_are_exact_task_arithmetic(zoo, models, tmp_path):
         w["cost_chosen"], rel=1e-4)
     with pytest.raises(ConfigError, match="unknown weights"):
         parse_weights("optimised")
+
+
+def test_compute_dtype_is_part_of_the_cache_key(zoo, models, lib):
+    """bfloat16 scores differ slightly from float32 ones: a float32 run never reads a bf16 score."""
+    model, tok, calls = counted(models)
+    bf = select(zoo / "target.jsonl", models / "base", library=lib, n=8, model=model, tokenizer=tok,
+                compute_dtype="bfloat16")
+    calls.clear()
+    fp = select(zoo / "target.jsonl", models / "base", library=lib, n=8, model=model, tokenizer=tok,
+                compute_dtype="float32")
+    assert calls and not any(r["cached"] for r in fp.ranking)
+    assert [r["id"] for r in bf.ranking][:2] == [r["id"] for r in fp.ranking][:2]
+    calls.clear()
+    again = select(zoo / "target.jsonl", models / "base", library=lib, n=8, model=model, tokenizer=tok,
+                   compute_dtype="bfloat16")
+    assert calls == [] and [r["score"] for r in again.ranking] == [r["score"] for r in bf.ranking]
+    with pytest.raises(ConfigError, match="compute dtype"):
+        select(zoo / "target.jsonl", models / "base", library=lib, n=8, model=model, tokenizer=tok,
+               compute_dtype="int8")

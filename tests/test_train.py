@@ -124,3 +124,93 @@ def test_accelerate_launch_two_cpu_processes(models, data, tmp_path):
     assert r.stdout.count('"kind": "lora"') == 1
     assert [p["step"] for p in Curve.from_file(tmp_path / "ddp").points] == [0, 2, 4]
     assert not list(tmp_path.glob("ddp.tmp-*"))
+
+
+def test_labelled_logits_loss_equals_the_models_own_loss_and_gradient(models):
+    """Logits only at labelled positions: the same loss and LoRA gradient as transformers' causal-LM loss
+    over every position (mean over label tokens; sum / count when the Trainer passes the count)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from warmstart.data import collate, encode_pair, pad_id_of
+    from warmstart.train import _labelled_logits_loss, _with_keep
+
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    torch.manual_seed(0)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(models / "base"),
+                        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    rows = [encode_pair(tok, "capital of France" + "?" * i, " Paris" + " city" * (i % 2)) for i in range(5)]
+    batch = collate(rows, pad_id_of(tok))
+
+    def loss_and_grad(fn):
+        pm.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in pm.parameters() if p.requires_grad])
+
+    ref, g_ref = loss_and_grad(lambda: pm(**batch).loss)
+    kb = _with_keep(dict(batch))
+    labels = kb.pop("labels")
+    assert len(kb["logits_to_keep"]) < batch["input_ids"].shape[1] - 1  # prompt positions are skipped
+    got, g = loss_and_grad(lambda: _labelled_logits_loss(pm(**kb), labels))
+    assert got == pytest.approx(ref, rel=1e-5) and torch.allclose(g, g_ref, rtol=1e-4, atol=1e-7)
+    n = int((labels[:, 1:] != -100).sum())
+    assert _labelled_logits_loss(pm(**kb), labels, torch.tensor(2 * n)).item() == pytest.approx(ref / 2, rel=1e-5)
+
+
+def test_training_with_labelled_logits_matches_full_logits(models, data, tmp_path, monkeypatch):
+    """The whole Trainer run: the same curve with the LM head at every position; each eval point's cost
+    is in the curve."""
+    from warmstart import train
+
+    cfg = TrainConfig(**FAST, eval_dtype="float32", precision="fp32")
+    sparse = finetune(models / "base", *data, tmp_path / "a", cfg)
+    monkeypatch.setattr(train, "_with_keep", lambda b: b)  # the model then returns every position's logits
+    full = finetune(models / "base", *data, tmp_path / "b", cfg)
+    for p, q in zip(sparse.curve.points, full.curve.points):
+        assert p["eval_loss"] == pytest.approx(q["eval_loss"], rel=1e-4)
+        assert (p["train_loss"] is None) == (q["train_loss"] is None)
+        assert p["train_loss"] is None or p["train_loss"] == pytest.approx(q["train_loss"], rel=1e-4)
+        assert p["evaluation_s"] > 0
+    with pytest.raises(ConfigError, match="eval_dtype"):
+        TrainConfig(eval_dtype="int8").validate()
+
+
+def test_group_by_length_batches_carry_less_padding(models, tmp_path, monkeypatch):
+    import warmstart.data as wd
+
+    d = tmp_path / "d.jsonl"
+    with open(d, "w") as f:
+        for i in range(16):  # lengths 1..16 words, shuffled
+            n = (i * 7) % 16 + 1
+            f.write(json.dumps({"prompt": "say" + " la" * n, "completion": " ok"}) + "\n")
+    widths = []
+    orig = wd.collate
+
+    def spy(batch, pad):
+        out = orig(batch, pad)
+        widths.append(1 - float(out["attention_mask"].float().mean()))
+        return out
+
+    monkeypatch.setattr(wd, "collate", spy)
+    pads = {}
+    for g in (False, True):
+        widths.clear()
+        finetune(models / "base", d, d, tmp_path / f"o{g}", TrainConfig(**{**FAST, "group_by_length": g}))
+        pads[g] = sum(widths) / len(widths)  # training batches only: evaluate.py bound collate at import
+    assert pads[True] < pads[False]
+
+
+def test_precision_auto_is_bf16_autocast_exactly_where_the_hardware_has_it(monkeypatch):
+    import torch
+
+    from warmstart import _precision
+    from warmstart.train import _precision_flags
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(_precision, "cpu_has_fast_bf16", lambda: True)
+    assert _precision_flags("auto") == {"bf16": True, "fp16": False, "use_cpu": True}
+    monkeypatch.setattr(_precision, "cpu_has_fast_bf16", lambda: False)
+    assert _precision_flags("auto") == {"bf16": False, "fp16": False}
+    assert _precision_flags("fp32") == {"bf16": False, "fp16": False}

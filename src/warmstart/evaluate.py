@@ -43,10 +43,13 @@ class RowScore:
 
 
 def score_rows(model, rows: list[dict], *, pad_id: int, batch_size: int = 16,
-               progress: Callable[[int], None] | None = None) -> list[RowScore]:
+               progress: Callable[[int], None] | None = None, compute_dtype: str | None = None) -> list[RowScore]:
     """One forward per batch; rows are sorted by length so batches carry little padding
-    (lm-eval's habit), and results come back in the input order."""
+    (lm-eval's habit), and results come back in the input order. ``compute_dtype``: see
+    :func:`warmstart._precision.compute` (None: the model as it is, float32 logits)."""
     import torch
+
+    from ._precision import compute
 
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
     out: list[RowScore | None] = [None] * len(rows)
@@ -54,7 +57,7 @@ def score_rows(model, rows: list[dict], *, pad_id: int, batch_size: int = 16,
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), compute(model, _resolve(model, compute_dtype)):
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 for i, s in zip(idx, _score_batch(model, [rows[i] for i in idx], pad_id, device)):
@@ -110,26 +113,59 @@ def _score_batch(model, batch: list[dict], pad_id: int, device) -> list[RowScore
 
 
 def loglikelihoods(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16,
-                   max_length: int = 512) -> list[RowScore]:
+                   max_length: int = 512, compute_dtype: str | None = None) -> list[RowScore]:
     """Summed log-likelihood (and token counts) of each completion given its prompt."""
     rows = [encode_pair(tokenizer, p, c, max_length=max_length) for p, c in pairs]
-    return score_rows(model, rows, pad_id=pad_id_of(tokenizer), batch_size=batch_size)
+    return score_rows(model, rows, pad_id=pad_id_of(tokenizer), batch_size=batch_size, compute_dtype=compute_dtype)
+
+
+def _resolve(model, compute_dtype: str | None) -> str | None:
+    """``auto`` decided on the model's device (bfloat16 where it is fast)."""
+    if compute_dtype != "auto":
+        return compute_dtype
+    from ._precision import resolve
+
+    return resolve("auto", str(next(model.parameters()).device))
 
 
 def option_loglikelihoods(model, tokenizer, data: TargetData, *, batch_size: int = 16,
-                          max_length: int = 512) -> list[list[float]]:
+                          max_length: int = 512, compute_dtype: str | None = None) -> list[list[float]]:
     """Per example, the summed log-likelihood of each option (multiple-choice data).
 
     All options of all questions go into one batched pass.
     """
     _need_mc(data)
-    flat = [(ex.prompt, o) for ex in data.examples for o in ex.options]
-    scores = loglikelihoods(model, tokenizer, flat, batch_size=batch_size, max_length=max_length)
+    scores = mc_option_scores(model, tokenizer, data, batch_size=batch_size, max_length=max_length,
+                              compute_dtype=compute_dtype)
     out, k = [], 0
     for ex in data.examples:
         out.append([s.logprob for s in scores[k:k + len(ex.options)]])
         k += len(ex.options)
     return out
+
+
+def mc_option_scores(model, tokenizer, data: TargetData, *, batch_size: int = 16, max_length: int = 512,
+                     progress: Callable[[int], None] | None = None, shared_prompt: bool = True,
+                     compute_dtype: str | None = None) -> list[RowScore]:
+    """A RowScore per option of every question, flat in question order.
+
+    ``shared_prompt`` (the default) scores each question's prompt once, with its
+    options packed after it (:mod:`warmstart._packed`); ``False`` scores one
+    (prompt + option) row per option, the reference the packed path is tested against.
+    """
+    rows = [encode_pair(tokenizer, ex.prompt, o, max_length=max_length) for ex in data.examples for o in ex.options]
+    pad, cd = pad_id_of(tokenizer), _resolve(model, compute_dtype)
+    if not shared_prompt:
+        return score_rows(model, rows, pad_id=pad, batch_size=batch_size, progress=progress, compute_dtype=cd)
+    from ._packed import score_packed
+
+    groups, k = [], 0
+    for ex in data.examples:
+        groups.append(rows[k:k + len(ex.options)])
+        k += len(ex.options)
+    return score_packed(model, groups, pad_id=pad, batch_size=batch_size, progress=progress, compute_dtype=cd,
+                        fallback=lambda rs: score_rows(model, rs, pad_id=pad, batch_size=batch_size,
+                                                       compute_dtype=cd))
 
 
 def _need_mc(data: TargetData) -> None:
@@ -144,7 +180,8 @@ def _need_mc(data: TargetData) -> None:
 
 def evaluate(model, tokenizer, data: TargetData, *, metrics: Sequence[str] = METRICS, batch_size: int = 16,
              max_length: int = 512, mc_mode: str = "rank", length_normalize: bool = False,
-             progress: Callable[[int], None] | None = None) -> dict[str, float]:
+             progress: Callable[[int], None] | None = None, shared_prompt: bool = True,
+             compute_dtype: str | None = None) -> dict[str, float]:
     """Teacher-forced metrics on ``data``.
 
     Returns ``loss`` (token-weighted mean NLL of target tokens), ``token_accuracy``,
@@ -152,6 +189,11 @@ def evaluate(model, tokenizer, data: TargetData, *, metrics: Sequence[str] = MET
     ``mc_accuracy_sum``, ``mc_accuracy_norm`` and ``mc_accuracy`` (the normalised one
     when ``length_normalize``). ``mc_accuracy`` is skipped silently for non-MC data
     when it is only one of several metrics asked for. Also ``n_examples``, ``n_tokens``.
+    ``shared_prompt``: score a question's prompt once for all its options (see
+    :func:`mc_option_scores`; equal to per-option rows up to float rounding).
+    ``compute_dtype``: ``None`` runs the model as it is; ``"bfloat16"`` autocasts its
+    matmuls (logits and sums stay float32/float64); ``"auto"`` is bfloat16 where the
+    device runs it fast (:mod:`warmstart._precision`), else float32.
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -163,9 +205,11 @@ def evaluate(model, tokenizer, data: TargetData, *, metrics: Sequence[str] = MET
         _need_mc(data)
         if mc_mode == "letter" and data.mc_style != "letter":
             data = data.with_mc_style("letter", data.mc_template if data.mc_style == "letter" else None)
-        return _evaluate_mc(model, tokenizer, data, metrics, batch_size, max_length, length_normalize, progress)
+        return _evaluate_mc(model, tokenizer, data, metrics, batch_size, max_length, length_normalize, progress,
+                            shared_prompt, compute_dtype)
     rows = tokenize(data, tokenizer, max_length=max_length)
-    scores = score_rows(model, rows, pad_id=pad_id_of(tokenizer), batch_size=batch_size, progress=progress)
+    scores = score_rows(model, rows, pad_id=pad_id_of(tokenizer), batch_size=batch_size, progress=progress,
+                        compute_dtype=compute_dtype)
     return _token_metrics(scores, metrics)
 
 
@@ -181,11 +225,11 @@ def _token_metrics(scores: list[RowScore], metrics: Sequence[str]) -> dict[str, 
     return out
 
 
-def _evaluate_mc(model, tokenizer, data, metrics, batch_size, max_length, length_normalize, progress):
+def _evaluate_mc(model, tokenizer, data, metrics, batch_size, max_length, length_normalize, progress,
+                 shared_prompt=True, compute_dtype=None):
     """One pass scores every option; the correct option's row also gives the token metrics."""
-    flat = [(ex.prompt, o) for ex in data.examples for o in ex.options]
-    rows = [encode_pair(tokenizer, p, c, max_length=max_length) for p, c in flat]
-    scores = score_rows(model, rows, pad_id=pad_id_of(tokenizer), batch_size=batch_size, progress=progress)
+    scores = mc_option_scores(model, tokenizer, data, batch_size=batch_size, max_length=max_length,
+                              progress=progress, shared_prompt=shared_prompt, compute_dtype=compute_dtype)
     correct_rows, hit_sum, hit_norm, k = [], 0, 0, 0
     for ex in data.examples:
         opts = scores[k:k + len(ex.options)]
@@ -217,4 +261,5 @@ def n_rows(data: TargetData, metric: str, mc_mode: str = "rank") -> int:
     return len(data.examples)
 
 
-__all__ = ["METRICS", "RowScore", "evaluate", "loglikelihoods", "option_loglikelihoods", "score_rows", "n_rows"]
+__all__ = ["METRICS", "RowScore", "evaluate", "loglikelihoods", "mc_option_scores", "n_rows", "option_loglikelihoods",
+           "score_rows"]

@@ -117,9 +117,11 @@ def dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _cache_metric(key: str, scorer: str, max_length: int, mc_mode: str) -> str:
+def _cache_metric(key: str, scorer: str, max_length: int, mc_mode: str, compute_dtype: str = "float32") -> str:
     """The metric column of the cache: the name plus every setting that changes the value."""
     name = f"grad_{key}" if scorer == "grad" else key
+    if compute_dtype == "bfloat16" and scorer != "grad":  # bf16 scores differ from float32 ones (slightly)
+        name += ":bf16"
     if mc_mode != "rank":
         name += f":{mc_mode}"
     if max_length != DEFAULT_MAX_LENGTH:
@@ -140,6 +142,16 @@ class ScoreConfig:
     mc_mode: str = "rank"
     dtype: str = "float32"
     device: str | None = None
+    compute_dtype: str = "auto"  # matmuls of the loss scorer: auto | float32 | bfloat16 (warmstart._precision)
+
+    def resolved_compute_dtype(self) -> str:
+        from ._precision import COMPUTE_DTYPES, resolve
+
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"unknown compute dtype {self.compute_dtype!r}", hint="auto, float32 or bfloat16")
+        if self.dtype != "float32":  # a model loaded in half precision computes in it whatever we ask
+            return self.dtype
+        return resolve(self.compute_dtype, self.device)
 
 
 def score_candidates(target: TargetData, base: str | Path, candidates: Sequence[Candidate], *,
@@ -163,7 +175,8 @@ def score_candidates(target: TargetData, base: str | Path, candidates: Sequence[
     if key.startswith("mc_") and target.format != "mc":
         raise ConfigError(f"--metric {cfg.metric} needs question/choices/answer rows; {target.path} is "
                           f"{target.format!r}", hint="use --metric loss or accuracy")
-    cache_name = _cache_metric(key, cfg.scorer, cfg.max_length, cfg.mc_mode)
+    cdt = cfg.resolved_compute_dtype()
+    cache_name = _cache_metric(key, cfg.scorer, cfg.max_length, cfg.mc_mode, cdt)
     dfp, spec = target.fingerprint(), target.sample_spec
 
     def cached(c: Candidate) -> dict | None:
@@ -183,7 +196,7 @@ def score_candidates(target: TargetData, base: str | Path, candidates: Sequence[
         if library:
             for m, v in vals.items():
                 library.put_score(c.fingerprint, dfp, spec, _cache_metric(m, cfg.scorer, cfg.max_length,
-                                                                          cfg.mc_mode), v)
+                                                                          cfg.mc_mode, cdt), v)
 
     if todo:
         _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress, record)
@@ -237,6 +250,9 @@ def _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress, re
             record(c, scores[c.fingerprint])
         return
     metrics = ("loss", "token_accuracy", "exact_match") + (("mc_accuracy",) if key.startswith("mc_") else ())
+    compute_dtype = cfg.resolved_compute_dtype()
+    if compute_dtype != "bfloat16":
+        compute_dtype = None  # the model as loaded: float32 unchanged, float16 with float32 logits
     per = n_rows(target, "mc_accuracy" if "mc_accuracy" in metrics else "loss")
     if progress:
         progress("start", per * len(order))
@@ -245,7 +261,7 @@ def _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress, re
         if progress:
             progress("candidate", c)
         res = evaluate(m, tokenizer, target, metrics=metrics, batch_size=cfg.batch_size,
-                       max_length=cfg.max_length, mc_mode=cfg.mc_mode,
+                       max_length=cfg.max_length, mc_mode=cfg.mc_mode, compute_dtype=compute_dtype,
                        progress=(lambda n: progress("rows", n)) if progress else None)
         return {k: v for k, v in res.items() if k not in ("n_examples", "n_tokens", "mc_accuracy")}
 
@@ -556,8 +572,9 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
            weights: str = "uniform", penalty: float = 1.0, scorer: str = "loss", split: str | None = None,
            format: str | None = None, mc_style: str = "text", batch_size: int = 16,
            max_length: int = DEFAULT_MAX_LENGTH, mc_mode: str = "rank", dtype: str = "float32",
-           model=None, tokenizer=None, rank: int | None = None, world_size: int | None = None,
-           optimize_budget: int = 20, min_own_gain: float | None = DEFAULT_MIN_OWN_GAIN,
+           compute_dtype: str = "auto", model=None, tokenizer=None, rank: int | None = None,
+           world_size: int | None = None, optimize_budget: int = 20,
+           min_own_gain: float | None = DEFAULT_MIN_OWN_GAIN,
            progress: Callable[[str, Any], None] | None = None,
            include_derived: bool = False) -> Selection | None:
     """Load and sample the target, score the base and every compatible entry, choose donors.
@@ -567,6 +584,8 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
     ``min_own_gain``: a candidate whose own training gained less than this on its own task
     (:func:`own_training`) is never a donor; None chooses by the target score alone.
     Returns None on ranks other than 0 of a multi-process run (they only score).
+    ``compute_dtype="auto"`` scores in bfloat16 where the hardware runs it fast (float32
+    logits and sums; see docs/select.md for the measured agreement), ``"float32"`` as before.
     """
     metric_key(metric)
     parse_weights(weights)
@@ -579,7 +598,7 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
         rank, world_size = dist_env()
     cands = candidates_for(base, library, include_derived=include_derived)
     cfg = ScoreConfig(metric=metric, scorer=scorer, batch_size=batch_size, max_length=max_length,
-                      mc_mode=mc_mode, dtype=dtype)
+                      mc_mode=mc_mode, dtype=dtype, compute_dtype=compute_dtype)
     rows = score_candidates(data, base, cands, library=library, config=cfg, model=model, tokenizer=tokenizer,
                             rank=rank, world_size=world_size, progress=progress)
     if rank != 0:

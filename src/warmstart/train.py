@@ -71,6 +71,8 @@ class TrainConfig:
     metrics: list[str] | None = None  # None: evaluate's default for the data format
     max_length: int = 512
     precision: str = "auto"
+    eval_dtype: str = "auto"  # matmuls of the eval curve: auto (bf16 where fast) | float32 | bfloat16
+    group_by_length: bool = False  # batches of similar length (transformers' LengthGroupedSampler): less padding
     format: str | None = None  # data format (detected when None)
     mc_style: str = "text"
     save_checkpoints: bool = False
@@ -99,6 +101,8 @@ class TrainConfig:
             errs.append(f"eval_limit must be a positive integer or null, got {self.eval_limit!r}")
         if self.precision not in PRECISIONS:
             errs.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.eval_dtype not in ("auto", "float32", "bfloat16"):
+            errs.append(f"eval_dtype must be auto, float32 or bfloat16, got {self.eval_dtype!r}")
         if self.scheduler not in SCHEDULERS:
             errs.append(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         return errs
@@ -306,9 +310,14 @@ def _all_trainable(model):
 def _precision_flags(precision: str) -> dict:
     import torch
 
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+    if precision == "auto":  # bf16 autocast (float32 master weights, optimizer and loss) where it is fast
+        from ._precision import resolve
+
+        precision = "bf16" if resolve("auto", "cuda" if torch.cuda.is_available() else "cpu") == "bfloat16" else "fp32"
+    flags = {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+    if flags["bf16"] and not torch.cuda.is_available():
+        flags["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told it runs on the CPU
+    return flags
 
 
 def _setup_trainer(model, tokenizer, train_data, cfg: TrainConfig, workdir: Path, evaluator, progress: bool):
@@ -326,15 +335,59 @@ def _setup_trainer(model, tokenizer, train_data, cfg: TrainConfig, workdir: Path
         save_strategy="steps" if cfg.save_checkpoints else "no", save_steps=cfg.eval_every,
         remove_unused_columns=False, label_names=["labels"], disable_tqdm=not progress,
         dataloader_num_workers=0, dataloader_pin_memory=_on_gpu(), **_precision_flags(cfg.precision),
+        # off by default: it changes which rows share a batch, so results differ from the random order's
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=lambda b: collate(b, pad),
-                      callbacks=[evaluator])
+    # Logits only where a label is (see _labelled_logits_loss); not under torch DataParallel (n_gpu > 1),
+    # which would split the position index along with the batch.
+    sparse = args.n_gpu <= 1
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds,
+                      data_collator=(lambda b: _with_keep(collate(b, pad))) if sparse else (lambda b: collate(b, pad)),
+                      compute_loss_func=_labelled_logits_loss if sparse else None, callbacks=[evaluator])
     # the curve is the log: keep the progress bar (stderr) but not the per-step dicts on stdout
     trainer.remove_callback(PrinterCallback)
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_QuietProgress)
     return trainer
+
+
+def _keep_positions(labels):
+    """Positions whose logits predict a label (label p+1 is predicted at position p), any row."""
+    from .data import IGNORE_INDEX
+
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
+
+
+def _with_keep(batch: dict) -> dict:
+    """The batch plus ``logits_to_keep``: transformers then runs the LM head only at those positions.
+
+    The head (vocab × hidden) over every position is ~15-20 % of a small model's training step,
+    and most positions are prompt whose logits the loss ignores.
+    """
+    batch["logits_to_keep"] = _keep_positions(batch["labels"])
+    return batch
+
+
+def _labelled_logits_loss(outputs, labels, num_items_in_batch=None):
+    """transformers' causal-LM loss (ForCausalLMLoss: float32 cross-entropy, summed over the label
+    tokens and divided by the Trainer's count of them across accumulated batches) on logits
+    computed only at the kept positions; the full logits when the model ignored logits_to_keep."""
+    import torch
+
+    from .data import IGNORE_INDEX
+
+    logits = outputs.logits
+    keep = _keep_positions(labels)
+    target = labels[:, 1:][:, keep] if logits.shape[1] == len(keep) else labels[:, 1:]
+    logits = logits if logits.shape[1] == target.shape[1] else logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             target.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX,
+                                             reduction="sum")
+    n = num_items_in_batch if num_items_in_batch is not None else (target != IGNORE_INDEX).sum()
+    if torch.is_tensor(n):
+        n = n.to(loss.device)
+    return loss / n
 
 
 class _QuietProgress(ProgressCallback):
@@ -387,8 +440,11 @@ class _EvalCurve(TrainerCallback):
 
             t = time.perf_counter()
             res = evaluate(model, self.tokenizer, self.data, metrics=self.metrics,
-                           batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length)
-            self._eval_s += time.perf_counter() - t
+                           batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,
+                           compute_dtype=self.cfg.eval_dtype)
+            dt = time.perf_counter() - t
+            self._eval_s += dt
+            point["evaluation_s"] = round(dt, 4)  # what this point cost: visible in curve.json and the report
             point.update({f"eval_{k}": v for k, v in res.items() if k not in ("n_examples", "n_tokens")})
             self.points.append(point)
 

@@ -29,7 +29,7 @@ Examples:
 # flag name -> TrainConfig field; a flag given on the command line overrides --config
 _OVERRIDES = ("steps", "lr", "batch_size", "grad_accum", "scheduler", "warmup_steps", "seed", "lora_r",
               "lora_alpha", "lora_dropout", "rslora", "full", "eval_every", "eval_batch_size", "eval_limit",
-              "max_length", "precision", "format", "mc_style", "save_checkpoints")
+              "max_length", "precision", "eval_dtype", "format", "mc_style", "save_checkpoints")
 
 
 def build_config(config: Path | None, lora_targets: str | None = None, **flags):
@@ -68,6 +68,8 @@ def finetune_cmd(
     eval_limit: int = typer.Option(None, "--eval-limit", help="Evaluate on at most N rows (seeded sample)."),
     max_length: int = typer.Option(None, "--max-length"),
     precision: str = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16."),
+    eval_dtype: str = typer.Option(None, "--eval-dtype",
+                                   help="Eval-curve matmuls: auto (bfloat16 where fast), float32, bfloat16."),
     format: str = typer.Option(None, "--format", help="prompt_completion, messages or mc (detected if omitted)."),
     mc_style: str = typer.Option(None, "--mc-style", help="text or letter, for multiple-choice rows."),
     save_checkpoints: bool = typer.Option(None, "--save-checkpoints/--no-save-checkpoints"),
@@ -81,7 +83,7 @@ def finetune_cmd(
                        scheduler=scheduler, warmup_steps=warmup_steps, seed=seed, lora_r=lora_r,
                        lora_alpha=lora_alpha, lora_dropout=lora_dropout, rslora=rslora, full=full,
                        eval_every=eval_every, eval_batch_size=eval_batch_size, eval_limit=eval_limit,
-                       max_length=max_length, precision=precision, format=format, mc_style=mc_style,
+                       max_length=max_length, precision=precision, eval_dtype=eval_dtype, format=format, mc_style=mc_style,
                        save_checkpoints=save_checkpoints)
     from ..train import finetune
 

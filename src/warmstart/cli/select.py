@@ -55,6 +55,9 @@ def select_cmd(
     batch_size: int = typer.Option(16, "--batch-size"),
     max_length: int = typer.Option(512, "--max-length"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    compute_dtype: str = typer.Option("auto", "--compute-dtype",
+                                      help="Scoring matmuls: auto (bfloat16 where the CPU/GPU has it), "
+                                      "float32 or bfloat16."),
     out_file: Path = typer.Option(None, "--out", "-o", help="Selection file to write (.yaml or .json)."),
     include_derived: bool = typer.Option(False, "--include-derived",
                                          help="Also score merges, transfers and warmstart runs' outputs."),
@@ -76,7 +79,7 @@ def select_cmd(
         sel = select(target, base, library=lib, metric=metric, n=n or None, seed=seed, k=k, margin=margin,
                      weights=weights, penalty=penalty, scorer=scorer, split=split, format=format,
                      mc_style=mc_style, batch_size=batch_size, max_length=max_length, mc_mode=mc_mode,
-                     dtype=dtype, optimize_budget=optimize_budget,
+                     dtype=dtype, compute_dtype=compute_dtype, optimize_budget=optimize_budget,
                      min_own_gain=min_own_gain if own_gate else None, progress=progress,
                      include_derived=include_derived)
     if sel is None:  # another rank writes the result
