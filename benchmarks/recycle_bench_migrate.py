@@ -5,7 +5,7 @@ between A and B (``lora_a_norm: None``); the bench variants now pin those explic
 so a resumed run must find the same settings in the runs already made. Only keys a variant pins to
 their legacy value, and that its run.json lacks, are added. Likewise every variant pins
 ``min_own_gain: None`` in its select settings: runs made before 2026-12-01 chose donors without the
-own-task gate.
+own-task gate, and scored, trained and evaluated in float32 (bf16 autocast is the default since).
 
     python benchmarks/recycle_bench_migrate.py [bench-out/full]
 """
@@ -18,7 +18,10 @@ from warmstart.bench.protocol import VARIANTS
 
 
 LEGACY = {"lora_scaling": 1.0, "lora_a_norm": None}
-LEGACY_SELECT = {"min_own_gain": None}  # before 2026-12-01 select had no own-task gate
+LEGACY_SELECT = {"min_own_gain": None,  # before 2026-12-01 select had no own-task gate
+                 "compute_dtype": "float32"}  # ... and scored in float32
+# before 2026-12-01 precision "auto" meant fp32 on a CPU, and eval curves ran in fp32
+LEGACY_TRAIN = {"precision": ("auto", "fp32"), "eval_dtype": (None, "float32")}
 
 
 def main(root: Path) -> None:
@@ -34,10 +37,13 @@ def main(root: Path) -> None:
         sel_pins = VARIANTS.get(variant, ({}, {}))[0]
         add_sel = {k: v for k, v in sel_pins.items() if k in LEGACY_SELECT and v == LEGACY_SELECT[k]
                    and k not in select}
-        if not add and not add_sel:
+        train = info["config"]["train"]
+        add_train = {k: new for k, (old, new) in LEGACY_TRAIN.items() if train.get(k) == old}
+        if not add and not add_sel and not add_train:
             continue
         merge.update(add)
         select.update(add_sel)
+        train.update(add_train)
         tmp = run_json.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(run_json)

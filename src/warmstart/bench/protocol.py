@@ -47,7 +47,10 @@ METRICS = {"sum": "eval_mc_accuracy", "norm": "eval_mc_accuracy_norm"}
 _S1 = {"lora_scaling": 1.0, "lora_a_norm": None}
 # ``min_own_gain: None`` pins selection by the target score alone, as every variant ran before
 # select skipped donors that never learned their own task (2026-12-01, docs/select.md).
-_G0 = {"min_own_gain": None}
+# ``compute_dtype: float32`` (and fp32 training and eval curves in ``train_config``) pins the precision
+# every run was made with before bf16 autocast became the default on CPUs that have it (2026-12-01,
+# docs/performance.md): a resumed bench must not mix fp32 and bf16 runs.
+_G0 = {"min_own_gain": None, "compute_dtype": "float32"}
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "main": ({"k": 2, "metric": "loss", "weights": "uniform", **_G0}, {"lora_mode": "svd", **_S1}),
     "k1": ({"k": 1, "metric": "loss", "weights": "uniform", **_G0}, {"lora_mode": "svd", **_S1}),
@@ -132,7 +135,8 @@ class BenchConfig:
 
         return TrainConfig(steps=steps or self.steps, lr=self.lr, batch_size=self.batch_size, scheduler="constant",
                            seed=seed, lora_r=self.lora_r, lora_alpha=self.lora_alpha, eval_every=self.eval_every,
-                           eval_batch_size=self.eval_batch_size, metrics=["loss", "mc_accuracy"])
+                           eval_batch_size=self.eval_batch_size, metrics=["loss", "mc_accuracy"],
+                           precision="fp32", eval_dtype="float32")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
