@@ -131,8 +131,9 @@ def merge_cmd(
     if json_out:
         print_json(result.to_dict())
     else:
-        err.print(f"merged {len(plan.models)} input(s) with {plan.method} → {result.out} "
-                  f"({result.timings.get('total', 0):.1f}s); weights {[round(w, 4) for w in result.weights]}")
+        err.print(f"merged {len(plan.models) or len(result.inputs)} input(s) with {plan.method} → {result.out} "
+                  f"({result.timings.get('total', 0):.1f}s); weights "
+                  f"{[round(w, 4) if isinstance(w, float) else w for w in result.weights]}")
         for n in result.notes:
             err.print(f"note: {n}")
 

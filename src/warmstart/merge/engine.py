@@ -295,6 +295,10 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
         ref, n_layers = base_ck or cks[0], None
         items = plan_tensors(plan, donors, ref, use_base, notes)
     _resolve_items(plan, method, items, donors, weights, use_base, notes)
+    if any(w is None for w in weights):
+        weights, varies = _constant_weights(items, len(donors))
+        if varies:
+            notes.append("weights vary per tensor (gradients / filters / slices): see the recipe")
     timings = {"open": time.perf_counter() - t0}
     result = MergeResult(out, plan.method, weights, [], notes=notes)
     with atomic_dir(out, force=force) as tmp:
@@ -388,12 +392,25 @@ def _resolve_items(plan: MergePlan, method, items: list[_Item], donors, weights,
         p = {k: resolve(k, scopes, it.name, it.t, method.defaults.get(k))
              for k in set(method.defaults) | (given - {"weight"}) if k not in per}
         p.update(per)
+        if method.name == "slerp" and len(ws) != (1 if use_base else 2):
+            raise ConfigError(f"slerp merges exactly two models: the base and one other, or two without a base; "
+                              f"got {'the base + ' if use_base else ''}{len(ws)} at tensor {it.name!r}",
+                              path=plan.source)
         try:
             validate(method, len(ws), use_base or not method.needs_base,
                      {k: v for k, v in p.items() if k not in method.defaults or v != method.defaults[k]})
         except ConfigError as e:
             raise ConfigError(f"{e.message} (tensor {it.name!r})", path=plan.source, hint=e.hint) from None
         it.weights, it.params = ws, p
+
+
+def _constant_weights(items: list[_Item], n: int) -> tuple[list[float | None], bool]:
+    """Per donor: its weight when the same for every tensor, else None; and whether any varies."""
+    seen: list[set] = [set() for _ in range(n)]
+    for it in items:
+        for (i, _), w in zip(it.srcs, it.weights or []):
+            seen[i].add(w)
+    return [next(iter(s)) if len(s) == 1 else None for s in seen], any(len(s) > 1 for s in seen)
 
 
 def _spec_params(spec, plan) -> dict | None:

@@ -135,6 +135,16 @@ def plan_kwargs(data: dict, source: str | None) -> dict:
         problems.append(f"tokenizer_source must be base, union or a model path, got {tsrc!r}")
     if data.get("tokenizer") is not None and not isinstance(data["tokenizer"], dict):
         problems.append(f"tokenizer must be a mapping (source, tokens, pad_to_multiple_of), got {data['tokenizer']!r}")
+    if method in REGISTRY:  # parameter names, all at once (mergekit ignores unknown ones silently)
+        known = set(REGISTRY[method].defaults) | {"weight"}
+        named = [("parameters", gparams)] + [(f"models[{i}].parameters", e["params"]) for i, e in enumerate(entries)]
+        for i, sl in enumerate(slices or []):
+            named += [(f"slices[{i}].parameters", sl["params"])] + [
+                (f"slices[{i}].sources[{j}].parameters", s["params"]) for j, s in enumerate(sl["sources"])]
+        for where, d in named:
+            if set(d) - known:
+                problems.append(f"{where}: {method} has no parameter(s) {sorted(set(d) - known)} "
+                                f"(known: {', '.join(sorted(known))})")
     if problems:
         raise ConfigError("invalid mergekit plan: " + "; ".join(problems), path=source)
 
