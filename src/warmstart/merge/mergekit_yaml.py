@@ -148,6 +148,8 @@ def plan_kwargs(data: dict, source: str | None) -> dict:
     if problems:
         raise ConfigError("invalid mergekit plan: " + "; ".join(problems), path=source)
 
+    if method in REGISTRY and "tie_break" in REGISTRY[method].defaults:
+        gparams["tie_break"] = "mergekit"  # top-k ties broken by mergekit's sort: bit-identical, slower
     models, base_entry = [], None
     for e in entries:
         spec = ModelSpec(e["model"], e["params"].pop("weight", None), e["params"], lora=e["lora"])

@@ -20,7 +20,6 @@ sparsify each task vector δᵢ = θᵢ − θ₀, optionally elect a sign, then
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -135,7 +134,7 @@ def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.kthvalue(k).values
 
 
-def _magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+def _magnitude_keep(delta: torch.Tensor, density: float, tie_break: str = "position") -> torch.Tensor | None:
     """Mask of the top ``density`` fraction of |δ|, found by selection (:func:`kth_smallest`), not sorting.
 
     Everything strictly above the (n−k)-th smallest magnitude is kept; ties at
@@ -154,17 +153,18 @@ def _magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     keep = mag > thr
     deficit = k - int(torch.count_nonzero(keep))
     if deficit > 0:
-        if int(torch.count_nonzero(mag == thr)) > deficit:
-            # Ties at the threshold: "the k largest" is ambiguous. Break them as mergekit 0.1.5 does
-            # (its argsort's order, bit-identical results); only these tensors pay for the sort.
+        if tie_break == "mergekit" and int(torch.count_nonzero(mag == thr)) > deficit:
+            # Ties at the threshold: "the k largest" is ambiguous. mergekit keeps its (unstable) argsort's
+            # pick; to be bit-identical these tensors pay for that sort (bf16 inputs: most tensors).
             keep = torch.zeros_like(mag, dtype=torch.bool)
             keep[torch.argsort(mag.float(), descending=True)[:k]] = True
         else:
-            keep |= mag == thr
+            keep[(mag == thr).nonzero().view(-1)[:deficit]] = True  # the first by position
     return keep.view_as(delta)
 
 
-def _outlier_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
+def _outlier_keep(delta: torch.Tensor, density: float, gamma: float,
+                  tie_break: str = "position") -> torch.Tensor | None:
     """Breadcrumbs: drop the largest ``gamma`` fraction and the smallest, keeping ``density``.
 
     Same counts as mergekit 0.1.5 (n_top = ⌊γn⌋, n_bottom = n − ⌊density·n⌋ − n_top, the
@@ -185,7 +185,7 @@ def _outlier_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Te
         keep &= mag > lo
     if hi is not None:
         keep &= mag <= hi
-    if int(torch.count_nonzero(keep)) != target:  # ties at a cut: break them as mergekit's sort does
+    if tie_break == "mergekit" and int(torch.count_nonzero(keep)) != target:  # ties at a cut: mergekit's sort
         keep = torch.zeros_like(mag, dtype=torch.bool)
         keep[torch.sort(mag.float(), descending=False).indices[n_bot:n_bot + target]] = True
     return keep.view_as(delta)
@@ -199,7 +199,7 @@ def _bernoulli_keep(delta: torch.Tensor, density: float, gen: torch.Generator) -
 
 
 def _task_family(tensors, base, weights, *, sparsify, consensus, density=1.0, gamma=0.01, normalize=False,
-                 rescale=None, seed=0, **params):
+                 rescale=None, seed=0, tie_break="position", **params):
     """Generalised task arithmetic: sparsify δᵢ, optional sign election, (disjoint) weighted sum."""
     lam = params.pop("lambda", params.pop("lambda_", 1.0))
     if params:
@@ -213,8 +213,10 @@ def _task_family(tensors, base, weights, *, sparsify, consensus, density=1.0, ga
     wd = []
     for t, w, d, g in zip(tensors, weights, densities, gammas):
         delta = t.sub_(base)
-        keep = (_magnitude_keep(delta, d) if sparsify == "magnitude" else
-                _outlier_keep(delta, d, g) if sparsify == "outliers" else
+        if tie_break not in ("position", "mergekit"):
+            raise ConfigError(f"tie_break must be position or mergekit, got {tie_break!r}")
+        keep = (_magnitude_keep(delta, d, tie_break) if sparsify == "magnitude" else
+                _outlier_keep(delta, d, g, tie_break) if sparsify == "outliers" else
                 _bernoulli_keep(delta, d, gen) if sparsify == "random" else None)
         if keep is not None:
             delta.mul_(keep)
@@ -275,14 +277,15 @@ _TIES = "https://arxiv.org/abs/2306.01708"
 _DARE = "https://arxiv.org/abs/2311.03099"
 _CRUMBS = "https://arxiv.org/abs/2312.06795"
 for _name, _url, _sp, _cons, _defaults in [
-    ("ties", _TIES, "magnitude", "sum", {"density": 1.0, "normalize": True, "lambda": 1.0}),
+    ("ties", _TIES, "magnitude", "sum", {"density": 1.0, "normalize": True, "lambda": 1.0, "tie_break": "position"}),
     ("dare_ties", _DARE, "random", "sum", {"density": 1.0, "normalize": False, "lambda": 1.0, "rescale": True,
                                           "seed": 0}),
     ("dare_linear", _DARE, "random", None, {"density": 1.0, "normalize": False, "lambda": 1.0, "rescale": True,
                                            "seed": 0}),
-    ("breadcrumbs", _CRUMBS, "outliers", None, {"density": 1.0, "gamma": 0.01, "normalize": False, "lambda": 1.0}),
+    ("breadcrumbs", _CRUMBS, "outliers", None, {"density": 1.0, "gamma": 0.01, "normalize": False, "lambda": 1.0,
+                                                 "tie_break": "position"}),
     ("breadcrumbs_ties", _CRUMBS, "outliers", "sum", {"density": 1.0, "gamma": 0.01, "normalize": False,
-                                                      "lambda": 1.0}),
+                                                      "lambda": 1.0, "tie_break": "position"}),
 ]:
     register(_name, _url, needs_base=True, defaults=_defaults, mutates=True, sparsify=_sp,
              consensus=_cons)(_task_family)

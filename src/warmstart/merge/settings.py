@@ -72,7 +72,10 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
     if isinstance(setting, dict):
         setting = [setting]
     if _scalar(setting):
-        return as_number(setting)
+        try:
+            return as_number(setting)
+        except ValueError:  # a string parameter (e.g. tie_break): as given
+            return setting
     if not setting:
         return None
     if all(_scalar(e) for e in setting):

@@ -58,7 +58,7 @@ def _rename(name: str, index: int) -> str:
 
 def plan_slices(plan, cks: list[Checkpoint], base_ck, use_base: bool, notes: list[str]):
     """The engine's items for a slices plan, and the output's layer count."""
-    from .engine import _Item, _dtype
+    from .engine import _dtype, _Item
 
     idx = {r: i for i, r in enumerate(_refs(plan))}
     layout = {r: _layers(cks[i]) for r, i in idx.items()}
