@@ -57,4 +57,4 @@ def test_ulps_metric():
 
 def test_fixtures_are_small():
     size = sum(f.stat().st_size for f in FIX.rglob("*") if f.is_file())
-    assert size < 4_000_000, f"mergekit fixtures are {size / 1e6:.1f} MB"
+    assert size < 5_000_000, f"mergekit fixtures are {size / 1e6:.1f} MB"
