@@ -286,6 +286,9 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
     notes = [] if use_base or not base_ck else [
         "linear merge: the base takes part " + ("(include_base)" if plan.include_base else
                                                 "NOT (it only supplies config/tokenizer; pass --include-base)")]
+    refs = [(m.ref, m.lora) for m in plan.models]
+    if len(set(refs)) < len(refs):  # native plans: each listing is one input (a mergekit YAML refuses this)
+        notes.append("a model is listed more than once: each listing takes part as one input with its own weight")
     if plan.slices:
         from .slices import plan_slices
 
