@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from warmstart.errors import ConfigError
 from warmstart.merge import MergePlan, merge
+from warmstart.merge.plan import has_tokenizer_merging
 from warmstart.merge.settings import check, evaluate
 
 M = Path(__file__).resolve().parent.parent / "fixtures" / "mergekit" / "models"
@@ -70,10 +71,6 @@ def test_bad_settings_are_reported(bad):
     ("merge_method: linear\nmodels: [{model: {M}/a, weight: 1}]\n", "unknown key(s) ['weight']"),
     ("merge_method: linear\nmodels: [{model: {M}/a}, {model: {M}/a}]\n", "listed twice"),
     ("merge_method: nope\nmodels: [{model: {M}/a}]\n", "merge_method 'nope' is not supported"),
-    ("merge_method: linear\nbase_model: {M}/a\nmodels: [{model: {M}/a, parameters: {weight: 1.0}}]\n"
-     "tokenizer: {source: base, pad_to_multiple_of: 16}\n", "tokenizer: block"),
-    ("merge_method: linear\nmodels: [{model: {M}/a}]\ntokenizer_source: union\n", "tokenizer_source: union"),
-    ("merge_method: linear\nmodels: [{model: {M}/a}]\nchat_template: chatml\n", "chat_template"),
     ("merge_method: passthrough\nslices:\n  - sources: [{model: {M}/a, layer_range: [2, 1]}]\n", "layer_range"),
     ("merge_method: linear\nmodels: [{model: {M}/a, parameters: {weight: 0.5}}, "
      "{model: {M}/b, parameters: {weight: -0.5}}]\n", "sum to zero"),
@@ -83,6 +80,30 @@ def test_mergekit_refusals_are_one_line_naming_file(tmp_path, body, msg):
     with pytest.raises(ConfigError) as e:
         MergePlan.from_yaml(f)
     assert msg in str(e.value) and str(f) in str(e.value) and "\n" not in str(e.value)
+
+
+PAD = ("merge_method: linear\nbase_model: {M}/a\nmodels: [{model: {M}/a, parameters: {weight: 1.0}}]\n"
+       "tokenizer: {source: base, pad_to_multiple_of: 16}\ndtype: float32\n")
+
+
+@pytest.mark.skipif(has_tokenizer_merging(), reason="tokenizer merging is implemented (merge/tokenizer.py)")
+@pytest.mark.parametrize("body,msg", [
+    (PAD, "tokenizer: block"),
+    ("merge_method: linear\nmodels: [{model: {M}/a}]\ntokenizer_source: union\n", "tokenizer_source: union"),
+    ("merge_method: linear\nmodels: [{model: {M}/a}]\nchat_template: chatml\n", "chat_template"),
+])
+def test_tokenizer_keys_refused_until_implemented(tmp_path, body, msg):
+    test_mergekit_refusals_are_one_line_naming_file(tmp_path, body, msg)
+
+
+def test_pad_to_multiple_config_is_not_misreported(tmp_path):
+    """mergekit's test_pad_to_multiple_of: the base is the only model (a linear over one input)."""
+    try:
+        plan = MergePlan.from_yaml(_plan(tmp_path, PAD))
+    except ConfigError as e:
+        assert "tokenizer" in str(e) and "no models" not in str(e)
+    else:
+        assert [m.ref for m in plan.models] == [str(M / "a")] and plan.tokenizer["pad_to_multiple_of"] == 16
 
 
 def test_slerp_model_count_error_names_the_plan(tmp_path):

@@ -29,7 +29,7 @@ from .._tensorio import ST_DTYPES, PreadReader, ShardWriter, numel, shard_layout
 from ..checkpoints import Checkpoint, TensorMeta, _check_finite, open_checkpoint
 from ..errors import ConfigError, IncompatibleError
 from .methods import get_method, tensor_seed, validate
-from .plan import MergePlan, parse_size
+from .plan import MergePlan, has_tokenizer_merging, parse_size
 from .settings import as_number, is_plain, resolve
 from .weights import compute_weights
 
@@ -91,6 +91,7 @@ class _Item:
     slice_params: dict | None = None  # the slice's own parameters (slices only)
     weights: list[float] | None = None  # resolved per tensor (see _resolve_items)
     params: dict | None = None
+    permute: Callable | None = None  # tokenizer merging: (base, inputs) → re-indexed to the output vocabulary
 
 
 def resolve_weights(plan: MergePlan, cks: list[Checkpoint], base_ck: Checkpoint | None) -> list[float]:
@@ -155,7 +156,7 @@ def _tied_source(ck: Checkpoint, name: str) -> TensorMeta | None:
 
 
 def plan_tensors(plan: MergePlan, donors: list[Checkpoint], ref: Checkpoint, use_base: bool,
-                 notes: list[str]) -> list[_Item]:
+                 notes: list[str], vocab=None, base_ck: Checkpoint | None = None) -> list[_Item]:
     """Match every reference tensor with its donor tensors; apply the missing/vocab policies loudly."""
     ref_meta = ref.weights().meta
     items, missing = [], []
@@ -165,6 +166,9 @@ def plan_tensors(plan: MergePlan, donors: list[Checkpoint], ref: Checkpoint, use
         item = _Item(name, out_dtype, rm.shape, rm, [])
         if rm.dtype not in ("F32", "F16", "BF16", "F64"):
             item.action, item.note = "copied", "not a float tensor: copied from the reference"
+            items.append(item)
+            continue
+        if vocab is not None and _vocab_item(vocab, item, donors, base_ck):
             items.append(item)
             continue
         for i, d in enumerate(donors):
@@ -182,6 +186,34 @@ def plan_tensors(plan: MergePlan, donors: list[Checkpoint], ref: Checkpoint, use
     _check_missing(plan, missing, items, notes)
     _check_extra(plan, donors, ref_meta, notes)
     return items
+
+
+def _vocab_item(vocab, item: _Item, donors: list[Checkpoint], base_ck: Checkpoint | None) -> bool:
+    """A vocabulary tensor under tokenizer merging: every input's rows re-indexed to the output vocabulary."""
+    from .tokenizer import model_vocab_size
+
+    metas = [(i, d.weights().meta.get(item.name)) for i, d in enumerate(donors)]
+    cks = {str(d.path): d for d in donors + ([base_ck] if base_ck else [])}
+    rows = {str(donors[i].path): m.shape[0] for i, m in metas if m is not None}
+    if base_ck is not None and item.base is not None:
+        rows[str(base_ck.path)] = item.base.shape[0]
+    if not vocab.is_vocab_tensor(item.name, rows, {k: model_vocab_size(c.config) for k, c in cks.items()}):
+        return False
+    item.srcs = [(i, m) for i, m in metas if m is not None]
+    item.shape = (vocab.rows, *item.shape[1:])
+    item.action, item.note = "vocab-permuted", f"re-indexed to the merged vocabulary ({vocab.rows} rows)"
+    keys = [str(donors[i].path) for i, _ in item.srcs]
+    bkey = str(base_ck.path) if base_ck is not None else None
+
+    def permute(base_t, ins):
+        d = dict(zip(keys, ins))
+        if bkey is not None and base_t is not None:
+            d[bkey] = base_t
+        r = vocab.permute(d)
+        return r.get(bkey, base_t), [r[k] for k in keys]
+
+    item.permute = permute
+    return True
 
 
 def _join(a: str, b: str) -> str:
@@ -292,12 +324,20 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
     if plan.slices:
         from .slices import plan_slices
 
-        ref = base_ck or cks[0]
+        ref, vocab = base_ck or cks[0], None
         items, n_layers = plan_slices(plan, cks, base_ck, use_base, notes)
     else:
-        ref, n_layers = base_ck or cks[0], None
-        items = plan_tensors(plan, donors, ref, use_base, notes)
+        ref, n_layers, vocab = base_ck or cks[0], None, None
+        if has_tokenizer_merging():
+            from .tokenizer import build_vocab_plan
+
+            vocab = build_vocab_plan(plan, cks, base_ck)
+        items = plan_tensors(plan, donors, ref, use_base, notes, vocab, base_ck)
     _resolve_items(plan, method, items, donors, weights, use_base, notes)
+    if plan.dtype is None and plan.compute_dtype == "auto":  # mergekit: the result's dtype unless out_dtype
+        for it in items:
+            if it.action != "copied" and it.srcs and it.out_dtype.is_floating_point:
+                it.out_dtype = _dtype(method.result_dtype or plan.input_dtype, it.out_dtype)
     if any(w is None for w in weights):
         weights, varies = _constant_weights(items, len(donors))
         if varies:
@@ -308,6 +348,12 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
         digests = _stream(plan, method, items, donors, ref, use_base, tmp, result, progress)
         timings["merge"] = time.perf_counter() - t0 - timings["open"]
         _copy_config(plan, ref, tmp, items, n_layers)
+        if vocab is not None:
+            vocab.write(tmp)
+        elif plan.chat_template is not None:
+            from .tokenizer import write_chat_template
+
+            write_chat_template(tmp, plan.chat_template, cks, base_ck)
         all_cks = ([base_ck] if base_ck and not any(c is base_ck for c in donors) else []) + donors
         result.inputs = [_input_info(c, digests.get(id(c)), "base" if c is base_ck else "model") for c in all_cks]
         for i, c in enumerate(donors):
@@ -449,7 +495,8 @@ def _stream(plan, method, items, donors, ref, use_base, tmp, result, progress) -
 
     def submit(pool, it: _Item):
         # the reference tensor is read only when the math or a copy/resize needs it (not for a plain linear)
-        need_base = it.base is not None and (use_base or it.action in ("copied", "vocab-resized") or not it.srcs)
+        need_base = it.base is not None and (use_base or it.action in ("copied", "vocab-resized", "vocab-permuted")
+                                             or not it.srcs)
         metas = ([it.base] if need_base else []) + [m for _, m in it.srcs]
         # Buffers are allocated here, on the main thread: allocations made in the pool threads land in
         # per-thread malloc arenas and are freed elsewhere, which fragments memory (peak RSS +1 GB at 135M).
@@ -522,8 +569,10 @@ def _merge_item(it, method, base_t, ins, use_base, dev, cdt, idt) -> torch.Tenso
     if "seed" in p:
         p["seed"] = tensor_seed(int(p["seed"]), it.name)
     ins = [t.to(idt) for t in ins] if idt is not None else ins
-    if use_base and idt is not None:
+    if base_t is not None and idt is not None:
         base_t = base_t.to(idt)
+    if it.permute is not None:  # after the dtype rounding, as mergekit (rows averaged in the rounded dtype)
+        base_t, ins = it.permute(base_t, ins)
     work = cdt or _promoted(ins + ([base_t] if use_base else []))
     b = base_t.to(dev, work) if use_base else None
     out = method.fn([t.to(dev, work) for t in ins], b, list(it.weights), **p)
@@ -571,11 +620,12 @@ def _copy_config(plan: MergePlan, default_src: Checkpoint, tmp: Path, items: lis
         if f.is_file() and f.name not in SKIP_COPY and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth")):
             shutil.copy2(f, tmp / f.name)
     cfg_path = tmp / "config.json"
-    if cfg_path.exists() and (plan.dtype or n_layers is not None):
+    out_dtype = plan.dtype or plan.input_dtype  # mergekit's config: out_dtype or dtype
+    if cfg_path.exists() and (out_dtype or n_layers is not None):
         cfg = json.loads(cfg_path.read_text())
-        for key in ("torch_dtype", "dtype") if plan.dtype else ():
+        for key in ("torch_dtype", "dtype") if out_dtype else ():
             if key in cfg or key == "dtype":
-                cfg[key] = plan.dtype
+                cfg[key] = out_dtype
         if n_layers is not None:  # a frankenmerge's layer count (mergekit: the same config keys)
             from .slices import set_num_layers
 
@@ -624,7 +674,7 @@ def write_card(tmp: Path, plan: MergePlan, result: MergeResult, *, kind: str = "
         + (f", MWA penalty {plan.penalty}" if (plan.weighting or "").startswith("mwa") else "") + ".", "",
         "| role | input | weight | fingerprint | final loss | step |", "|---|---|---|---|---|---|", rows, "",
         f"Tensors: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}. "
-        f"Output dtype: {plan.dtype or 'as the reference'}; math in {plan.compute_dtype}.", "",
+        f"Output dtype: {plan.dtype or plan.input_dtype or 'as the reference'}; math in {plan.compute_dtype}.", "",
     ]
     if result.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]

@@ -100,7 +100,7 @@ def _slices(data: dict, problems: list[str]) -> list[dict] | None:
 
 def plan_kwargs(data: dict, source: str | None) -> dict:
     """MergePlan keyword arguments for a mergekit YAML; every problem is reported at once, naming the file."""
-    from .plan import ModelSpec
+    from .plan import ModelSpec, has_tokenizer_merging
 
     problems = []
     if set(data) - TOP_KEYS:
@@ -160,17 +160,17 @@ def plan_kwargs(data: dict, source: str | None) -> dict:
         else:
             models.append(spec)
     kw: dict[str, Any] = {"models": models, "method": method, "params": gparams, "slices": slices,
-                          "input_dtype": data.get("dtype"), "dtype": data.get("out_dtype") or data.get("dtype"),
+                          "input_dtype": data.get("dtype"), "dtype": data.get("out_dtype"),
                           "compute_dtype": "auto", "tokenizer": data.get("tokenizer"),
                           "chat_template": data.get("chat_template")}
     if method == "linear" and base_entry is not None:
         kw["config_from"] = base  # the base's config and tokenizer, as mergekit's output has
     else:
         kw["base"] = base
-    if tsrc in ("base", "union"):
+    if tsrc is not None:
         kw["tokenizer_source"] = tsrc
-    elif tsrc is not None:
-        kw["config_from"] = tsrc
+        if tsrc not in ("base", "union") and not has_tokenizer_merging():
+            kw["config_from"] = tsrc  # without tokenizer merging: that model's tokenizer and config, rows as they are
     if method == "slerp" and not slices and not models:
         raise ConfigError("slerp needs a second model besides the base", path=source)
     return kw

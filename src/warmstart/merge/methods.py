@@ -40,19 +40,21 @@ class Method:
     uses_weights: bool = True
     doc: str = ""
     mutates: bool = False  # overwrites the donor tensors it is given (the engine owns its buffers)
+    result_dtype: str | None = None  # mergekit's output dtype when it is not the inputs' (e.g. float32)
 
 
 REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, url: str, *, needs_base: bool, defaults: dict | None = None, min_models: int = 1,
-             max_models: int | None = None, uses_weights: bool = True, mutates: bool = False, **bound):
+             max_models: int | None = None, uses_weights: bool = True, mutates: bool = False,
+             result_dtype: str | None = None, **bound):
     """Register ``fn`` under ``name``; ``bound`` fixes family parameters (e.g. consensus for TIES)."""
 
     def deco(fn):
         f = (lambda tensors, base, weights, **kw: fn(tensors, base, weights, **bound, **kw)) if bound else fn
         REGISTRY[name] = Method(name, f, url, needs_base, dict(defaults or {}), min_models, max_models,
-                                uses_weights, (fn.__doc__ or "").strip().splitlines()[0], mutates)
+                                uses_weights, (fn.__doc__ or "").strip().splitlines()[0], mutates, result_dtype)
         return fn
 
     return deco

@@ -159,7 +159,14 @@ class MergePlan:
         return p
 
     def _tokenizer_problems(self) -> list[str]:
-        """mergekit's tokenizer surgery. Refused (one line each) until implemented — never ignored."""
+        """mergekit's tokenizer surgery: merge/tokenizer.py (branch mergekit16) checks it when present;
+        without it, refused in one line each — never ignored."""
+        if self.slices and (self.tokenizer_source or self.tokenizer):
+            return ["tokenizer_source / tokenizer: with slices is not supported"]
+        if has_tokenizer_merging():
+            from .tokenizer import tokenizer_problems
+
+            return tokenizer_problems(self.tokenizer_source, self.tokenizer, self.chat_template)
         p = []
         if self.tokenizer_source in ("base", "union"):
             p.append(f"tokenizer_source: {self.tokenizer_source} (tokenizer merging) is not supported yet; "
@@ -237,6 +244,13 @@ class MergePlan:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def has_tokenizer_merging() -> bool:
+    """Whether merge/tokenizer.py (tokenizer_source, tokenizer:, chat_template; developed in parallel) is here."""
+    import importlib.util
+
+    return importlib.util.find_spec(f"{__package__}.tokenizer") is not None
 
 
 def _model_spec(m, problems: list[str]) -> ModelSpec:
