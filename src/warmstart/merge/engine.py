@@ -334,6 +334,12 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
             vocab = build_vocab_plan(plan, cks, base_ck)
         items = plan_tensors(plan, donors, ref, use_base, notes, vocab, base_ck)
     _resolve_items(plan, method, items, donors, weights, use_base, notes)
+    if plan.compute_dtype == "auto" and method.uses_weights and not plan.slices and all(
+            m.weight is None for m in plan.models) and "weight" not in plan.params:
+        notes.append("no model weights given: uniform weights used (mergekit requires a weight per model)")
+    if plan.method == "slerp" and "t" not in plan.params and not any("t" in (sl.get("params") or {})
+                                                                   for sl in plan.slices or []):
+        notes.append("slerp without t: t = 0.5 used (mergekit requires t)")
     if plan.dtype is None and plan.compute_dtype == "auto":  # mergekit: the result's dtype unless out_dtype
         for it in items:
             if it.action != "copied" and it.srcs and it.out_dtype.is_floating_point:
