@@ -203,3 +203,24 @@ def test_mergekit_plan_round_trips_through_native_yaml(tmp_path):
     g.write_text(plan.to_yaml())
     again = MergePlan.from_yaml(g)
     assert again == plan and again.input_dtype == "float16" and again.compute_dtype == "auto"
+
+
+def test_cli_input_dtype_none_gives_warmstart_semantics(tmp_path):
+    from typer.testing import CliRunner
+
+    from warmstart.cli import app
+
+    f = _plan(tmp_path, "merge_method: linear\nmodels:\n  - {model: {M}/a, parameters: {weight: 0.7}}\n"
+                        "  - {model: {M}/b, parameters: {weight: 0.6}}\ndtype: bfloat16\n")
+    for flag, name in ((None, "mk"), ("none", "ws")):
+        args = ["merge", "--config", str(f), "--out", str(tmp_path / name)] + (["--input-dtype", flag] if flag else [])
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+    a, b = _sd(M / "a"), _sd(M / "b")
+    k = "model.layers.1.mlp.gate_proj.weight"
+    mk, ws = _sd(tmp_path / "mk")[k], _sd(tmp_path / "ws")[k]
+    assert mk.dtype == ws.dtype == torch.bfloat16  # dtype: the output either way
+    exact = (a[k].double() * 0.7 + b[k].double() * 0.6) / 1.3
+    # fp32 math on unrounded inputs, one rounding at the end: within half a bf16 ulp of the exact value
+    assert torch.allclose(ws.double(), exact, rtol=2 ** -8, atol=0)
+    assert not torch.equal(mk, ws)  # mergekit's: inputs rounded first
