@@ -130,6 +130,8 @@ def merge_cmd(
     data.update(flags)
     if input_dtype is not None:  # "none" switches a mergekit YAML to warmstart's dtype semantics
         none = input_dtype.lower() == "none"
+        if none and not data.get("dtype"):
+            data["dtype"] = data.get("input_dtype")  # mergekit's dtype stays the output's dtype
         data["input_dtype"] = None if none else input_dtype
         data["compute_dtype"] = "float32" if none else "auto"
     data["params"] = {**data.get("params", {}), **mparams}
