@@ -71,6 +71,8 @@ def test_bad_settings_are_reported(bad):
     ("merge_method: linear\nmodels: [{model: {M}/a, weight: 1}]\n", "unknown key(s) ['weight']"),
     ("merge_method: linear\nmodels: [{model: {M}/a}, {model: {M}/a}]\n", "listed twice"),
     ("merge_method: nope\nmodels: [{model: {M}/a}]\n", "merge_method 'nope' is not supported"),
+    ("merge_method: linear\nmodels: [{model: {M}/a}]\ndtype: bf16\n", "dtype must be one of"),
+    ("merge_method: linear\nmodels: [{model: {M}/a}]\nout_dtype: [1]\n", "out_dtype must be one of"),
     ("merge_method: passthrough\nslices:\n  - sources: [{model: {M}/a, layer_range: [2, 1]}]\n", "layer_range"),
     ("merge_method: linear\nmodels: [{model: {M}/a, parameters: {weight: 0.5}}, "
      "{model: {M}/b, parameters: {weight: -0.5}}]\n", "sum to zero"),

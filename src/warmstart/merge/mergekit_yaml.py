@@ -110,9 +110,15 @@ def plan_kwargs(data: dict, source: str | None) -> dict:
     method = data.get("merge_method")
     if method not in REGISTRY:
         problems.append(f"merge_method {method!r} is not supported (supported: {', '.join(sorted(REGISTRY))})")
+    from .plan import DTYPES
+
+    data = dict(data)
     for k in ("dtype", "out_dtype"):
-        if data.get(k) is not None and not isinstance(data[k], str):
-            problems.append(f"{k} must be a dtype name, got {data[k]!r}")
+        v = data.get(k)
+        if isinstance(v, str) and v.startswith("torch."):  # mergekit's dtype_from_name accepts the prefix
+            data[k] = v = v[len("torch."):]
+        if v is not None and v not in DTYPES:
+            problems.append(f"{k} must be one of {', '.join(DTYPES)}, got {v!r}")
     base, base_lora = (None, None) if data.get("base_model") is None else \
         _model_ref(data["base_model"], "base_model", problems)
     if base_lora:
