@@ -187,7 +187,8 @@ def _outlier_keep(delta: torch.Tensor, density: float, gamma: float,
         keep &= mag > lo
     if hi is not None:
         keep &= mag <= hi
-    if tie_break == "mergekit" and int(torch.count_nonzero(keep)) != target:  # ties at a cut: mergekit's sort
+    ambiguous = any(c is not None and int(torch.count_nonzero(mag == c)) > 1 for c in (lo, hi))
+    if tie_break == "mergekit" and ambiguous:  # equal magnitudes at a cut: which survive is mergekit's sort's pick
         keep = torch.zeros_like(mag, dtype=torch.bool)
         keep[torch.sort(mag.float(), descending=False).indices[n_bot:n_bot + target]] = True
     return keep.view_as(delta)
