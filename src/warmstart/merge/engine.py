@@ -315,59 +315,83 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
     weights = resolve_weights(plan, cks, base_ck) if not plan.slices else [None] * len(cks)
     donors = ([base_ck] if plan.include_base else []) + cks
     use_base = base_ck is not None and plan.method != "linear"
+    p = _plan_items(plan, method, cks, base_ck, donors, weights, use_base)
+    timings = {"open": time.perf_counter() - t0}
+    result = MergeResult(out, plan.method, p.weights, [], notes=p.notes)
+    with atomic_dir(out, force=force) as tmp:
+        digests = _stream(plan, method, p.items, donors, p.ref, use_base, tmp, result, progress)
+        timings["merge"] = time.perf_counter() - t0 - timings["open"]
+        _copy_config(plan, p.ref, tmp, p.items, p.n_layers)
+        if p.vocab is not None:
+            p.vocab.write(tmp)
+        elif plan.chat_template is not None:
+            from .tokenizer import write_chat_template
+
+            write_chat_template(tmp, plan.chat_template, cks, base_ck)
+        result.inputs = _inputs_report(base_ck, donors, p.weights, digests)
+        result.timings = {**timings, "total": time.perf_counter() - t0}
+        write_card(tmp, plan, result)
+    return result
+
+
+@dataclass
+class _Planned:
+    ref: Checkpoint
+    items: list[_Item]
+    weights: list
+    notes: list[str]
+    n_layers: int | None = None  # slices: the output's layer count
+    vocab: object = None  # tokenizer merging's vocabulary plan
+
+
+def _plan_items(plan: MergePlan, method, cks, base_ck, donors, weights, use_base) -> _Planned:
+    """Every output tensor with its inputs, per-tensor weights and parameters; notes on what was assumed."""
     notes = [] if use_base or not base_ck else [
         "linear merge: the base takes part " + ("(include_base)" if plan.include_base else
                                                 "NOT (it only supplies config/tokenizer; pass --include-base)")]
     refs = [(m.ref, m.lora) for m in plan.models]
     if len(set(refs)) < len(refs):  # native plans: each listing is one input (a mergekit YAML refuses this)
         notes.append("a model is listed more than once: each listing takes part as one input with its own weight")
+    p = _Planned(base_ck or cks[0], [], weights, notes)
     if plan.slices:
         from .slices import plan_slices
 
-        ref, vocab = base_ck or cks[0], None
-        items, n_layers = plan_slices(plan, cks, base_ck, use_base, notes)
+        p.items, p.n_layers = plan_slices(plan, cks, base_ck, use_base, notes)
     else:
-        ref, n_layers, vocab = base_ck or cks[0], None, None
         if has_tokenizer_merging():
             from .tokenizer import build_vocab_plan
 
-            vocab = build_vocab_plan(plan, cks, base_ck)
-        items = plan_tensors(plan, donors, ref, use_base, notes, vocab, base_ck)
-    _resolve_items(plan, method, items, donors, weights, use_base, notes)
+            p.vocab = build_vocab_plan(plan, cks, base_ck)
+        p.items = plan_tensors(plan, donors, p.ref, use_base, notes, p.vocab, base_ck)
+    _resolve_items(plan, method, p.items, donors, weights, use_base, notes)
+    _mergekit_notes(plan, method, notes)
+    if plan.dtype is None and plan.compute_dtype == "auto":  # mergekit: the result's dtype unless out_dtype
+        for it in p.items:
+            if it.action != "copied" and it.srcs and it.out_dtype.is_floating_point:
+                it.out_dtype = _dtype(method.result_dtype or plan.input_dtype, it.out_dtype)
+    if any(w is None for w in weights):
+        p.weights, varies = _constant_weights(p.items, len(donors))
+        if varies:
+            notes.append("weights vary per tensor (gradients / filters / slices): see the recipe")
+    return p
+
+
+def _mergekit_notes(plan: MergePlan, method, notes: list[str]) -> None:
+    """Values mergekit requires that the YAML left out: say which default was used."""
     if plan.compute_dtype == "auto" and method.uses_weights and not plan.slices and all(
             m.weight is None for m in plan.models) and "weight" not in plan.params:
         notes.append("no model weights given: uniform weights used (mergekit requires a weight per model)")
     if plan.method == "slerp" and "t" not in plan.params and not any("t" in (sl.get("params") or {})
                                                                    for sl in plan.slices or []):
         notes.append("slerp without t: t = 0.5 used (mergekit requires t)")
-    if plan.dtype is None and plan.compute_dtype == "auto":  # mergekit: the result's dtype unless out_dtype
-        for it in items:
-            if it.action != "copied" and it.srcs and it.out_dtype.is_floating_point:
-                it.out_dtype = _dtype(method.result_dtype or plan.input_dtype, it.out_dtype)
-    if any(w is None for w in weights):
-        weights, varies = _constant_weights(items, len(donors))
-        if varies:
-            notes.append("weights vary per tensor (gradients / filters / slices): see the recipe")
-    timings = {"open": time.perf_counter() - t0}
-    result = MergeResult(out, plan.method, weights, [], notes=notes)
-    with atomic_dir(out, force=force) as tmp:
-        digests = _stream(plan, method, items, donors, ref, use_base, tmp, result, progress)
-        timings["merge"] = time.perf_counter() - t0 - timings["open"]
-        _copy_config(plan, ref, tmp, items, n_layers)
-        if vocab is not None:
-            vocab.write(tmp)
-        elif plan.chat_template is not None:
-            from .tokenizer import write_chat_template
 
-            write_chat_template(tmp, plan.chat_template, cks, base_ck)
-        all_cks = ([base_ck] if base_ck and not any(c is base_ck for c in donors) else []) + donors
-        result.inputs = [_input_info(c, digests.get(id(c)), "base" if c is base_ck else "model") for c in all_cks]
-        for i, c in enumerate(donors):
-            result.inputs[[x["path"] for x in result.inputs].index(str(c.path))]["weight"] = weights[i] \
-                if i < len(weights) else None
-        result.timings = {**timings, "total": time.perf_counter() - t0}
-        write_card(tmp, plan, result)
-    return result
+
+def _inputs_report(base_ck, donors, weights, digests) -> list[dict]:
+    all_cks = ([base_ck] if base_ck and not any(c is base_ck for c in donors) else []) + donors
+    inputs = [_input_info(c, digests.get(id(c)), "base" if c is base_ck else "model") for c in all_cks]
+    for i, c in enumerate(donors):
+        inputs[[x["path"] for x in inputs].index(str(c.path))]["weight"] = weights[i] if i < len(weights) else None
+    return inputs
 
 
 def _check_device(name: str) -> None:
@@ -406,10 +430,8 @@ def _layer_positions(names) -> dict[str, float]:
 _LAYER = re.compile(r"(^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
-def _resolve_items(plan: MergePlan, method, items: list[_Item], donors, weights, use_base, notes) -> None:
-    """Per tensor: each source's weight and per-model parameters, the shared parameters (mergekit's
-    precedence: slice source > slice > global; filters match the input tensor's name for per-model
-    parameters and the output's for shared ones), checked against the method before any work."""
+def _param_names(plan: MergePlan, method) -> tuple[set[str], set[str]]:
+    """The parameter names a plan gives (checked against the method) and those given per model."""
     given = set(plan.params) | {k for m in plan.models for k in m.params}
     for sl in plan.slices or []:
         given |= set(sl.get("params") or {}) | {k for s in sl["sources"] for k in s.get("params") or {}}
@@ -420,6 +442,14 @@ def _resolve_items(plan: MergePlan, method, items: list[_Item], donors, weights,
     # a parameter given per model becomes a per-source list (as before); a global one stays a scalar
     per_model = ({k for m in plan.models for k in m.params} | {
         k for sl in plan.slices or [] for s in sl["sources"] for k in s.get("params") or {}}) - {"weight"}
+    return given, per_model
+
+
+def _resolve_items(plan: MergePlan, method, items: list[_Item], donors, weights, use_base, notes) -> None:
+    """Per tensor: each source's weight and per-model parameters, the shared parameters (mergekit's
+    precedence: slice source > slice > global; filters match the input tensor's name for per-model
+    parameters and the output's for shared ones), checked against the method before any work."""
+    given, per_model = _param_names(plan, method)
     if plan.slices is None:
         specs = ([None] if plan.include_base else []) + list(plan.models)
         pos = _layer_positions([it.name for it in items])
