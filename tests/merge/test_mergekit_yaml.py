@@ -226,3 +226,11 @@ def test_cli_input_dtype_none_gives_warmstart_semantics(tmp_path):
     # fp32 math on unrounded inputs, one rounding at the end: within half a bf16 ulp of the exact value
     assert torch.allclose(ws.double(), exact, rtol=2 ** -8, atol=0)
     assert not torch.equal(mk, ws)  # mergekit's: inputs rounded first
+
+
+@pytest.mark.skipif(has_tokenizer_merging(), reason="tokenizer merging re-indexes rows (merge/tokenizer.py tests)")
+def test_tokenizer_source_model_takes_config_and_tokenizer(tmp_path):
+    f = _plan(tmp_path, "merge_method: linear\nmodels:\n  - {model: {M}/gpt2, parameters: {weight: 1}}\n"
+                        "tokenizer_source: {M}/base\n")
+    plan = MergePlan.from_yaml(f)
+    assert plan.tokenizer_source == plan.config_from == str(M / "base")
