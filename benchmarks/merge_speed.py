@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MERGEKIT = ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"
+MERGEKIT = Path(os.environ.get("MERGEKIT_YAML", ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"))
 SMOL = Path(os.environ.get("WARMSTART_MODELS_DIR", Path.home() / ".cache" / "warmstart" / "models")) \
     / "SmolLM2-135M-Instruct"
 PARAMS = {  # one setting per method, shared by both tools
@@ -175,6 +175,8 @@ def main() -> None:
                     help="OMP_NUM_THREADS for every tool (default 1: on shared, oversubscribed cores OpenMP "
                          "spin-waiting makes 2 threads slower than 1; 0 leaves it unset)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    ap.add_argument("--same-yaml", action="store_true",
+                    help="warmstart runs mergekit's YAML (`merge --config`, mergekit's semantics) instead of flags")
     args = ap.parse_args()
     if args.omp_threads:
         ENV["OMP_NUM_THREADS"] = str(args.omp_threads)
@@ -196,7 +198,15 @@ def main() -> None:
     for method in methods:
         used = [base, donors[0]] if method == "slerp" else (donors if method == "linear" else inputs)
         floor_t, floor_m = io_floor(used, work / "floor" / "out.safetensors")
-        ws_t, ws_m = run(warmstart_cmd(method, base, donors, work / f"ws-{method}"))
+        if args.same_yaml:
+            import yaml
+
+            cfg = work / f"mk-{method}.yaml"
+            cfg.write_text(yaml.safe_dump(mergekit_config(method, base, donors)))
+            ws_t, ws_m = run([sys.executable, "-m", "warmstart", "merge", "--config", str(cfg), "--out",
+                              str(work / f"ws-{method}"), "--force"])
+        else:
+            ws_t, ws_m = run(warmstart_cmd(method, base, donors, work / f"ws-{method}"))
         row = {"method": method, "floor_s": floor_t, "floor_mb": floor_m, "ws_s": ws_t, "ws_mb": ws_m}
         if MERGEKIT.exists():
             out = work / f"mk-{method}"

@@ -222,11 +222,13 @@ dtype: float32
     want = merge_state_dicts("ties", sds, _sd(models / "base"), [0.6, 0.4], density=[0.5, 0.3])
     got = _sd(tmp_path / "out")
     assert all(torch.allclose(got[k], want[k], atol=ATOL) for k in want)
-    # mergekit's linear with the base listed among models = include_base, made explicit
-    f.write_text(f"merge_method: linear\nbase_model: {models/'base'}\nmodels:\n  - model: {models/'base'}\n"
-                 f"    parameters: {{weight: 1.0}}\n  - model: {models/'ft_a'}\n    parameters: {{weight: 1.0}}\n")
+    # mergekit's linear with the base listed among models: the base is one more input, in its listed place
+    # (the order of the sum is mergekit's), and still the config source
+    f.write_text(f"merge_method: linear\nbase_model: {models/'base'}\nmodels:\n  - model: {models/'ft_a'}\n"
+                 f"    parameters: {{weight: 1.0}}\n  - model: {models/'base'}\n    parameters: {{weight: 1.0}}\n")
     plan = MergePlan.from_yaml(f)
-    assert plan.include_base and plan.base_weight == 1.0 and len(plan.models) == 1
+    assert [m.ref for m in plan.models] == [str(models / "ft_a"), str(models / "base")]
+    assert plan.base is None and plan.config_from == str(models / "base")
 
 
 def test_from_selection(models, tmp_path):

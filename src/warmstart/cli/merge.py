@@ -73,6 +73,9 @@ def merge_cmd(
     config: Path = typer.Option(None, "--config", "-c", help="Merge plan YAML (native or mergekit)."),
     selection: Path = typer.Option(None, "--selection", help="Selection file written by `warmstart select`."),
     dtype: str = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16, float16."),
+    input_dtype: str = typer.Option(None, "--input-dtype", help="Round every input to this dtype before the "
+                                    "math, as mergekit's `dtype:` (a mergekit YAML sets it); `none`: math in "
+                                    "float32 on the inputs as stored, --dtype the output only (warmstart's)."),
     shard_size: str = typer.Option(None, "--shard-size", help="Max shard size, e.g. 2GB."),
     lora_mode: str = typer.Option(None, "--lora-mode", help="Adapters: cat (exact), svd (rank-r), factors."),
     rank: int = typer.Option(None, "--rank", help="Rank of an svd-merged adapter (default: the sources' rank)."),
@@ -125,14 +128,21 @@ def merge_cmd(
         for m, w in zip(data["models"], given):
             m["weight"] = w
     data.update(flags)
+    if input_dtype is not None:  # "none" switches a mergekit YAML to warmstart's dtype semantics
+        none = input_dtype.lower() == "none"
+        if none and not data.get("dtype"):
+            data["dtype"] = data.get("input_dtype")  # mergekit's dtype stays the output's dtype
+        data["input_dtype"] = None if none else input_dtype
+        data["compute_dtype"] = "float32" if none else "auto"
     data["params"] = {**data.get("params", {}), **mparams}
     plan = MergePlan.from_dict(data, source=str(config or selection) if (config or selection) else None)
     result = _run(plan, out, force, quiet=json_out, allow_nonfinite=allow_nonfinite)
     if json_out:
         print_json(result.to_dict())
     else:
-        err.print(f"merged {len(plan.models)} input(s) with {plan.method} → {result.out} "
-                  f"({result.timings.get('total', 0):.1f}s); weights {[round(w, 4) for w in result.weights]}")
+        err.print(f"merged {len(plan.models) or len(result.inputs)} input(s) with {plan.method} → {result.out} "
+                  f"({result.timings.get('total', 0):.1f}s); weights "
+                  f"{[round(w, 4) if isinstance(w, float) else w for w in result.weights]}")
         for n in result.notes:
             err.print(f"note: {n}")
 

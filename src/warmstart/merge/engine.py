@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections import deque
@@ -29,7 +30,8 @@ from ..checkpoints import (Checkpoint, TensorMeta, _check_finite, check_adapter_
                            open_checkpoint)
 from ..errors import ConfigError, IncompatibleError
 from .methods import get_method, tensor_seed, validate
-from .plan import MergePlan, parse_size
+from .plan import MergePlan, has_tokenizer_merging, parse_size
+from .settings import as_number, is_plain, resolve
 from .weights import compute_weights
 
 # Files copied from the config source; weights, optimizer state and training logs are not.
@@ -85,6 +87,12 @@ class _Item:
     srcs: list[tuple[int, TensorMeta]]  # (donor index, meta) of the donors that take part
     action: str = "merged"
     note: str = ""
+    t: float = 0.0  # position in the layer stack, for mergekit's gradient parameters (0 outside the layers)
+    specs: list | None = None  # per src: its ModelSpec / slice source (None: the base as a donor)
+    slice_params: dict | None = None  # the slice's own parameters (slices only)
+    weights: list[float] | None = None  # resolved per tensor (see _resolve_items)
+    params: dict | None = None
+    permute: Callable | None = None  # tokenizer merging: (base, inputs) → re-indexed to the output vocabulary
 
 
 def resolve_weights(plan: MergePlan, cks: list[Checkpoint], base_ck: Checkpoint | None) -> list[float]:
@@ -94,6 +102,10 @@ def resolve_weights(plan: MergePlan, cks: list[Checkpoint], base_ck: Checkpoint 
     if plan.include_base:
         cks, ws, specs = [base_ck] + cks, [plan.base_weight] + ws, [None] + specs
     scheme = plan.weighting or ("given" if any(w is not None for w in ws) else "uniform")
+    if not all(is_plain(w) for w in ws) or plan.slices:
+        return [None] * len(ws)  # gradients / filters / slices: resolved per tensor (_resolve_items)
+    if scheme == "given" and all(w is not None for w in ws):
+        return [float(as_number(w)) for w in ws]  # as written: negative or zero-sum weights (task negation) run
     if scheme == "given" and any(w is None for w in ws):
         who = ["base" if s is None else s.ref for s, w in zip(specs, ws) if w is None]
         raise ConfigError(f"no weight given for {who}", path=plan.source,
@@ -145,7 +157,7 @@ def _tied_source(ck: Checkpoint, name: str) -> TensorMeta | None:
 
 
 def plan_tensors(plan: MergePlan, donors: list[Checkpoint], ref: Checkpoint, use_base: bool,
-                 notes: list[str]) -> list[_Item]:
+                 notes: list[str], vocab=None, base_ck: Checkpoint | None = None) -> list[_Item]:
     """Match every reference tensor with its donor tensors; apply the missing/vocab policies loudly."""
     ref_meta = ref.weights().meta
     items, missing = [], []
@@ -155,6 +167,9 @@ def plan_tensors(plan: MergePlan, donors: list[Checkpoint], ref: Checkpoint, use
         item = _Item(name, out_dtype, rm.shape, rm, [])
         if rm.dtype not in ("F32", "F16", "BF16", "F64"):
             item.action, item.note = "copied", "not a float tensor: copied from the reference"
+            items.append(item)
+            continue
+        if vocab is not None and _vocab_item(vocab, item, donors, base_ck):
             items.append(item)
             continue
         for i, d in enumerate(donors):
@@ -172,6 +187,34 @@ def plan_tensors(plan: MergePlan, donors: list[Checkpoint], ref: Checkpoint, use
     _check_missing(plan, missing, items, notes)
     _check_extra(plan, donors, ref_meta, notes)
     return items
+
+
+def _vocab_item(vocab, item: _Item, donors: list[Checkpoint], base_ck: Checkpoint | None) -> bool:
+    """A vocabulary tensor under tokenizer merging: every input's rows re-indexed to the output vocabulary."""
+    from .tokenizer import model_vocab_size
+
+    metas = [(i, d.weights().meta.get(item.name)) for i, d in enumerate(donors)]
+    cks = {str(d.path): d for d in donors + ([base_ck] if base_ck else [])}
+    rows = {str(donors[i].path): m.shape[0] for i, m in metas if m is not None}
+    if base_ck is not None and item.base is not None:
+        rows[str(base_ck.path)] = item.base.shape[0]
+    if not vocab.is_vocab_tensor(item.name, rows, {k: model_vocab_size(c.config) for k, c in cks.items()}):
+        return False
+    item.srcs = [(i, m) for i, m in metas if m is not None]
+    item.shape = (vocab.rows, *item.shape[1:])
+    item.action, item.note = "vocab-permuted", f"re-indexed to the merged vocabulary ({vocab.rows} rows)"
+    keys = [str(donors[i].path) for i, _ in item.srcs]
+    bkey = str(base_ck.path) if base_ck is not None else None
+
+    def permute(base_t, ins):
+        d = dict(zip(keys, ins))
+        if bkey is not None and base_t is not None:
+            d[bkey] = base_t
+        r = vocab.permute(d)
+        return r.get(bkey, base_t), [r[k] for k in keys]
+
+    item.permute = permute
+    return True
 
 
 def _join(a: str, b: str) -> str:
@@ -245,13 +288,23 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
     """Run ``plan`` and write the merged model (or adapter) to ``out`` atomically.
 
     NaN/Inf in any input tensor is refused unless ``allow_nonfinite`` (it would poison the merge)."""
-    t0 = time.perf_counter()
     out = Path(out)
     _check_device(plan.device)
+    if any(m.lora for m in plan.models):
+        from .lora_apply import applied_loras
+
+        with applied_loras(plan, out) as applied:
+            return merge(applied, out, force=force, progress=progress, allow_nonfinite=allow_nonfinite)
+    t0 = time.perf_counter()
     base_ck = open_checkpoint(plan.base, allow_nonfinite=allow_nonfinite) if plan.base else None
-    cks = [open_checkpoint(m.ref, allow_nonfinite=allow_nonfinite) for m in plan.models]
+    if plan.slices:
+        from .slices import open_slice_models
+
+        cks = open_slice_models(plan, base_ck, allow_nonfinite)
+    else:
+        cks = [open_checkpoint(m.ref, allow_nonfinite=allow_nonfinite) for m in plan.models]
     kinds = {c.kind for c in cks}
-    if kinds == {"lora"}:
+    if kinds == {"lora"} and not plan.slices:
         from .lora import merge_plan_adapters
 
         check_adapters_agree(cks)
@@ -265,29 +318,86 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
                                 hint="merge the adapters first, or merge each adapter into its base model")
     check_output(out, force=force, inputs=[c.path for c in cks] + ([base_ck.path] if base_ck else []))
     method = get_method(plan.method)
-    weights = resolve_weights(plan, cks, base_ck)
+    weights = resolve_weights(plan, cks, base_ck) if not plan.slices else [None] * len(cks)
     donors = ([base_ck] if plan.include_base else []) + cks
     use_base = base_ck is not None and plan.method != "linear"
-    params = _params(plan, method, len(donors), use_base)
-    notes = [] if use_base or not base_ck else [
-        "linear merge: the base takes part " + ("(include_base)" if plan.include_base else
-                                                "NOT (it only supplies config/tokenizer; pass --include-base)")]
-    ref = base_ck or cks[0]
-    items = plan_tensors(plan, donors, ref, use_base, notes)
+    p = _plan_items(plan, method, cks, base_ck, donors, weights, use_base)
     timings = {"open": time.perf_counter() - t0}
-    result = MergeResult(out, plan.method, weights, [], notes=notes)
+    result = MergeResult(out, plan.method, p.weights, [], notes=p.notes)
     with atomic_dir(out, force=force) as tmp:
-        digests = _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, result, progress)
+        digests = _stream(plan, method, p.items, donors, p.ref, use_base, tmp, result, progress)
         timings["merge"] = time.perf_counter() - t0 - timings["open"]
-        _copy_config(plan, base_ck or cks[0], tmp, items)
-        all_cks = ([base_ck] if base_ck and not plan.include_base else []) + donors
-        result.inputs = [_input_info(c, digests.get(id(c)), role) for c, role in
-                         zip(all_cks, (["base"] if base_ck else []) + ["model"] * len(cks))]
-        for i, c in enumerate(donors):
-            result.inputs[[x["path"] for x in result.inputs].index(str(c.path))]["weight"] = weights[i]
+        _copy_config(plan, p.ref, tmp, p.items, p.n_layers)
+        if p.vocab is not None:
+            p.vocab.write(tmp)
+        elif plan.chat_template is not None:
+            from .tokenizer import write_chat_template
+
+            write_chat_template(tmp, plan.chat_template, cks, base_ck)
+        result.inputs = _inputs_report(base_ck, donors, p.weights, digests)
         result.timings = {**timings, "total": time.perf_counter() - t0}
         write_card(tmp, plan, result)
     return result
+
+
+@dataclass
+class _Planned:
+    ref: Checkpoint
+    items: list[_Item]
+    weights: list
+    notes: list[str]
+    n_layers: int | None = None  # slices: the output's layer count
+    vocab: object = None  # tokenizer merging's vocabulary plan
+
+
+def _plan_items(plan: MergePlan, method, cks, base_ck, donors, weights, use_base) -> _Planned:
+    """Every output tensor with its inputs, per-tensor weights and parameters; notes on what was assumed."""
+    notes = [] if use_base or not base_ck else [
+        "linear merge: the base takes part " + ("(include_base)" if plan.include_base else
+                                                "NOT (it only supplies config/tokenizer; pass --include-base)")]
+    refs = [(m.ref, m.lora) for m in plan.models]
+    if len(set(refs)) < len(refs):  # native plans: each listing is one input (a mergekit YAML refuses this)
+        notes.append("a model is listed more than once: each listing takes part as one input with its own weight")
+    p = _Planned(base_ck or cks[0], [], weights, notes)
+    if plan.slices:
+        from .slices import plan_slices
+
+        p.items, p.n_layers = plan_slices(plan, cks, base_ck, use_base, notes)
+    else:
+        if has_tokenizer_merging():
+            from .tokenizer import build_vocab_plan
+
+            p.vocab = build_vocab_plan(plan, cks, base_ck)
+        p.items = plan_tensors(plan, donors, p.ref, use_base, notes, p.vocab, base_ck)
+    _resolve_items(plan, method, p.items, donors, weights, use_base, notes)
+    _mergekit_notes(plan, method, notes)
+    if plan.dtype is None and plan.compute_dtype == "auto":  # mergekit: the result's dtype unless out_dtype
+        for it in p.items:
+            if it.action != "copied" and it.srcs and it.out_dtype.is_floating_point:
+                it.out_dtype = _dtype(method.result_dtype or plan.input_dtype, it.out_dtype)
+    if any(w is None for w in weights):
+        p.weights, varies = _constant_weights(p.items, len(donors))
+        if varies:
+            notes.append("weights vary per tensor (gradients / filters / slices): see the recipe")
+    return p
+
+
+def _mergekit_notes(plan: MergePlan, method, notes: list[str]) -> None:
+    """Values mergekit requires that the YAML left out: say which default was used."""
+    if plan.compute_dtype == "auto" and method.uses_weights and not plan.slices and all(
+            m.weight is None for m in plan.models) and "weight" not in plan.params:
+        notes.append("no model weights given: uniform weights used (mergekit requires a weight per model)")
+    if plan.method == "slerp" and "t" not in plan.params and not any("t" in (sl.get("params") or {})
+                                                                   for sl in plan.slices or []):
+        notes.append("slerp without t: t = 0.5 used (mergekit requires t)")
+
+
+def _inputs_report(base_ck, donors, weights, digests) -> list[dict]:
+    all_cks = ([base_ck] if base_ck and not any(c is base_ck for c in donors) else []) + donors
+    inputs = [_input_info(c, digests.get(id(c)), "base" if c is base_ck else "model") for c in all_cks]
+    for i, c in enumerate(donors):
+        inputs[[x["path"] for x in inputs].index(str(c.path))]["weight"] = weights[i] if i < len(weights) else None
+    return inputs
 
 
 def _check_device(name: str) -> None:
@@ -303,18 +413,107 @@ def _check_device(name: str) -> None:
         raise ConfigError(f"device {name!r} requested but MPS is not available", hint="use --device cpu")
 
 
-def _params(plan: MergePlan, method, n: int, use_base: bool) -> dict:
-    params = validate(method, n, use_base or not method.needs_base, dict(plan.params))
-    per_model = {k for m in plan.models for k in m.params}
-    for k in per_model:  # mergekit-style per-model parameters become per-donor lists
-        default = params.get(k)
-        vals = ([default] if plan.include_base else []) + [m.params.get(k, default) for m in plan.models]
-        params[k] = vals
-    validate(method, n, True, {k: v for k, v in params.items() if not isinstance(v, list)})
-    return params
+def _layer_positions(names) -> dict[str, float]:
+    """mergekit's t per tensor: i / (L − 1) for layer i of a stack of L (1 when L = 1), 0 outside the layers.
+
+    The layer stack is found by name (``….layers.N.…``, GPT-2's ``h.N``, ``blocks.N``), per prefix, so a
+    vision tower and a language model each get their own L."""
+    found = {n: m for n in names if (m := _LAYER.search(n))}
+    count: dict[str, set] = {}
+    for n, m in found.items():
+        count.setdefault(n[:m.start(2)], set()).add(int(m.group(2)))
+    out = {}
+    for n in names:
+        m = found.get(n)
+        if m is None:
+            out[n] = 0.0
+            continue
+        L = max(count[n[:m.start(2)]]) + 1
+        out[n] = int(m.group(2)) / (L - 1) if L > 1 else 1.0
+    return out
 
 
-def _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, result, progress) -> dict:
+_LAYER = re.compile(r"(^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def _param_names(plan: MergePlan, method) -> tuple[set[str], set[str]]:
+    """The parameter names a plan gives (checked against the method) and those given per model."""
+    given = set(plan.params) | {k for m in plan.models for k in m.params}
+    for sl in plan.slices or []:
+        given |= set(sl.get("params") or {}) | {k for s in sl["sources"] for k in s.get("params") or {}}
+    unknown = given - set(method.defaults) - {"weight", "lambda_"}
+    if unknown:
+        raise ConfigError(f"method {method.name!r} has no parameter(s) {sorted(unknown)}", path=plan.source,
+                          hint="known: " + ", ".join(sorted(method.defaults)) or "none")
+    # a parameter given per model becomes a per-source list (as before); a global one stays a scalar
+    per_model = ({k for m in plan.models for k in m.params} | {
+        k for sl in plan.slices or [] for s in sl["sources"] for k in s.get("params") or {}}) - {"weight"}
+    return given, per_model
+
+
+def _resolve_items(plan: MergePlan, method, items: list[_Item], donors, weights, use_base, notes) -> None:
+    """Per tensor: each source's weight and per-model parameters, the shared parameters (mergekit's
+    precedence: slice source > slice > global; filters match the input tensor's name for per-model
+    parameters and the output's for shared ones), checked against the method before any work."""
+    given, per_model = _param_names(plan, method)
+    if plan.slices is None:
+        specs = ([None] if plan.include_base else []) + list(plan.models)
+        pos = _layer_positions([it.name for it in items])
+        for it in items:
+            it.specs, it.t = [specs[i] for i, _ in it.srcs], pos[it.name]
+    if not method.uses_weights and any(m.weight is not None for m in plan.models):
+        notes.append(f"{method.name} does not use model weights: the given weights have no effect")
+    for it in items:
+        if it.action == "copied" or not it.srcs:
+            continue
+        scopes = [it.slice_params, plan.params]
+        ws, per = [], {k: [] for k in per_model}
+        for (i, m), spec in zip(it.srcs, it.specs):
+            mine = _spec_params(spec, plan)
+            w = weights[i] if i < len(weights) and weights[i] is not None else resolve(
+                "weight", [mine] + scopes, m.name, it.t)
+            if w is None:
+                if method.uses_weights:
+                    raise ConfigError(f"no weight for {getattr(spec, 'ref', 'the base')!r} at tensor {it.name!r}",
+                                      path=plan.source, hint="give every model a weight (mergekit requires it too)")
+                w = 1.0
+            ws.append(float(w))
+            for k in per:
+                per[k].append(resolve(k, [mine] + scopes, m.name, it.t, method.defaults.get(k)))
+        p = {k: resolve(k, scopes, it.name, it.t, method.defaults.get(k))
+             for k in set(method.defaults) | (given - {"weight"}) if k not in per}
+        p.update(per)
+        if method.name == "slerp" and len(ws) != (1 if use_base else 2):
+            raise ConfigError(f"slerp merges exactly two models: the base and one other, or two without a base; "
+                              f"got {'the base + ' if use_base else ''}{len(ws)} at tensor {it.name!r}",
+                              path=plan.source)
+        try:
+            validate(method, len(ws), use_base or not method.needs_base,
+                     {k: v for k, v in p.items() if k not in method.defaults or v != method.defaults[k]})
+        except ConfigError as e:
+            raise ConfigError(f"{e.message} (tensor {it.name!r})", path=plan.source, hint=e.hint) from None
+        it.weights, it.params = ws, p
+
+
+def _constant_weights(items: list[_Item], n: int) -> tuple[list[float | None], bool]:
+    """Per donor: its weight when the same for every tensor, else None; and whether any varies."""
+    seen: list[set] = [set() for _ in range(n)]
+    for it in items:
+        for (i, _), w in zip(it.srcs, it.weights or []):
+            seen[i].add(w)
+    return [next(iter(s)) if len(s) == 1 else None for s in seen], any(len(s) > 1 for s in seen)
+
+
+def _spec_params(spec, plan) -> dict | None:
+    """The per-model settings of one source: a ModelSpec's params + weight, or a slice source's params."""
+    if spec is None:
+        return {"weight": plan.base_weight} if plan.base_weight is not None else None
+    if isinstance(spec, dict):
+        return spec.get("params")
+    return {**spec.params, **({"weight": spec.weight} if spec.weight is not None else {})}
+
+
+def _stream(plan, method, items, donors, ref, use_base, tmp, result, progress) -> dict:
     """Read (every input of the next tensor in parallel), merge, and hand each result to the shard writer."""
     entries = [(it.name, it.out_dtype, it.shape) for it in items]
     writer = ShardWriter(tmp, shard_layout(entries, parse_size(plan.shard_size)))
@@ -323,7 +522,9 @@ def _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, re
     # hashed from the bytes read here (and the cache filled), so fingerprints never cost a second read.
     digests = {id(c): ({} if not _digests_cached(c) else None) for c in donors + [ref]}
     owner = {(m.file, m.name): c for c in donors + [ref] for m in c.weights().meta.values()}
-    dev, cdt = torch.device(plan.device), _dtype(plan.compute_dtype, torch.float32)
+    dev = torch.device(plan.device)
+    cdt = None if plan.compute_dtype == "auto" else _dtype(plan.compute_dtype, torch.float32)
+    idt = _dtype(plan.input_dtype, None)
 
     def read(m: TensorMeta, buf: torch.Tensor) -> torch.Tensor:
         ck = owner[(m.file, m.name)]
@@ -336,7 +537,8 @@ def _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, re
 
     def submit(pool, it: _Item):
         # the reference tensor is read only when the math or a copy/resize needs it (not for a plain linear)
-        need_base = it.base is not None and (use_base or it.action in ("copied", "vocab-resized") or not it.srcs)
+        need_base = it.base is not None and (use_base or it.action in ("copied", "vocab-resized", "vocab-permuted")
+                                             or not it.srcs)
         metas = ([it.base] if need_base else []) + [m for _, m in it.srcs]
         # Buffers are allocated here, on the main thread: allocations made in the pool threads land in
         # per-thread malloc arenas and are freed elsewhere, which fragments memory (peak RSS +1 GB at 135M).
@@ -351,7 +553,7 @@ def _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, re
                     ahead.append(submit(pool, items[k + 1]))  # prefetch one tensor ahead
                 ts = [f.result() for f in futs]
                 base_t, ins = (ts[0], ts[1:]) if has_base else (None, ts)
-                writer.put(_merge_item(it, method, params, base_t, ins, use_base, weights, dev, cdt))
+                writer.put(_merge_item(it, method, base_t, ins, use_base, dev, cdt, idt))
                 del ts, base_t, ins
                 result.tensors.append(TensorReport(it.name, list(it.shape), str(it.out_dtype).replace("torch.", ""),
                                                    len(it.srcs), it.action, it.note))
@@ -397,19 +599,33 @@ def _store_digests(ck: Checkpoint, digests: dict | None) -> None:
         pass
 
 
-def _merge_item(it, method, params, base_t, ins, use_base, weights, dev, cdt) -> torch.Tensor:
+def _merge_item(it, method, base_t, ins, use_base, dev, cdt, idt) -> torch.Tensor:
+    """One output tensor. ``idt``: mergekit's dtype, every input rounded to it first; ``cdt``: the math's
+    dtype (None: the rounded inputs' own, each method then computing as mergekit's does)."""
     if it.action == "copied" or not ins:
         return base_t.to(it.out_dtype)
     if it.action == "vocab-resized":
         fill = base_t
         ins = [_resize_rows(t, it.shape[0], fill) for t in ins]
-    idx = [i for i, _ in it.srcs]
-    p = {k: ([v[i] for i in idx] if isinstance(v, list) else v) for k, v in params.items()}
+    p = dict(it.params)
     if "seed" in p:
         p["seed"] = tensor_seed(int(p["seed"]), it.name)
-    b = base_t.to(dev, cdt) if use_base else None
-    out = method.fn([t.to(dev, cdt) for t in ins], b, [weights[i] for i in idx], **p)
+    ins = [t.to(idt) for t in ins] if idt is not None else ins
+    if base_t is not None and idt is not None:
+        base_t = base_t.to(idt)
+    if it.permute is not None:  # after the dtype rounding, as mergekit (rows averaged in the rounded dtype)
+        base_t, ins = it.permute(base_t, ins)
+    work = cdt or _promoted(ins + ([base_t] if use_base else []))
+    b = base_t.to(dev, work) if use_base else None
+    out = method.fn([t.to(dev, work) for t in ins], b, list(it.weights), **p)
     return out.to(it.out_dtype).cpu()
+
+
+def _promoted(ts: list[torch.Tensor]) -> torch.dtype:
+    d = ts[0].dtype
+    for t in ts[1:]:
+        d = torch.promote_types(d, t.dtype)
+    return d
 
 
 def _module_summary(tensors: list[TensorReport]) -> dict[str, dict]:
@@ -439,17 +655,23 @@ def _input_info(ck: Checkpoint, digests: dict | None, role: str) -> dict:
             "final_loss": m.final_loss if m else None, "global_step": m.global_step if m else None}
 
 
-def _copy_config(plan: MergePlan, default_src: Checkpoint, tmp: Path, items: list[_Item]) -> None:
+def _copy_config(plan: MergePlan, default_src: Checkpoint, tmp: Path, items: list[_Item],
+                 n_layers: int | None = None) -> None:
     src = open_checkpoint(plan.config_from).path if plan.config_from else default_src.path
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name not in SKIP_COPY and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth")):
             shutil.copy2(f, tmp / f.name)
     cfg_path = tmp / "config.json"
-    if cfg_path.exists() and plan.dtype:
+    out_dtype = plan.dtype or plan.input_dtype  # mergekit's config: out_dtype or dtype
+    if cfg_path.exists() and (out_dtype or n_layers is not None):
         cfg = json.loads(cfg_path.read_text())
-        for key in ("torch_dtype", "dtype"):
+        for key in ("torch_dtype", "dtype") if out_dtype else ():
             if key in cfg or key == "dtype":
-                cfg[key] = plan.dtype
+                cfg[key] = out_dtype
+        if n_layers is not None:  # a frankenmerge's layer count (mergekit: the same config keys)
+            from .slices import set_num_layers
+
+            set_num_layers(cfg, n_layers)
         atomic_write_json(cfg_path, cfg)
 
 
@@ -494,7 +716,7 @@ def write_card(tmp: Path, plan: MergePlan, result: MergeResult, *, kind: str = "
         + (f", MWA penalty {plan.penalty}" if (plan.weighting or "").startswith("mwa") else "") + ".", "",
         "| role | input | weight | fingerprint | final loss | step |", "|---|---|---|---|---|---|", rows, "",
         f"Tensors: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}. "
-        f"Output dtype: {plan.dtype or 'as the reference'}; math in {plan.compute_dtype}.", "",
+        f"Output dtype: {plan.dtype or plan.input_dtype or 'as the reference'}; math in {plan.compute_dtype}.", "",
     ]
     if result.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]

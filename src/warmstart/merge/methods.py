@@ -20,7 +20,6 @@ sparsify each task vector δᵢ = θᵢ − θ₀, optionally elect a sign, then
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,19 +40,21 @@ class Method:
     uses_weights: bool = True
     doc: str = ""
     mutates: bool = False  # overwrites the donor tensors it is given (the engine owns its buffers)
+    result_dtype: str | None = None  # mergekit's output dtype when it is not the inputs' (e.g. float32)
 
 
 REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, url: str, *, needs_base: bool, defaults: dict | None = None, min_models: int = 1,
-             max_models: int | None = None, uses_weights: bool = True, mutates: bool = False, **bound):
+             max_models: int | None = None, uses_weights: bool = True, mutates: bool = False,
+             result_dtype: str | None = None, **bound):
     """Register ``fn`` under ``name``; ``bound`` fixes family parameters (e.g. consensus for TIES)."""
 
     def deco(fn):
         f = (lambda tensors, base, weights, **kw: fn(tensors, base, weights, **bound, **kw)) if bound else fn
         REGISTRY[name] = Method(name, f, url, needs_base, dict(defaults or {}), min_models, max_models,
-                                uses_weights, (fn.__doc__ or "").strip().splitlines()[0], mutates)
+                                uses_weights, (fn.__doc__ or "").strip().splitlines()[0], mutates, result_dtype)
         return fn
 
     return deco
@@ -73,13 +74,21 @@ def get_method(name: str) -> Method:
 @register("linear", "https://arxiv.org/abs/2203.05482", needs_base=False, defaults={"normalize": True},
           mutates=True)
 def linear(tensors, base, weights, *, normalize=True):
-    """Weighted average Σ wᵢθᵢ (/ Σ wᵢ when normalize); the base takes part only if passed as a donor."""
-    total = sum(weights)
-    scale = 1.0 / total if normalize and abs(total) > 1e-8 else 1.0  # mergekit's zero guard
-    out = tensors[0].mul_(weights[0] * scale)
-    for t, w in zip(tensors[1:], weights[1:]):
-        out.add_(t, alpha=w * scale)  # in place: no output allocation, no stacked copy of the inputs
-    return out
+    """Weighted average Σ wᵢθᵢ (/ Σ wᵢ when normalize); the base takes part only if passed as a donor.
+
+    Exactly mergekit 0.1.5's arithmetic, so results are bit-identical: accumulate wᵢθᵢ in float32
+    (float64 for float64 inputs) in input order, divide by the float32 Σwᵢ at the end (not pre-scaled
+    weights: that differs by an ulp in ~40 % of entries when Σw ≠ 1), cast back to the inputs' dtype.
+    """
+    first = tensors[0]
+    acc = torch.float64 if first.dtype == torch.float64 else torch.float32
+    w = torch.tensor(weights, dtype=torch.float64).to(acc)  # Python floats → the accumulator's dtype, as mergekit
+    out = first.mul_(w[0]) if first.dtype == acc else first.to(acc).mul_(w[0])  # 0 + t·w, in place when we can
+    for t, wi in zip(tensors[1:], w[1:]):
+        out.addcmul_(t, wi)
+    if normalize:
+        out.div_(w.sum())
+    return out.to(first.dtype)
 
 
 @register("task_arithmetic", "https://arxiv.org/abs/2212.04089", needs_base=True,
@@ -127,7 +136,7 @@ def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.kthvalue(k).values
 
 
-def _magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+def _magnitude_keep(delta: torch.Tensor, density: float, tie_break: str = "position") -> torch.Tensor | None:
     """Mask of the top ``density`` fraction of |δ|, found by selection (:func:`kth_smallest`), not sorting.
 
     Everything strictly above the (n−k)-th smallest magnitude is kept; ties at
@@ -146,11 +155,18 @@ def _magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     keep = mag > thr
     deficit = k - int(torch.count_nonzero(keep))
     if deficit > 0:
-        keep[(mag == thr).nonzero().view(-1)[:deficit]] = True
+        if tie_break == "mergekit" and int(torch.count_nonzero(mag == thr)) > deficit:
+            # Ties at the threshold: "the k largest" is ambiguous. mergekit keeps its (unstable) argsort's
+            # pick; to be bit-identical these tensors pay for that sort (bf16 inputs: most tensors).
+            keep = torch.zeros_like(mag, dtype=torch.bool)
+            keep[torch.argsort(mag.float(), descending=True)[:k]] = True
+        else:
+            keep[(mag == thr).nonzero().view(-1)[:deficit]] = True  # the first by position
     return keep.view_as(delta)
 
 
-def _outlier_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
+def _outlier_keep(delta: torch.Tensor, density: float, gamma: float,
+                  tie_break: str = "position") -> torch.Tensor | None:
     """Breadcrumbs: drop the largest ``gamma`` fraction and the smallest, keeping ``density``.
 
     Same counts as mergekit 0.1.5 (n_top = ⌊γn⌋, n_bottom = n − ⌊density·n⌋ − n_top, the
@@ -165,10 +181,16 @@ def _outlier_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Te
         n_bot, n_top = 0, n - target
     mag = delta.abs().reshape(-1)
     keep = torch.ones_like(mag, dtype=torch.bool)
-    if n_bot > 0:
-        keep &= mag > kth_smallest(mag, n_bot)
-    if n_top > 0:
-        keep &= mag <= kth_smallest(mag, n - n_top)
+    lo = kth_smallest(mag, n_bot) if n_bot > 0 else None
+    hi = kth_smallest(mag, n - n_top) if n_top > 0 else None
+    if lo is not None:
+        keep &= mag > lo
+    if hi is not None:
+        keep &= mag <= hi
+    ambiguous = any(c is not None and int(torch.count_nonzero(mag == c)) > 1 for c in (lo, hi))
+    if tie_break == "mergekit" and ambiguous:  # equal magnitudes at a cut: which survive is mergekit's sort's pick
+        keep = torch.zeros_like(mag, dtype=torch.bool)
+        keep[torch.sort(mag.float(), descending=False).indices[n_bot:n_bot + target]] = True
     return keep.view_as(delta)
 
 
@@ -180,19 +202,24 @@ def _bernoulli_keep(delta: torch.Tensor, density: float, gen: torch.Generator) -
 
 
 def _task_family(tensors, base, weights, *, sparsify, consensus, density=1.0, gamma=0.01, normalize=False,
-                 rescale=None, seed=0, **params):
+                 rescale=None, seed=0, tie_break="position", **params):
     """Generalised task arithmetic: sparsify δᵢ, optional sign election, (disjoint) weighted sum."""
     lam = params.pop("lambda", params.pop("lambda_", 1.0))
     if params:
         raise ConfigError(f"unknown parameter(s) {sorted(params)}")
     densities = density if isinstance(density, (list, tuple)) else [density] * len(tensors)
+    gammas = gamma if isinstance(gamma, (list, tuple)) else [gamma] * len(tensors)
     gen = torch.Generator(device=base.device).manual_seed(int(seed)) if sparsify == "random" else None
     rescale = (sparsify == "random") if rescale is None else rescale
+    # mergekit builds the weights as a tensor of the inputs' dtype: in bf16, 0.6 is 0.6015625
+    weights = torch.tensor(weights, dtype=torch.float64).to(base.dtype).tolist()
     wd = []
-    for t, w, d in zip(tensors, weights, densities):
+    for t, w, d, g in zip(tensors, weights, densities, gammas):
         delta = t.sub_(base)
-        keep = (_magnitude_keep(delta, d) if sparsify == "magnitude" else
-                _outlier_keep(delta, d, gamma) if sparsify == "outliers" else
+        if tie_break not in ("position", "mergekit"):
+            raise ConfigError(f"tie_break must be position or mergekit, got {tie_break!r}")
+        keep = (_magnitude_keep(delta, d, tie_break) if sparsify == "magnitude" else
+                _outlier_keep(delta, d, g, tie_break) if sparsify == "outliers" else
                 _bernoulli_keep(delta, d, gen) if sparsify == "random" else None)
         if keep is not None:
             delta.mul_(keep)
@@ -209,32 +236,42 @@ def _task_family(tensors, base, weights, *, sparsify, consensus, density=1.0, ga
     return mixed.add_(base)
 
 
+def _sum_into(ts: list[torch.Tensor]) -> torch.Tensor:
+    """Σ ts as mergekit's ``stack(...).sum(0)``: 16-bit inputs accumulate in float32 and round once
+    (adding in place in bf16 would round after every term); float32 adds in place, in order."""
+    if ts[0].dtype in (torch.float16, torch.bfloat16) and len(ts) > 2:
+        acc = ts[0].float()
+        for d in ts[1:]:
+            acc.add_(d)
+        return ts[0].copy_(acc)
+    out = ts[0]
+    for d in ts[1:]:
+        out.add_(d)
+    return out
+
+
 def _combine(wd: list[torch.Tensor], weights, consensus):
     """Σ wᵢδ̃ᵢ and its normaliser; with ``consensus='sum'``, only entries agreeing with the elected sign.
 
-    Works in place in the (owned) weighted deltas with three scratch buffers in all:
-    fresh allocations cost more than the arithmetic (see module docstring).
+    Works in place in the (owned) weighted deltas with a few scratch buffers: fresh allocations
+    cost more than the arithmetic (see module docstring). Same values as mergekit 0.1.5's
+    ``get_mask`` / sums, bit for bit.
     """
+    dt = wd[0].dtype
     if consensus is None:
-        total = sum(weights)
-        mixed = wd[0]
-        for d in wd[1:]:
-            mixed.add_(d)
-        return mixed, (total if abs(total) > 1e-8 else 1.0)
-    sign = wd[0].clone()
-    for d in wd[1:]:
-        sign.add_(d)
-    sign.sign_()
-    sign[sign == 0] = 1  # TIES: the sign of the summed mass; a zero sum counts as +
-    divisor = torch.zeros_like(sign)
+        total = float(torch.tensor(weights, dtype=dt).sum())
+        return _sum_into(wd), (total if abs(total) >= 1e-8 else 1.0)
+    sign = _sum_into([wd[0].clone()] + wd[1:]) if len(wd) > 1 else wd[0].clone()
+    sign = torch.where(sign >= 0, 1.0, -1.0).to(dt)  # the sign of the summed mass; a zero sum counts as +
     scratch = torch.empty_like(sign)
+    wide = dt in (torch.float16, torch.bfloat16) and len(wd) > 2  # as _sum_into: accumulate in float32
+    divisor = torch.zeros_like(sign, dtype=torch.float32 if wide else dt)
     for d, w in zip(wd, weights):
         agree = torch.mul(d, sign, out=scratch) > 0  # same sign as elected (zeros never agree)
         d.mul_(agree)
         divisor.add_(agree, alpha=w)
-    mixed = wd[0]
-    for d in wd[1:]:
-        mixed.add_(d)
+    divisor = divisor.to(dt)
+    mixed = _sum_into(wd)
     divisor[divisor == 0] = 1
     return mixed, divisor
 
@@ -243,14 +280,15 @@ _TIES = "https://arxiv.org/abs/2306.01708"
 _DARE = "https://arxiv.org/abs/2311.03099"
 _CRUMBS = "https://arxiv.org/abs/2312.06795"
 for _name, _url, _sp, _cons, _defaults in [
-    ("ties", _TIES, "magnitude", "sum", {"density": 1.0, "normalize": True, "lambda": 1.0}),
+    ("ties", _TIES, "magnitude", "sum", {"density": 1.0, "normalize": True, "lambda": 1.0, "tie_break": "position"}),
     ("dare_ties", _DARE, "random", "sum", {"density": 1.0, "normalize": False, "lambda": 1.0, "rescale": True,
                                           "seed": 0}),
     ("dare_linear", _DARE, "random", None, {"density": 1.0, "normalize": False, "lambda": 1.0, "rescale": True,
                                            "seed": 0}),
-    ("breadcrumbs", _CRUMBS, "outliers", None, {"density": 1.0, "gamma": 0.01, "normalize": False, "lambda": 1.0}),
+    ("breadcrumbs", _CRUMBS, "outliers", None, {"density": 1.0, "gamma": 0.01, "normalize": False, "lambda": 1.0,
+                                                 "tie_break": "position"}),
     ("breadcrumbs_ties", _CRUMBS, "outliers", "sum", {"density": 1.0, "gamma": 0.01, "normalize": False,
-                                                      "lambda": 1.0}),
+                                                      "lambda": 1.0, "tie_break": "position"}),
 ]:
     register(_name, _url, needs_base=True, defaults=_defaults, mutates=True, sparsify=_sp,
              consensus=_cons)(_task_family)
@@ -265,9 +303,9 @@ for _name, _url, _sp, _cons, _defaults in [
 def slerp(tensors, base, weights, *, t=0.5, dot_threshold=0.9995, eps=1e-8):
     """Spherical interpolation from v0 (the base, or the first model) to v1, over the whole flattened tensor.
 
-    As mergekit: the angle comes from the normalised vectors, the result mixes
-    the unnormalised ones, and nearly colinear tensors fall back to lerp. The
-    dot product is accumulated in float64 (mergekit: float32 numpy).
+    mergekit 0.1.5's arithmetic step for step (bit-identical): float32 (float64 for float64
+    inputs) norms and dot product of the normalised vectors in 1M-element chunks, lerp when
+    nearly colinear, the result rounded to the inputs' dtype.
     """
     if base is not None and len(tensors) == 1:
         v0, v1 = base, tensors[0]
@@ -275,20 +313,31 @@ def slerp(tensors, base, weights, *, t=0.5, dot_threshold=0.9995, eps=1e-8):
         v0, v1 = tensors
     else:
         raise ConfigError("slerp merges exactly two models: a base and one model, or two models without a base")
-    n0, n1 = _dot64(v0, v0) ** 0.5, _dot64(v1, v1) ** 0.5
-    dot = _dot64(v0, v1) / ((n0 if n0 > eps else 1) * (n1 if n1 > eps else 1))
-    if abs(dot) > dot_threshold:
-        return torch.lerp(v0, v1, float(t))
-    theta0 = math.acos(dot)
-    s0 = math.sin(theta0 * (1 - t)) / math.sin(theta0)
-    s1 = math.sin(theta0 * t) / math.sin(theta0)
-    return (v1 * s1).add_(v0, alpha=s0)
+    dt = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    tt = torch.tensor([float(t)], dtype=torch.float64).to(dt).reshape(-1, 1)
+    n, ch = a.shape[1], _SLERP_CHUNK
+    if not n:
+        return v0.clone()
+    na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, i:i + ch].to(dt), dim=1, keepdim=True)
+                                               for i in range(0, n, ch)]), dim=0)
+    nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, i:i + ch].to(dt), dim=1, keepdim=True)
+                                               for i in range(0, n, ch)]), dim=0)
+    na, nb = torch.where(na > eps, na, 1), torch.where(nb > eps, nb, 1)
+    dot = torch.stack([((a[:, i:i + ch].to(dt) / na) * (b[:, i:i + ch].to(dt) / nb)).sum(dim=1, keepdim=True)
+                       for i in range(0, n, ch)]).sum(dim=0).clamp(-1, 1)
+    lin = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(lin, 0, dot))
+    sin_theta = torch.sin(theta)
+    ca = torch.where(lin, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    cb = torch.where(lin, tt, torch.sin(tt * theta) / sin_theta)
+    out = torch.empty_like(a)
+    for i in range(0, n, ch):
+        out[:, i:i + ch] = ca * a[:, i:i + ch].to(dt) + cb * b[:, i:i + ch].to(dt)
+    return out.reshape(v0.shape)
 
 
-def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
-    """Float64 dot product in 1M-element chunks: float64 accuracy without a float64 copy of the tensor."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    return sum(float(torch.dot(a[i:i + chunk].double(), b[i:i + chunk].double())) for i in range(0, a.numel(), chunk))
+_SLERP_CHUNK = 1 << 20  # mergekit's _CHUNK_ELEMENTS (its chunking sets the rounding of the norms)
 
 
 @register("model_stock", "https://arxiv.org/abs/2403.19522", needs_base=True, defaults={"filter_wise": False},
@@ -309,9 +358,19 @@ def model_stock(tensors, base, weights, *, filter_wise=False):
             cos.append(((a * b).sum(dim=-1) / norm).clamp(-1, 1))
     c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
     n = len(tensors)
-    ratio = n * c / (1 + (n - 1) * c)
+    den = 1 + (n - 1) * c
+    singular = den.abs() < 1e-6  # as mergekit 0.1.5: no finite estimate there, keep the base
+    ratio = torch.where(singular, torch.zeros_like(c), (n * c) / torch.where(singular, torch.ones_like(den), den))
     avg = sum(t.reshape(w0.shape) for t in tensors) / n
     return (ratio * avg + (1 - ratio) * w0).reshape(shape)
+
+
+@register("passthrough", "https://github.com/arcee-ai/mergekit", needs_base=False, defaults={"scale": None},
+          max_models=1, uses_weights=False)
+def passthrough(tensors, base, weights, *, scale=None):
+    """The one input as it is (times ``scale`` if given): mergekit's copy / frankenmerge method."""
+    s = scale[0] if isinstance(scale, (list, tuple)) else scale
+    return tensors[0] if s is None else tensors[0] * s
 
 
 # ----------------------------------------------------------------------------

@@ -10,9 +10,9 @@ Native YAML::
     params: {density: 0.5}
     dtype: bfloat16
 
-mergekit YAML (``merge_method``, ``base_model``, ``models[].model`` with
-``parameters.weight/density``, global ``parameters``, ``dtype``,
-``tokenizer_source``) is accepted as it is for the methods warmstart has.
+mergekit YAML is read by :mod:`.mergekit_yaml` with mergekit 0.1.5's
+semantics (``dtype`` rounds the inputs, gradients and filters in parameters,
+``slices``, ``base+lora``); every key either works or is refused naming it.
 Every problem in a file is collected and reported at once, naming the file.
 """
 
@@ -25,21 +25,22 @@ from typing import Any
 
 from ..errors import ConfigError
 from .methods import REGISTRY
+from .settings import check as check_setting
 from .weights import SCHEMES
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+COMPUTE_DTYPES = DTYPES + ("auto",)  # auto: the inputs' dtype (after input_dtype rounding), as mergekit
 POLICIES = ("error", "reference")
 LORA_MODES = ("cat", "svd", "factors")
-_MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                     "breadcrumbs_ties", "slerp", "model_stock"}
 
 
 @dataclass
 class ModelSpec:
     ref: str
-    weight: float | None = None
+    weight: Any = None  # a number, or (mergekit plans) a gradient / filter setting, see .settings
     params: dict[str, Any] = field(default_factory=dict)  # per-model overrides (e.g. density)
     score: float | None = None  # from a selection file; used by weighting "score"/"softmax"
+    lora: str | None = None  # mergekit's "model+lora": this adapter is applied to ref before merging
 
 
 @dataclass
@@ -54,8 +55,13 @@ class MergePlan:
     temperature: float = 1.0
     higher_is_better: bool = False  # for score/softmax weighting: accuracy-like (True) or loss-like (False)
     params: dict[str, Any] = field(default_factory=dict)
-    dtype: str | None = None  # output dtype; None keeps the reference model's
-    compute_dtype: str = "float32"
+    dtype: str | None = None  # output dtype; None keeps the reference model's (mergekit: out_dtype or dtype)
+    input_dtype: str | None = None  # every input rounded to it before the math (mergekit's `dtype`)
+    compute_dtype: str = "float32"  # "auto": the (rounded) inputs' dtype, each method computing as mergekit's
+    slices: list[dict] | None = None  # mergekit frankenmerge: [{sources: [{model, layer_range, params}], params}]
+    tokenizer_source: str | None = None  # mergekit: base | union | a model (the latter also sets config_from)
+    tokenizer: dict | None = None  # mergekit's tokenizer: block (source, tokens, pad_to_multiple_of)
+    chat_template: str | None = None  # mergekit: a template name or a literal Jinja template
     shard_size: str = "5GB"
     config_from: str | None = None  # config + tokenizer source; default base, else first model
     missing: str = "error"  # tensors missing/extra in some inputs
@@ -78,24 +84,37 @@ class MergePlan:
 
     def problems(self) -> list[str]:
         p = []
-        if not self.models:
+        if not self.models and not self.slices:
             p.append("no models to merge")
         if self.method not in REGISTRY:
             p.append(f"unknown method {self.method!r} (known: {', '.join(sorted(REGISTRY))})")
         if self.weighting is not None and self.weighting not in SCHEMES:
             p.append(f"unknown weighting {self.weighting!r} (known: {', '.join(SCHEMES)})")
-        for name, val, allowed in [("dtype", self.dtype, DTYPES + (None,)), ("compute_dtype", self.compute_dtype, DTYPES),
+        for name, val, allowed in [("dtype", self.dtype, DTYPES + (None,)), ("compute_dtype", self.compute_dtype,
+                                                                            COMPUTE_DTYPES),
+                                   ("input_dtype", self.input_dtype, DTYPES + (None,)),
                                    ("missing", self.missing, POLICIES), ("vocab", self.vocab, POLICIES),
                                    ("lora_mode", self.lora_mode, LORA_MODES)]:
             if val not in allowed:
                 p.append(f"{name} must be one of {[a for a in allowed if a]}, got {val!r}")
         dens = [self.params.get("density")] + [m.params.get("density") for m in self.models]
         for d in dens:
-            if d is not None and not (isinstance(d, (int, float)) and 0 <= d <= 1):
+            if d is not None and not isinstance(d, bool) and isinstance(d, (int, float)) and not 0 <= d <= 1:
                 p.append(f"density must be in [0, 1], got {d!r}")
+            elif d is not None and check_setting(d, "density"):
+                p.append(check_setting(d, "density"))
+        for m in self.models:
+            if m.weight is not None and (q := check_setting(m.weight, f"weight of {m.ref!r}")):
+                p.append(q)
         ws = [m.weight for m in self.models if m.weight is not None]
-        if ws and len(ws) == len(self.models) and abs(sum(ws) + (self.base_weight or 0)) < 1e-12:
-            p.append(f"model weights {ws} sum to zero")
+        if (self.method == "linear" and self.params.get("normalize", True) is not False and ws
+                and len(ws) == len(self.models) and all(isinstance(w, (int, float)) for w in ws)
+                and abs(sum(ws) + (self.base_weight or 0)) < 1e-12):
+            # Only where the result is undefined: a normalised linear divides by Σw (mergekit writes inf/NaN).
+            # Task vectors with weights summing to zero (task negation) are fine and run.
+            p.append(f"model weights {ws} sum to zero (a normalised linear merge divides by their sum; "
+                     "set normalize: false, or use task_arithmetic for task negation)")
+        p += self._slice_problems() + self._tokenizer_problems()
         if self.include_base and not self.base:
             p.append("include_base needs a base")
         if self.include_base and self.method != "linear":
@@ -112,6 +131,49 @@ class MergePlan:
             parse_size(self.shard_size)
         except ValueError as e:
             p.append(str(e))
+        return p
+
+    def _slice_problems(self) -> list[str]:
+        if self.slices is None:
+            return []
+        if self.models:
+            return ["give models or slices, not both"]
+        p = []
+        for i, sl in enumerate(self.slices):
+            srcs = sl.get("sources") if isinstance(sl, dict) else None
+            if not srcs:
+                p.append(f"slices[{i}] needs a non-empty sources list")
+                continue
+            lens = set()
+            for j, s in enumerate(srcs):
+                lr = s.get("layer_range")
+                if not (isinstance(lr, (list, tuple)) and len(lr) == 2 and all(isinstance(x, int) for x in lr)
+                        and 0 <= lr[0] < lr[1]):
+                    p.append(f"slices[{i}].sources[{j}].layer_range must be [start, end) with 0 <= start < end, "
+                             f"got {lr!r}")
+                else:
+                    lens.add(lr[1] - lr[0])
+            if len(lens) > 1:
+                p.append(f"slices[{i}]: every source must have the same number of layers, got {sorted(lens)}")
+        return p
+
+    def _tokenizer_problems(self) -> list[str]:
+        """mergekit's tokenizer surgery: merge/tokenizer.py (branch mergekit16) checks it when present;
+        without it, refused in one line each — never ignored."""
+        if self.slices and (self.tokenizer_source or self.tokenizer):
+            return ["tokenizer_source / tokenizer: with slices is not supported"]
+        if has_tokenizer_merging():
+            from .tokenizer import tokenizer_problems
+
+            return tokenizer_problems(self.tokenizer_source, self.tokenizer, self.chat_template)
+        p = []
+        if self.tokenizer_source in ("base", "union"):
+            p.append(f"tokenizer_source: {self.tokenizer_source} (tokenizer merging) is not supported yet; "
+                     "remove it to keep the base's tokenizer and vocabulary")
+        if self.tokenizer is not None:
+            p.append(f"tokenizer: block {sorted(self.tokenizer)} (tokenizer merging) is not supported yet")
+        if self.chat_template is not None:
+            p.append("chat_template is not supported yet (the config source's template is copied)")
         return p
 
     # -- YAML ---------------------------------------------------------------
@@ -141,42 +203,10 @@ class MergePlan:
 
     @classmethod
     def from_mergekit(cls, data: dict, *, source: str | None = None) -> MergePlan:
-        """Accept a mergekit YAML for the methods warmstart implements (no slices, no per-layer gradients)."""
-        known = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "tokenizer",
-                 "out_dtype", "name", "chat_template"}
-        problems = []
-        if set(data) - known:
-            problems.append(f"unsupported mergekit key(s) {sorted(set(data) - known)}")
-        method = data.get("merge_method")
-        if method not in _MERGEKIT_METHODS:
-            problems.append(f"mergekit method {method!r} is not supported (supported: {sorted(_MERGEKIT_METHODS)})")
-        base = data.get("base_model")
-        models, base_entry = [], None
-        for m in data.get("models") or []:
-            if not isinstance(m, dict) or "model" not in m:
-                problems.append(f"bad models entry {m!r}")
-                continue
-            params = dict(m.get("parameters") or {})
-            for k, v in params.items():
-                if isinstance(v, (list, dict)):
-                    problems.append(f"gradient/filtered parameter {k!r} of {m['model']} is not supported")
-            spec = ModelSpec(str(m["model"]), params.pop("weight", None), params)
-            if base is not None and spec.ref == str(base):
-                base_entry = spec  # mergekit lets the base appear among models (linear then includes it)
-            else:
-                models.append(spec)
-        if problems:
-            raise ConfigError("invalid mergekit plan: " + "; ".join(problems), path=source)
-        gparams = dict(data.get("parameters") or {})
-        gparams.pop("int8_mask", None)  # a mergekit memory option, no effect on the result
-        include_base = base_entry is not None and method == "linear"
-        if method == "slerp" and not models and base_entry is None:
-            raise ConfigError("slerp needs a second model besides the base", path=source)
-        return cls(models=models, method=method, base=str(base) if base is not None else None,
-                   include_base=include_base, base_weight=base_entry.weight if include_base else None,
-                   params=gparams, dtype=data.get("out_dtype") or data.get("dtype"),
-                   config_from=data.get("tokenizer_source") if isinstance(data.get("tokenizer_source"), str)
-                   and data.get("tokenizer_source") not in ("base", "union") else None, source=source)
+        """A mergekit YAML, read with mergekit 0.1.5's semantics (see :mod:`.mergekit_yaml`)."""
+        from .mergekit_yaml import plan_kwargs
+
+        return cls(source=source, **plan_kwargs(data, source))
 
     @classmethod
     def from_selection(cls, path: str | Path, *, method: str | None = None, **overrides) -> MergePlan:
@@ -234,19 +264,26 @@ def _check_selection_types(d: dict, path: Path) -> None:
             raise ConfigError(f"selection field {k!r} must be {what}, got {d[k]!r}", path=path)
 
 
+def has_tokenizer_merging() -> bool:
+    """Whether merge/tokenizer.py (tokenizer_source, tokenizer:, chat_template; developed in parallel) is here."""
+    import importlib.util
+
+    return importlib.util.find_spec(f"{__package__}.tokenizer") is not None
+
+
 def _model_spec(m, problems: list[str]) -> ModelSpec:
     if isinstance(m, ModelSpec):
         return m
     if isinstance(m, str):
         return ModelSpec(m)
     if isinstance(m, dict) and "ref" in m:
-        extra = set(m) - {"ref", "weight", "params", "score"}
+        extra = set(m) - {"ref", "weight", "params", "score", "lora"}
         if extra:
             problems.append(f"unknown key(s) {sorted(extra)} in model {m['ref']!r}")
         w = m.get("weight")
-        if w is not None and not isinstance(w, (int, float)):
-            problems.append(f"weight of {m['ref']!r} must be a number, got {w!r}")
-        return ModelSpec(str(m["ref"]), w, dict(m.get("params") or {}), m.get("score"))
+        if w is not None and (q := check_setting(w, f"weight of {m['ref']!r}")):
+            problems.append(q)
+        return ModelSpec(str(m["ref"]), w, dict(m.get("params") or {}), m.get("score"), m.get("lora"))
     problems.append(f"bad model entry {m!r} (expected a path or {{ref: ..., weight: ...}})")
     return ModelSpec(str(m))
 
