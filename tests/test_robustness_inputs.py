@@ -294,7 +294,7 @@ FINETUNE = [
     ("mislabeled-eval", lambda z, t: ["--init", z.base, "--train", z.train, "--eval", z.mislabeled],
      ["mislabeled.jsonl", "Lyon"]),
     ("adapter-other-arch", lambda z, t: ["--init", z.other_arch, "--adapter", z.lora_a, "--train", z.train,
-                                         "--eval", z.eval], ["lora_a", "does not fit"]),
+                                         "--eval", z.eval], ["lora_a", "the base weight is [48, 48]"]),
     ("adapter-unknown-peft", lambda z, t: ["--init", z.base, "--adapter", z.lora_ia3, "--train", z.train,
                                            "--eval", z.eval], ["lora_ia3", "IA3"]),
     ("bad-precision", lambda z, t: ["--init", z.base, "--train", z.train, "--eval", z.eval,
