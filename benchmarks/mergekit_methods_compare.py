@@ -1,4 +1,4 @@
-"""Per-tensor comparison of warmstart's methods_more with mergekit 0.1.5's kernels, on the same fp32 tensors.
+"""Per-tensor comparison of warmstart's methods_more with mergekit 0.1.5's kernels, on the same fp32 (and bf16) tensors.
 
 Run with the interpreter that has mergekit (it is not a warmstart dependency)::
 
@@ -17,7 +17,8 @@ import torch
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import TensorGroup
 
-from warmstart.merge import merge_tensors
+from warmstart.merge import REGISTRY, merge_tensors
+from warmstart.merge.methods import validate
 
 
 def mk(name, tensors, base, weights, params, seed=None):
@@ -33,7 +34,8 @@ def mk(name, tensors, base, weights, params, seed=None):
 
 def ulps(a, b):
     d = (a.double() - b.double()).abs()
-    spacing = torch.finfo(torch.float32).eps * b.double().abs().clamp(min=torch.finfo(torch.float32).tiny)
+    fi = torch.finfo(b.dtype)
+    spacing = fi.eps * b.double().abs().clamp(min=fi.tiny)
     return float((d / spacing).max()), float(d.max())
 
 
@@ -63,11 +65,12 @@ N_MODELS = {"nuslerp": 2, "nearswap": 1, "arcee_fusion": 1}
 
 def main() -> int:
     worst = 0.0
-    for shape in [(64, 48), (300,)]:
+    for shape, dt in [((64, 48), torch.float32), ((300,), torch.float32), ((64, 48), torch.bfloat16)]:
         g = torch.Generator().manual_seed(1)
         base = torch.randn(shape, generator=g)
-        donors = [base + 0.05 * torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.6)
+        donors = [(base + 0.05 * torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.6)).to(dt)
                   for _ in range(3)]
+        base = base.to(dt)
         for name, with_base, w, params in CASES:
             n = N_MODELS.get(name, 3)
             ds = donors[:n]
@@ -76,11 +79,16 @@ def main() -> int:
             seed = 1234 if name.startswith("della") else None
             want = mk(name, ds, b, ww, params, seed)
             ours_params = dict(params, **({"seed": seed} if seed is not None else {}))
-            got = merge_tensors(name, ds, b, ww, **ours_params)
+            if dt == torch.float32:
+                got = merge_tensors(name, ds, b, ww, **ours_params)
+            else:  # the kernel itself on 16-bit inputs (what the engine does for a mergekit `dtype`)
+                m = REGISTRY[name]
+                kw = validate(m, len(ds), b is not None, ours_params)
+                got = m.fn([d.clone() for d in ds], b, ww or [1.0] * len(ds), **kw)
             u, d = ulps(got, want)
             same = torch.equal(got, want)
             worst = max(worst, u)
-            print(f"{name:13s} shape={shape!s:9s} base={with_base!s:5s} {params} -> "
+            print(f"{name:13s} {str(dt)[6:]:8s} shape={shape!s:9s} base={with_base!s:5s} {params} -> "
                   f"{'bitwise' if same else f'max {u:.2f} ulp ({d:.2e})'}")
     print(f"worst: {worst:.2f} ulp")
     return 0 if worst == 0 else 1
