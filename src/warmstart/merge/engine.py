@@ -84,6 +84,7 @@ class _Item:
     srcs: list[tuple[int, TensorMeta]]  # (donor index, meta) of the donors that take part
     action: str = "merged"
     note: str = ""
+    permute: Callable | None = None  # tokenizer merging: (base, inputs) → re-indexed to the output vocabulary
 
 
 def resolve_weights(plan: MergePlan, cks: list[Checkpoint], base_ck: Checkpoint | None) -> list[float]:
@@ -144,7 +145,7 @@ def _tied_source(ck: Checkpoint, name: str) -> TensorMeta | None:
 
 
 def plan_tensors(plan: MergePlan, donors: list[Checkpoint], ref: Checkpoint, use_base: bool,
-                 notes: list[str]) -> list[_Item]:
+                 notes: list[str], vocab=None, base_ck: Checkpoint | None = None) -> list[_Item]:
     """Match every reference tensor with its donor tensors; apply the missing/vocab policies loudly."""
     ref_meta = ref.weights().meta
     items, missing = [], []
@@ -154,6 +155,9 @@ def plan_tensors(plan: MergePlan, donors: list[Checkpoint], ref: Checkpoint, use
         item = _Item(name, out_dtype, rm.shape, rm, [])
         if rm.dtype not in ("F32", "F16", "BF16", "F64"):
             item.action, item.note = "copied", "not a float tensor: copied from the reference"
+            items.append(item)
+            continue
+        if vocab is not None and _vocab_item(vocab, item, donors, base_ck):
             items.append(item)
             continue
         for i, d in enumerate(donors):
@@ -171,6 +175,34 @@ def plan_tensors(plan: MergePlan, donors: list[Checkpoint], ref: Checkpoint, use
     _check_missing(plan, missing, items, notes)
     _check_extra(plan, donors, ref_meta, notes)
     return items
+
+
+def _vocab_item(vocab, item: _Item, donors: list[Checkpoint], base_ck: Checkpoint | None) -> bool:
+    """A vocabulary tensor under tokenizer merging: every input's rows re-indexed to the output vocabulary."""
+    from .tokenizer import model_vocab_size
+
+    metas = [(i, d.weights().meta.get(item.name)) for i, d in enumerate(donors)]
+    cks = {str(d.path): d for d in donors + ([base_ck] if base_ck else [])}
+    rows = {str(donors[i].path): m.shape[0] for i, m in metas if m is not None}
+    if base_ck is not None and item.base is not None:
+        rows[str(base_ck.path)] = item.base.shape[0]
+    if not vocab.is_vocab_tensor(item.name, rows, {k: model_vocab_size(c.config) for k, c in cks.items()}):
+        return False
+    item.srcs = [(i, m) for i, m in metas if m is not None]
+    item.shape = (vocab.rows, *item.shape[1:])
+    item.action, item.note = "vocab-permuted", f"re-indexed to the merged vocabulary ({vocab.rows} rows)"
+    keys = [str(donors[i].path) for i, _ in item.srcs]
+    bkey = str(base_ck.path) if base_ck is not None else None
+
+    def permute(base_t, ins):
+        d = dict(zip(keys, ins))
+        if bkey is not None and base_t is not None:
+            d[bkey] = base_t
+        r = vocab.permute(d)
+        return r.get(bkey, base_t), [r[k] for k in keys]
+
+    item.permute = permute
+    return True
 
 
 def _join(a: str, b: str) -> str:
@@ -267,13 +299,20 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
         "linear merge: the base takes part " + ("(include_base)" if plan.include_base else
                                                 "NOT (it only supplies config/tokenizer; pass --include-base)")]
     ref = base_ck or cks[0]
-    items = plan_tensors(plan, donors, ref, use_base, notes)
+    from .tokenizer import build_vocab_plan, write_chat_template
+
+    vocab = build_vocab_plan(plan, cks, base_ck)
+    items = plan_tensors(plan, donors, ref, use_base, notes, vocab, base_ck)
     timings = {"open": time.perf_counter() - t0}
     result = MergeResult(out, plan.method, weights, [], notes=notes)
     with atomic_dir(out, force=force) as tmp:
         digests = _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, result, progress)
         timings["merge"] = time.perf_counter() - t0 - timings["open"]
         _copy_config(plan, base_ck or cks[0], tmp, items)
+        if vocab is not None:
+            vocab.write(tmp)
+        elif getattr(plan, "chat_template", None):
+            write_chat_template(tmp, plan.chat_template, cks, base_ck)
         all_cks = ([base_ck] if base_ck and not plan.include_base else []) + donors
         result.inputs = [_input_info(c, digests.get(id(c)), role) for c, role in
                          zip(all_cks, (["base"] if base_ck else []) + ["model"] * len(cks))]
@@ -330,7 +369,8 @@ def _stream(plan, method, params, items, donors, ref, use_base, weights, tmp, re
 
     def submit(pool, it: _Item):
         # the reference tensor is read only when the math or a copy/resize needs it (not for a plain linear)
-        need_base = it.base is not None and (use_base or it.action in ("copied", "vocab-resized") or not it.srcs)
+        need_base = it.base is not None and (use_base or it.action in ("copied", "vocab-resized", "vocab-permuted")
+                                             or not it.srcs)
         metas = ([it.base] if need_base else []) + [m for _, m in it.srcs]
         # Buffers are allocated here, on the main thread: allocations made in the pool threads land in
         # per-thread malloc arenas and are freed elsewhere, which fragments memory (peak RSS +1 GB at 135M).
@@ -397,6 +437,8 @@ def _merge_item(it, method, params, base_t, ins, use_base, weights, dev, cdt) ->
     if it.action == "vocab-resized":
         fill = base_t
         ins = [_resize_rows(t, it.shape[0], fill) for t in ins]
+    if it.permute is not None:
+        base_t, ins = it.permute(base_t, ins)
     idx = [i for i, _ in it.srcs]
     p = {k: ([v[i] for i in idx] if isinstance(v, list) else v) for k, v in params.items()}
     if "seed" in p:
