@@ -313,9 +313,15 @@ def build_vocab_plan(plan, models: list, base=None) -> VocabPlan | None:
     if block is None and src is None:
         return None
     source = block.get("source", "union") if block is not None else src
+    if base is None and getattr(plan, "config_from", None):
+        # mergekit YAML, linear with the base listed among the models: it is a model here, but still the base
+        # (its tokenizer is the starting point; its rows fill tokens other models lack)
+        want = str(Path(plan.config_from).expanduser().resolve())
+        base = next((c for c in models if str(Path(c.path).resolve()) == want), None)
     inputs = {str(c.path): c for c in models + ([base] if base is not None else [])}
-    order = [str(c.path) for c in models if base is None or c.path != base.path] + (
-        [str(base.path)] if base is not None else [])
+    order = list(dict.fromkeys(str(c.path) for c in models))  # mergekit's order: as listed, an unlisted base last
+    if base is not None and str(base.path) not in order:
+        order.append(str(base.path))
 
     def resolve(ref) -> str:
         p = str(Path(str(ref)).expanduser().resolve())
@@ -370,7 +376,7 @@ def resolve_chat_template(name: str | None, models: list, base=None) -> str | No
     from collections import Counter
 
     found = []
-    for ck in ([base] if base is not None else []) + [m for m in models if base is None or m.path != base.path]:
+    for ck in list({str(c.path): c for c in ([base] if base is not None else []) + list(models)}.values()):
         try:
             t = _load_tokenizer(ck.path, ck.ref).chat_template
         except ConfigError:
