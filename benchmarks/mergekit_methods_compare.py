@@ -22,8 +22,12 @@ from warmstart.merge.methods import validate
 
 
 def mk(name, tensors, base, weights, params, seed=None):
-    ts = ([base] if base is not None else []) + list(tensors)
-    group = TensorGroup.from_tensors(ts, base_index=0 if base is not None else None)
+    if name == "karcher":  # base policy "ignored": the base is one more input, appended after the models
+        ts = list(tensors) + ([base] if base is not None else [])
+        group = TensorGroup.from_tensors(ts)
+    else:
+        ts = ([base] if base is not None else []) + list(tensors)
+        group = TensorGroup.from_tensors(ts, base_index=0 if base is not None else None)
     p = dict(params)
     if weights is not None:
         p["weight"] = list(weights)

@@ -138,8 +138,12 @@ def karcher_mean(tensors, alphas, max_iter=10, tol=1e-5):
 @register("karcher", "https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean", needs_base=False,
           defaults={"max_iter": 10, "tol": 1e-5}, uses_weights=False)
 def karcher(tensors, base, weights, *, max_iter=10, tol=1e-5):
-    """Uniform Karcher mean of all inputs; a base model is one more point (as mergekit), not an origin."""
-    pts = ([base] if base is not None else []) + list(tensors)
+    """Uniform Karcher mean of all inputs; a base model is one more point (as mergekit), not an origin.
+
+    The base comes last: mergekit appends an unlisted base_model after the models, and the order of the
+    points is the order of the sums.
+    """
+    pts = list(tensors) + ([base] if base is not None else [])
     if len(pts) == 1:
         return pts[0]
     return karcher_mean(pts, [1.0 / len(pts)] * len(pts), max_iter=int(max_iter), tol=float(tol))
