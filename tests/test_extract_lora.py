@@ -113,3 +113,27 @@ def test_cli_json(models, tmp_path, cli):
     d = r.json()
     assert d["rank"] == 4 and len(d["modules"]) == 14 and all(m["rank"] == 4 for m in d["modules"].values())
     assert (tmp_path / "a" / "README.md").exists() and (tmp_path / "a" / "warmstart.json").exists()
+
+
+def test_linear_biases_ride_on_lora_b(tmp_path):
+    """Qwen2 has q/k/v biases: their change is stored as lora_B.bias (lora_bias) and PEFT applies it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    base = Qwen2ForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    base.save_pretrained(tmp_path / "ft")
+    extract_lora(tmp_path / "ft", tmp_path / "base", tmp_path / "lora", rank=16)
+    sd, cfg_out = _lora(tmp_path / "lora")
+    assert cfg_out["lora_bias"] is True and "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias" in sd
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "lora")
+    ft = AutoModelForCausalLM.from_pretrained(tmp_path / "ft")
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        assert torch.allclose(peft(ids).logits, ft(ids).logits, atol=1e-4)

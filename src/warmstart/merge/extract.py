@@ -113,6 +113,9 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
             re.compile(r)
         except re.error as e:
             raise ConfigError(f"bad regular expression {r!r} ({e})") from None
+    from .engine import _check_device
+
+    _check_device(device)  # one line, before any work, when the device is not there
     ft, bs = open_checkpoint(model), open_checkpoint(base)
     for ck, role in ((ft, "model"), (bs, "base")):
         if ck.kind != "full":
@@ -144,6 +147,10 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
         err = float(torch.linalg.norm(delta.float() - b.float() @ a.float()) / torch.linalg.norm(delta.float()).clamp(
             min=1e-30))
         result.modules[name] = {"rank": a.shape[0], "rel_error": err, "shape": list(delta.shape)}
+    if bias:  # PEFT's lora_bias gives every target a lora_B bias: zeros where the layer has none (no missing keys)
+        for name in result.modules:
+            k = f"base_model.model.{name}.lora_B.weight"
+            tensors.setdefault(k.replace(".weight", ".bias"), torch.zeros(tensors[k].shape[0], dtype=tensors[k].dtype))
     if not result.modules:
         raise ConfigError("no module to extract: every Linear module was excluded, skipped or unchanged",
                           path=ft.path)
