@@ -229,3 +229,17 @@ def test_streaming_engine_runs_new_methods(models, tmp_path, method, params, n):
     seed = {"seed": tensor_seed(0, name)} if "seed" in REGISTRY[method].defaults else {}
     want = merge_tensors(method, [sd[name] for sd in sds], base[name], [0.4, 0.6], **params, **seed)
     assert torch.equal(out[name], want)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_result_dtype_table(trio, name):
+    """RESULT_DTYPE says which kernels return another dtype than their bf16 inputs (mergekit writes it as is)."""
+    from warmstart.merge.methods import validate
+    from warmstart.merge.methods_more import RESULT_DTYPE
+
+    base, donors = trio
+    n = {"nuslerp": 2, "nearswap": 1, "arcee_fusion": 1}.get(name, 3)
+    m = REGISTRY[name]
+    kw = validate(m, n, True, {"t": 0.05} if name == "nearswap" else {})
+    out = m.fn([d.bfloat16() for d in donors[:n]], base.bfloat16(), [0.5] * n, **kw)
+    assert out.dtype == RESULT_DTYPE.get(name, lambda d: d)(torch.bfloat16)

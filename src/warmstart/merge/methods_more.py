@@ -336,4 +336,12 @@ register("della_linear", _DELLA, needs_base=True, consensus=False,
          defaults={"density": 1.0, "epsilon": 0.15, "normalize": False, "rescale": True, "lambda": 1.0,
                    "seed": 0})(_della)
 
-__all__ = ["della_magprune", "karcher_mean", "sign_consensus"]
+# The dtype a kernel returns for 16-bit inputs, where it is not the inputs' own: mergekit 0.1.5 writes a kernel's
+# result as it is when the config has no out_dtype, so a mergekit-parity engine needs it before the first tensor
+# (the shard layout is fixed up front). Checked against the kernels in tests/test_merge_methods_more.py.
+RESULT_DTYPE = {
+    "arcee_fusion": lambda d: torch.promote_types(d, torch.float32),  # its mask is .float()
+    "ramplus_tl": lambda d: torch.promote_types(d, torch.float32),  # rho = int counts / float clamp → float32
+}
+
+__all__ = ["RESULT_DTYPE", "della_magprune", "karcher_mean", "sign_consensus"]
