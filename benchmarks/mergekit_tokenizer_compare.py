@@ -84,6 +84,11 @@ def fill(x, root: Path):
 
 
 def ours(case, root: Path, out: Path) -> None:
+    import dataclasses
+
+    if "tokenizer_source" in {f.name for f in dataclasses.fields(MergePlan)}:  # mergekit YAML is read as such
+        merge(MergePlan.from_yaml(root / f"{case}.yaml"), out)
+        return
     method, base, models, extra, params = CASES[case]
     extra = fill(extra, root)
     listed_base = any(m == base for m, _ in models)
