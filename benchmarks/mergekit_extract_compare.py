@@ -34,21 +34,23 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        base = testing.make_base(d / "base")
-        testing.make_variant(base, d / "ft", seed=1)
-        for rank in (4, 16, 64):
-            mk, ws = d / f"mk{rank}", d / f"ws{rank}"
-            subprocess.run([args.mergekit, "--model", str(d / "ft"), "--base-model", str(base), "--out-path",
+        for tied, rank in [(False, 4), (False, 16), (False, 64), (True, 8), (True, 64)]:
+            m = d / f"tied{int(tied)}"
+            if not (m / "base").exists():
+                base = testing.make_base(m / "base", tie_word_embeddings=tied)
+                testing.make_variant(base, m / "ft", seed=1)
+            mk, ws = m / f"mk{rank}", m / f"ws{rank}"
+            subprocess.run([args.mergekit, "--model", str(m / "ft"), "--base-model", str(m / "base"), "--out-path",
                             str(mk), "--max-rank", str(rank)], check=True, capture_output=True,
                            env={**os.environ, "PYTHONPATH": ""})
-            res = extract_lora(d / "ft", base, ws, rank=rank)
+            res = extract_lora(m / "ft", m / "base", ws, rank=rank)
             a, b = load_file(ws / "adapter_model.safetensors"), load_file(mk / "adapter_model.safetensors")
             same = all(torch.equal(a[k], b[k]) for k in a) if set(a) == set(b) else False
             ba = max((float((a[k.replace("lora_A", "lora_B")] @ a[k] - b[k.replace("lora_A", "lora_B")] @ b[k])
                             .abs().max()) for k in a if "lora_A" in k), default=0.0)
             worst = max(m["rel_error"] for m in res.modules.values())
             extra = {k: v for k, v in _cfg(ws).items() if _cfg(mk).get(k) != v}
-            print(f"rank {rank:3d}: keys equal {set(a) == set(b)} ({len(a)}), bitwise {same}, "
+            print(f"{'tied' if tied else 'untied'} rank {rank:3d}: keys equal {set(a) == set(b)} ({len(a)}), bitwise {same}, "
                   f"max|ΔBA| {ba:.3g}, worst rel. error {worst:.3g}, config differs only in {extra or 'nothing'}")
 
 

@@ -137,3 +137,23 @@ def test_linear_biases_ride_on_lora_b(tmp_path):
     ids = torch.tensor([[1, 5, 9, 33]])
     with torch.no_grad():
         assert torch.allclose(peft(ids).logits, ft(ids).logits, atol=1e-4)
+
+
+def test_tied_embeddings_keep_the_fine_tuned_head(tmp_path):
+    """A tied lm_head is saved whole from the embedding (as mergekit): PEFT unties it, the head follows the fine-tune."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from warmstart import testing
+
+    base = testing.make_base(tmp_path / "base", tie_word_embeddings=True)
+    testing.make_variant(base, tmp_path / "ft", seed=1)
+    res = extract_lora(tmp_path / "ft", base, tmp_path / "lora", rank=64)
+    assert "lm_head" in res.full_modules
+    sd, _ = _lora(tmp_path / "lora")
+    assert torch.equal(sd["base_model.model.lm_head.weight"], sd["base_model.model.model.embed_tokens.weight"])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "lora")
+    ft = AutoModelForCausalLM.from_pretrained(tmp_path / "ft")
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    with torch.no_grad():
+        assert torch.allclose(peft(ids).logits, ft(ids).logits, atol=1e-4)

@@ -61,7 +61,7 @@ def lora_factors(delta: torch.Tensor, rank: int, *, distribute_scale: bool = Tru
 
 
 def _plan_modules(path: Path, cfg: dict, names: set[str], include, exclude, save_modules, skip_undecomposable):
-    """[(module, 'lora' | 'full')] and {module: why skipped}: mergekit's choice, from the model's own classes."""
+    """[(module, 'lora' | 'full' | 'tied', source module)] and {module: why skipped}: mergekit's choice."""
     import torch.nn as nn
     import transformers
 
@@ -71,7 +71,9 @@ def _plan_modules(path: Path, cfg: dict, names: set[str], include, exclude, save
         raise CheckpointError(f"config.json names no transformers architecture this version knows ({arch!r})")
     with torch.device("meta"):
         model = cls(transformers.AutoConfig.from_pretrained(path))
-    embeds = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
+    embeds = {id(emb_in), id(emb_out)}
+    in_name = next((n for n, m in model.named_modules() if m is emb_in), None)
     wanted = lambda n: (not include or any(re.search(r, n) for r in include)) and not any(
         re.search(r, n) for r in exclude)
     save = list(save_modules)
@@ -81,20 +83,26 @@ def _plan_modules(path: Path, cfg: dict, names: set[str], include, exclude, save
             continue
         leaf = name.rsplit(".", 1)[-1]
         if f"{name}.weight" not in names:
-            skipped[name] = "not in the checkpoint (tied to the input embedding)"
+            if mod is emb_out and in_name and f"{in_name}.weight" in names and not any(
+                    re.search(r, name) for r in exclude):
+                # tied lm_head: saved whole from the input embedding, as mergekit does. PEFT unties it;
+                # without it the adapter's head would stay the *base's* embedding (measured: logits off by 0.48)
+                plan.append((name, "tied", in_name))
+            else:
+                skipped[name] = "not in the checkpoint (tied to the input embedding)"
             continue
         if (id(mod) in embeds or isinstance(mod, nn.Embedding)) and not any(re.search(r, name) for r in exclude):
             save.append(leaf)  # as mergekit: embeddings are saved whole, never decomposed
         if name in save or leaf in save:
-            plan.append((name, "full"))
+            plan.append((name, "full", name))
         elif not wanted(name):
             skipped[name] = "excluded by --include/--exclude"
         elif isinstance(mod, nn.Linear):
-            plan.append((name, "lora"))
+            plan.append((name, "lora", name))
         elif skip_undecomposable:
             skipped[name] = f"{type(mod).__name__} cannot be decomposed (--skip-undecomposable)"
         else:
-            plan.append((name, "full"))
+            plan.append((name, "full", name))
     return plan, skipped
 
 
@@ -127,12 +135,12 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
     _check_shapes(plan, fw, bw, ft, bs)
     result = ExtractResult(out, rank, skipped=skipped)
     tensors, bias = {}, False
-    for name, how in plan:
+    for name, how, src in plan:
         key = f"base_model.model.{name}"
-        if how == "full":
+        if how in ("full", "tied"):
             for p in ("weight", "bias"):
-                if f"{name}.{p}" in fw:
-                    tensors[f"{key}.{p}"] = fw.get(f"{name}.{p}").contiguous()
+                if f"{src}.{p}" in fw:
+                    tensors[f"{key}.{p}"] = fw.get(f"{src}.{p}").clone()  # clone: a tied pair shares no storage
             result.full_modules.append(name)
             continue
         delta = fw.get(f"{name}.weight").to(device) - bw.get(f"{name}.weight").to(device)
@@ -161,8 +169,8 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
 
 
 def _check_shapes(plan, fw, bw, ft, bs) -> None:
-    for name, how in plan:
-        w = f"{name}.weight"
+    for name, how, src in plan:
+        w = f"{src}.weight"
         if w not in bw:
             raise IncompatibleError(f"tensor {w!r} is in the model but not in the base", path=bs.path)
         if fw.shape(w) != bw.shape(w):
