@@ -112,18 +112,7 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
                  force: bool = False) -> ExtractResult:
     """Write a PEFT LoRA adapter for ``base`` that approximates the full fine-tune ``model`` at rank ≤ ``rank``."""
     t0 = time.perf_counter()
-    if rank <= 0:
-        raise ConfigError(f"rank must be positive, got {rank}")
-    if sv_epsilon < 0:
-        raise ConfigError(f"sv_epsilon must be >= 0, got {sv_epsilon}")
-    for r in [*include, *exclude]:
-        try:
-            re.compile(r)
-        except re.error as e:
-            raise ConfigError(f"bad regular expression {r!r} ({e})") from None
-    from .engine import _check_device
-
-    _check_device(device)  # one line, before any work, when the device is not there
+    _check_args(rank, sv_epsilon, [*include, *exclude], device)
     ft, bs = open_checkpoint(model), open_checkpoint(base)
     for ck, role in ((ft, "model"), (bs, "base")):
         if ck.kind != "full":
@@ -134,6 +123,33 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
     plan, skipped = _plan_modules(ft.path, ft.config, set(fw.keys()), include, exclude, save_modules, skip_undecomposable)
     _check_shapes(plan, fw, bw, ft, bs)
     result = ExtractResult(out, rank, skipped=skipped)
+    tensors, bias = _extract(plan, fw, bw, result, rank, distribute_scale, sv_epsilon, device)
+    if not result.modules:
+        raise ConfigError("no module to extract: every Linear module was excluded, skipped or unchanged",
+                          path=ft.path)
+    result.timings["total"] = time.perf_counter() - t0
+    with atomic_dir(out, force=force) as tmp:
+        _write(tmp, tensors, _adapter_config(bs, result, bias), ft, bs, result)
+    return result
+
+
+def _check_args(rank: int, sv_epsilon: float, regexes: list[str], device: str) -> None:
+    from .engine import _check_device
+
+    if rank <= 0:
+        raise ConfigError(f"rank must be positive, got {rank}")
+    if sv_epsilon < 0:
+        raise ConfigError(f"sv_epsilon must be >= 0, got {sv_epsilon}")
+    for r in regexes:
+        try:
+            re.compile(r)
+        except re.error as e:
+            raise ConfigError(f"bad regular expression {r!r} ({e})") from None
+    _check_device(device)  # one line, before any work, when the device is not there
+
+
+def _extract(plan, fw, bw, result: ExtractResult, rank, distribute_scale, sv_epsilon, device):
+    """The adapter's tensors (PEFT names) for every planned module, one tensor pair in memory at a time."""
     tensors, bias = {}, False
     for name, how, src in plan:
         key = f"base_model.model.{name}"
@@ -152,20 +168,13 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
         if f"{name}.bias" in fw:  # PEFT's lora_bias: the bias change rides on lora_B
             tensors[f"{key}.lora_B.bias"] = (fw.get(f"{name}.bias") - bw.get(f"{name}.bias")).contiguous()
             bias = True
-        err = float(torch.linalg.norm(delta.float() - b.float() @ a.float()) / torch.linalg.norm(delta.float()).clamp(
-            min=1e-30))
-        result.modules[name] = {"rank": a.shape[0], "rel_error": err, "shape": list(delta.shape)}
+        err = torch.linalg.norm(delta.float() - b.float() @ a.float()) / torch.linalg.norm(delta.float()).clamp(min=1e-30)
+        result.modules[name] = {"rank": a.shape[0], "rel_error": float(err), "shape": list(delta.shape)}
     if bias:  # PEFT's lora_bias gives every target a lora_B bias: zeros where the layer has none (no missing keys)
         for name in result.modules:
             k = f"base_model.model.{name}.lora_B.weight"
             tensors.setdefault(k.replace(".weight", ".bias"), torch.zeros(tensors[k].shape[0], dtype=tensors[k].dtype))
-    if not result.modules:
-        raise ConfigError("no module to extract: every Linear module was excluded, skipped or unchanged",
-                          path=ft.path)
-    result.timings["total"] = time.perf_counter() - t0
-    with atomic_dir(out, force=force) as tmp:
-        _write(tmp, tensors, _adapter_config(bs, result, bias), ft, bs, result)
-    return result
+    return tensors, bias
 
 
 def _check_shapes(plan, fw, bw, ft, bs) -> None:

@@ -304,6 +304,30 @@ def _parse_tokens(tokens: dict, resolve) -> dict:
     return out
 
 
+def _inputs(plan, models: list, base):
+    """(base, {path: checkpoint}, mergekit's input order: models as listed, an unlisted base last)."""
+    if base is None and getattr(plan, "config_from", None):
+        # mergekit YAML, linear with the base listed among the models: it is a model here, but still the base
+        # (its tokenizer is the starting point; its rows fill tokens other models lack)
+        want = str(Path(plan.config_from).expanduser().resolve())
+        base = next((c for c in models if str(Path(c.path).resolve()) == want), None)
+    inputs = {str(c.path): c for c in models + ([base] if base is not None else [])}
+    order = list(dict.fromkeys(str(c.path) for c in models))
+    if base is not None and str(base.path) not in order:
+        order.append(str(base.path))
+    return base, inputs, order
+
+
+def _permutation(vocab: dict, model_vocab: dict, size: int) -> torch.Tensor:
+    """new id → the model's id for the same token (−1 where it lacks it or has no embedding row for it)."""
+    perm = torch.full((len(vocab),), -1, dtype=torch.long)
+    for t, i in vocab.items():
+        j = model_vocab.get(t)
+        if j is not None and j < size:
+            perm[i] = j
+    return perm
+
+
 def build_vocab_plan(plan, models: list, base=None) -> VocabPlan | None:
     """The output vocabulary for ``plan`` (None when the plan keeps the reference's tokenizer as it is).
 
@@ -313,15 +337,7 @@ def build_vocab_plan(plan, models: list, base=None) -> VocabPlan | None:
     if block is None and src is None:
         return None
     source = block.get("source", "union") if block is not None else src
-    if base is None and getattr(plan, "config_from", None):
-        # mergekit YAML, linear with the base listed among the models: it is a model here, but still the base
-        # (its tokenizer is the starting point; its rows fill tokens other models lack)
-        want = str(Path(plan.config_from).expanduser().resolve())
-        base = next((c for c in models if str(Path(c.path).resolve()) == want), None)
-    inputs = {str(c.path): c for c in models + ([base] if base is not None else [])}
-    order = list(dict.fromkeys(str(c.path) for c in models))  # mergekit's order: as listed, an unlisted base last
-    if base is not None and str(base.path) not in order:
-        order.append(str(base.path))
+    base, inputs, order = _inputs(plan, models, base)
 
     def resolve(ref) -> str:
         p = str(Path(str(ref)).expanduser().resolve())
@@ -333,19 +349,10 @@ def build_vocab_plan(plan, models: list, base=None) -> VocabPlan | None:
     tokens = _parse_tokens(block.get("tokens") if block else None, resolve)
     pad = block.get("pad_to_multiple_of") if block else None
     base_key = str(base.path) if base is not None else order[0]
-    toks, sizes = {base_key: stripped_tokenizer(inputs[base_key])}, {}
-    for k in order:
-        if k != base_key:
-            toks[k] = _load_tokenizer(inputs[k].path, inputs[k].ref)
-    for k in order:
-        sizes[k] = model_vocab_size(inputs[k].config) or len(toks[k].get_vocab())
-    seq = [base_key] + [k for k in order if k != base_key]
-    if source == "base":
-        out = toks[base_key]
-    elif source == "union":
-        out = union_tokenizer(toks[base_key], [toks[k] for k in seq], [sizes[k] for k in seq])
-    else:
-        out = _load_tokenizer(Path(str(source)), f"tokenizer source {source}")
+    toks = {base_key: stripped_tokenizer(inputs[base_key])}
+    toks.update({k: _load_tokenizer(inputs[k].path, inputs[k].ref) for k in order if k != base_key})
+    sizes = {k: model_vocab_size(inputs[k].config) or len(toks[k].get_vocab()) for k in order}
+    out = _output_tokenizer(source, base_key, toks, sizes)
     have = set(out.get_vocab())
     for t in tokens:
         if t not in have:
@@ -353,18 +360,19 @@ def build_vocab_plan(plan, models: list, base=None) -> VocabPlan | None:
             have.add(t)
     vocab = out.get_vocab()
     rows = len(vocab) if not pad or len(vocab) % pad == 0 else (len(vocab) // pad + 1) * pad
-    perms = {}
-    for k in order:
-        mv = toks[k].get_vocab()
-        perm = torch.full((len(vocab),), -1, dtype=torch.long)
-        for t, i in vocab.items():
-            j = mv.get(t)
-            if j is not None and j < sizes[k]:
-                perm[i] = j
-        perms[k] = perm
+    perms = {k: _permutation(vocab, toks[k].get_vocab(), sizes[k]) for k in order}
     return VocabPlan(out, rows, perms, {k: t.get_vocab() for k, t in toks.items()}, order,
                      str(base.path) if base is not None else None, tokens,
                      resolve_chat_template(getattr(plan, "chat_template", None), models, base))
+
+
+def _output_tokenizer(source: str, base_key: str, toks: dict, sizes: dict):
+    if source == "base":
+        return toks[base_key]
+    if source == "union":
+        seq = [base_key] + [k for k in toks if k != base_key]  # the base first, then the inputs in order
+        return union_tokenizer(toks[base_key], [toks[k] for k in seq], [sizes[k] for k in seq])
+    return _load_tokenizer(Path(str(source)), f"tokenizer source {source}")
 
 
 def resolve_chat_template(name: str | None, models: list, base=None) -> str | None:
