@@ -60,17 +60,24 @@ def lora_factors(delta: torch.Tensor, rank: int, *, distribute_scale: bool = Tru
     return (scale_a @ vh[:r]).to(delta.dtype), (u[:, :r] @ scale_b).to(delta.dtype)
 
 
-def _plan_modules(path: Path, cfg: dict, names: set[str], include, exclude, save_modules, skip_undecomposable):
-    """[(module, 'lora' | 'full' | 'tied', source module)] and {module: why skipped}: mergekit's choice."""
-    import torch.nn as nn
+def _meta_model(path: Path, cfg: dict):
+    """The model's own classes on the meta device (no memory): which modules are Linear, which embeddings."""
     import transformers
 
     arch = (cfg.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
-        raise CheckpointError(f"config.json names no transformers architecture this version knows ({arch!r})")
+        raise CheckpointError(f"config.json names no transformers architecture this version knows ({arch!r})",
+                              path=path)
     with torch.device("meta"):
-        model = cls(transformers.AutoConfig.from_pretrained(path))
+        return cls(transformers.AutoConfig.from_pretrained(path))
+
+
+def _plan_modules(path: Path, cfg: dict, names: set[str], include, exclude, save_modules, skip_undecomposable):
+    """[(module, 'lora' | 'full' | 'tied', source module)] and {module: why skipped}: mergekit's choice."""
+    import torch.nn as nn
+
+    model = _meta_model(path, cfg)
     emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
     embeds = {id(emb_in), id(emb_out)}
     in_name = next((n for n, m in model.named_modules() if m is emb_in), None)
