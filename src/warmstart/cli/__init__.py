@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 
 # One module per command group, each with register(app). Order = order in --help.
-COMMAND_MODULES = ["library", "select", "merge", "finetune", "run", "transfer", "optimize", "bench"]
+COMMAND_MODULES = ["library", "select", "merge", "extract", "finetune", "run", "transfer", "optimize", "bench"]
 
 
 @app.callback()

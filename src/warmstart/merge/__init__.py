@@ -13,6 +13,7 @@ On disk (streaming, bounded memory, atomic)::
 
 from .engine import MergeResult, TensorReport, merge
 from .methods import REGISTRY, Method, get_method, merge_state_dicts, merge_tensors
+from . import methods_more  # noqa: F401  (registers nuslerp, della, sce, ... into REGISTRY)
 from .plan import MergePlan, ModelSpec
 from .weights import SCHEMES, compute_weights
 
