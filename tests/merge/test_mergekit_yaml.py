@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from warmstart.errors import ConfigError
 from warmstart.merge import MergePlan, merge
-from warmstart.merge.plan import has_tokenizer_merging
 from warmstart.merge.settings import check, evaluate
 
 M = Path(__file__).resolve().parent.parent / "fixtures" / "mergekit" / "models"
@@ -88,24 +87,10 @@ PAD = ("merge_method: linear\nbase_model: {M}/a\nmodels: [{model: {M}/a, paramet
        "tokenizer: {source: base, pad_to_multiple_of: 16}\ndtype: float32\n")
 
 
-@pytest.mark.skipif(has_tokenizer_merging(), reason="tokenizer merging is implemented (merge/tokenizer.py)")
-@pytest.mark.parametrize("body,msg", [
-    (PAD, "tokenizer: block"),
-    ("merge_method: linear\nmodels: [{model: {M}/a}]\ntokenizer_source: union\n", "tokenizer_source: union"),
-    ("merge_method: linear\nmodels: [{model: {M}/a}]\nchat_template: chatml\n", "chat_template"),
-])
-def test_tokenizer_keys_refused_until_implemented(tmp_path, body, msg):
-    test_mergekit_refusals_are_one_line_naming_file(tmp_path, body, msg)
-
-
 def test_pad_to_multiple_config_is_not_misreported(tmp_path):
     """mergekit's test_pad_to_multiple_of: the base is the only model (a linear over one input)."""
-    try:
-        plan = MergePlan.from_yaml(_plan(tmp_path, PAD))
-    except ConfigError as e:
-        assert "tokenizer" in str(e) and "no models" not in str(e)
-    else:
-        assert [m.ref for m in plan.models] == [str(M / "a")] and plan.tokenizer["pad_to_multiple_of"] == 16
+    plan = MergePlan.from_yaml(_plan(tmp_path, PAD))
+    assert [m.ref for m in plan.models] == [str(M / "a")] and plan.tokenizer["pad_to_multiple_of"] == 16
 
 
 def test_slerp_model_count_error_names_the_plan(tmp_path):
@@ -226,11 +211,3 @@ def test_cli_input_dtype_none_gives_warmstart_semantics(tmp_path):
     # fp32 math on unrounded inputs, one rounding at the end: within half a bf16 ulp of the exact value
     assert torch.allclose(ws.double(), exact, rtol=2 ** -8, atol=0)
     assert not torch.equal(mk, ws)  # mergekit's: inputs rounded first
-
-
-@pytest.mark.skipif(has_tokenizer_merging(), reason="tokenizer merging re-indexes rows (merge/tokenizer.py tests)")
-def test_tokenizer_source_model_takes_config_and_tokenizer(tmp_path):
-    f = _plan(tmp_path, "merge_method: linear\nmodels:\n  - {model: {M}/gpt2, parameters: {weight: 1}}\n"
-                        "tokenizer_source: {M}/base\n")
-    plan = MergePlan.from_yaml(f)
-    assert plan.tokenizer_source == plan.config_from == str(M / "base")

@@ -30,7 +30,7 @@ from ..checkpoints import (Checkpoint, TensorMeta, _check_finite, check_adapter_
                            open_checkpoint)
 from ..errors import ConfigError, IncompatibleError
 from .methods import get_method, tensor_seed, validate
-from .plan import MergePlan, has_tokenizer_merging, parse_size
+from .plan import MergePlan, parse_size
 from .settings import as_number, is_plain, resolve
 from .weights import compute_weights
 
@@ -364,10 +364,9 @@ def _plan_items(plan: MergePlan, method, cks, base_ck, donors, weights, use_base
 
         p.items, p.n_layers = plan_slices(plan, cks, base_ck, use_base, notes)
     else:
-        if has_tokenizer_merging():
-            from .tokenizer import build_vocab_plan
+        from .tokenizer import build_vocab_plan
 
-            p.vocab = build_vocab_plan(plan, cks, base_ck)
+        p.vocab = build_vocab_plan(plan, cks, base_ck)
         p.items = plan_tensors(plan, donors, p.ref, use_base, notes, p.vocab, base_ck)
     _resolve_items(plan, method, p.items, donors, weights, use_base, notes)
     _mergekit_notes(plan, method, notes)

@@ -100,7 +100,7 @@ def _slices(data: dict, problems: list[str]) -> list[dict] | None:
 
 def plan_kwargs(data: dict, source: str | None) -> dict:
     """MergePlan keyword arguments for a mergekit YAML; every problem is reported at once, naming the file."""
-    from .plan import ModelSpec, has_tokenizer_merging
+    from .plan import ModelSpec
 
     problems = []
     if set(data) - TOP_KEYS:
@@ -175,8 +175,6 @@ def plan_kwargs(data: dict, source: str | None) -> dict:
         kw["base"] = base
     if tsrc is not None:
         kw["tokenizer_source"] = tsrc
-        if tsrc not in ("base", "union") and not has_tokenizer_merging():
-            kw["config_from"] = tsrc  # without tokenizer merging: that model's tokenizer and config, rows as they are
     if method == "slerp" and not slices and not models:
         raise ConfigError("slerp needs a second model besides the base", path=source)
     return kw

@@ -176,7 +176,8 @@ def _approx_quantiles(x: torch.Tensor, q: torch.Tensor, gen: torch.Generator) ->
 
 
 @register("arcee_fusion", "https://arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
-          needs_base=True, defaults={"seed": 0}, min_models=1, max_models=1, uses_weights=False)
+          needs_base=True, defaults={"seed": 0}, min_models=1, max_models=1, uses_weights=False,
+          result_dtype="float32")
 def arcee_fusion(tensors, base, weights, *, seed=0):
     """θ₀ + (θ₁−θ₀)·[s ≥ median(s) + 1.5·IQR(s)], s = |θ₁−θ₀|·KL(softmax θ₁ ‖ softmax θ₀) per row."""
     params = tensors[0]
@@ -258,7 +259,7 @@ def ram(tensors, base, weights, *, epsilon=1e-5):
 
 
 @register("ramplus_tl", "https://arxiv.org/abs/2601.13572", needs_base=True,
-          defaults={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, uses_weights=False)
+          defaults={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, uses_weights=False, result_dtype="float32")
 def ramplus_tl(tensors, base, weights, *, r=0.1, alpha=0.2, epsilon=1e-5):
     """RAM+ (tensor-local): RAM with each model's unique entries boosted by its shared/unique ratio."""
     return _ram(tensors, base, float(epsilon), float(r), float(alpha))

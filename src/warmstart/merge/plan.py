@@ -158,23 +158,12 @@ class MergePlan:
         return p
 
     def _tokenizer_problems(self) -> list[str]:
-        """mergekit's tokenizer surgery: merge/tokenizer.py (branch mergekit16) checks it when present;
-        without it, refused in one line each — never ignored."""
+        """mergekit's tokenizer surgery (merge/tokenizer.py): checked up front, never ignored."""
         if self.slices and (self.tokenizer_source or self.tokenizer):
             return ["tokenizer_source / tokenizer: with slices is not supported"]
-        if has_tokenizer_merging():
-            from .tokenizer import tokenizer_problems
+        from .tokenizer import tokenizer_problems
 
-            return tokenizer_problems(self.tokenizer_source, self.tokenizer, self.chat_template)
-        p = []
-        if self.tokenizer_source in ("base", "union"):
-            p.append(f"tokenizer_source: {self.tokenizer_source} (tokenizer merging) is not supported yet; "
-                     "remove it to keep the base's tokenizer and vocabulary")
-        if self.tokenizer is not None:
-            p.append(f"tokenizer: block {sorted(self.tokenizer)} (tokenizer merging) is not supported yet")
-        if self.chat_template is not None:
-            p.append("chat_template is not supported yet (the config source's template is copied)")
-        return p
+        return tokenizer_problems(self.tokenizer_source, self.tokenizer, self.chat_template)
 
     # -- YAML ---------------------------------------------------------------
     @classmethod
@@ -262,13 +251,6 @@ def _check_selection_types(d: dict, path: Path) -> None:
     for k, (ok, what) in want.items():
         if k in d and not ok(d[k]):
             raise ConfigError(f"selection field {k!r} must be {what}, got {d[k]!r}", path=path)
-
-
-def has_tokenizer_merging() -> bool:
-    """Whether merge/tokenizer.py (tokenizer_source, tokenizer:, chat_template; developed in parallel) is here."""
-    import importlib.util
-
-    return importlib.util.find_spec(f"{__package__}.tokenizer") is not None
 
 
 def _model_spec(m, problems: list[str]) -> ModelSpec:
