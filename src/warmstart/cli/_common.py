@@ -43,6 +43,16 @@ LibraryOpt = typer.Option(None, "--library", "-L", envvar="WARMSTART_LIBRARY",
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing output.")
 AllowPickleOpt = typer.Option(False, "--allow-pickle", help="Allow .bin (pickle) weights. Only for files you trust.")
+ThreadsOpt = typer.Option(None, "--threads", min=1,
+                          help="CPU threads for torch (default: the idle cores, 1 on a busy machine; "
+                               "docs/performance.md).")
+
+
+def use_threads(n: int | None) -> int:
+    """Set torch's CPU thread count before torch is imported (see warmstart.threads)."""
+    from ..threads import configure
+
+    return configure(n)
 
 
 def library_path(p: Path | None) -> Path:

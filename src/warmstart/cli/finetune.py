@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._common import ForceOpt, JsonOpt, err, print_json
+from ._common import ForceOpt, JsonOpt, ThreadsOpt, err, print_json, use_threads
 
 EPILOG = """
 Examples:
@@ -71,10 +71,12 @@ def finetune_cmd(
     format: str = typer.Option(None, "--format", help="prompt_completion, messages or mc (detected if omitted)."),
     mc_style: str = typer.Option(None, "--mc-style", help="text or letter, for multiple-choice rows."),
     save_checkpoints: bool = typer.Option(None, "--save-checkpoints/--no-save-checkpoints"),
+    threads: int = ThreadsOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Fine-tune from any initialization; evaluate on the held-out split every N steps."""
+    use_threads(threads)
     cfg = build_config(config, lora_targets, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                        scheduler=scheduler, warmup_steps=warmup_steps, seed=seed, lora_r=lora_r,
                        lora_alpha=lora_alpha, lora_dropout=lora_dropout, rslora=rslora, full=full,
