@@ -191,18 +191,17 @@ def run(target: str | Path, library: str | Path, base: str | Path, out: str | Pa
     across them, and the other stages, every file and the log belong to the
     main process; all processes meet at a barrier after each stage.
     """
-    from accelerate import PartialState
-
     from .checkpoints import resolve
 
     cfg = (config or RunConfig()).validate()
+    rd, base_dir = RunDir(out), resolve(base)
+    _check_inputs(rd, cfg, Path(target), Path(eval) if eval else None, Path(library))
+    from accelerate import PartialState  # imports torch: only once every input has been checked
+
     state = PartialState()  # sets up torch.distributed when launched with several processes
     main = state.is_main_process
-    ctx = _Ctx(RunDir(out), cfg, Path(target).resolve(), Path(eval).resolve() if eval else None,
-               resolve(base), Path(library).resolve(), log if main else (lambda s: None), progress and main)
-    for p, what in ((ctx.target, "target data"), (ctx.eval, "eval data")):
-        if p is not None and not p.exists():
-            raise ConfigError(f"{what} not found", path=p)
+    ctx = _Ctx(rd, cfg, Path(target).resolve(), Path(eval).resolve() if eval else None,
+               base_dir, Path(library).resolve(), log if main else (lambda s: None), progress and main)
     if main:
         _claim_run_dir(ctx, str(base), force)
     state.wait_for_everyone()
@@ -223,6 +222,25 @@ def run(target: str | Path, library: str | Path, base: str | Path, out: str | Pa
         ctx.log(f"{name}: done in {ctx.rd.marker(name)['wall_s']:.1f} s")
     rep = read_json(ctx.rd.stage("report") / "report.json", "report")
     return RunResult(ctx.rd.root, ran, skipped, rep)
+
+
+def _check_inputs(rd: RunDir, cfg: RunConfig, target: Path, eval: Path | None, library: Path) -> None:
+    """Fail in about a second, before torch loads and before --out is created: data files that are
+    missing or malformed, a library that is not there (unless selection is already done)."""
+    from .data import load_target
+
+    for p, what in ((target, "target data"), (eval, "eval data")):
+        if p is not None and not p.exists():
+            raise ConfigError(f"{what} not found", path=p.resolve())
+    if not rd.done("split"):
+        tc = cfg.train
+        data = load_target(target, format=tc.format, mc_style=tc.mc_style)
+        if eval is not None:
+            load_target(eval, format=data.format, mc_style=tc.mc_style)
+    if not rd.done("select"):
+        from .library import Library
+
+        Library(library, create=False).close()
 
 
 def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:

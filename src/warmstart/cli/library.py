@@ -32,8 +32,22 @@ def _parse_tags(tags: list[str] | None) -> dict[str, str]:
     return outd
 
 
-def _open(lib: Path | None, create: bool = True) -> Library:
-    return Library(library_path(lib), create=create)
+class _open:
+    """The library; one this command created is removed again if the command fails (nothing written)."""
+
+    def __init__(self, lib: Path | None, create: bool = True):
+        self.path = library_path(lib)
+        self.new = create and not self.path.exists()
+        self.lib = Library(self.path, create=create)
+
+    def __enter__(self) -> Library:
+        return self.lib.__enter__()
+
+    def __exit__(self, typ, exc, tb):
+        self.lib.__exit__(typ, exc, tb)
+        if typ is not None and self.new:
+            for p in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm", "-journal"))):
+                p.unlink(missing_ok=True)
 
 
 @app.command("add", epilog=EXAMPLES_ADD)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._common import ForceOpt, JsonOpt, LibraryOpt, err, print_json
+from ._common import ForceOpt, JsonOpt, LibraryOpt, err, print_json, use_threads
 
 EPILOG = """
 Examples:
@@ -86,7 +86,8 @@ def merge_cmd(
     missing: str = typer.Option(None, "--missing", help="Tensors missing/extra in some inputs: error | reference."),
     vocab: str = typer.Option(None, "--vocab", help="Vocabulary size mismatch: error | reference (resize rows)."),
     device: str = typer.Option(None, "--device", help="Device for the math (cpu, cuda)."),
-    threads: int = typer.Option(None, "--threads", help="I/O threads."),
+    threads: int = typer.Option(None, "--threads", min=1, help="Threads for reading and for torch's math "
+                                "(default: one per CPU; docs/performance.md)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Merge inputs that hold NaN/Inf values (refused by default)."),
     library: Path = LibraryOpt,
@@ -94,8 +95,11 @@ def merge_cmd(
     json_out: bool = JsonOpt,
 ) -> None:
     """Merge full models (streamed) or LoRA adapters (in adapter space) into one."""
+    use_threads(threads)
     from ..errors import ConfigError
-    from ..merge import MergePlan
+
+    _precheck(models or [], base, config, selection)
+    from ..merge import MergePlan  # imports torch: after the cheap checks
 
     scheme, given = _weights(weights)
     flags = {"method": method, "base": base, "penalty": penalty, "dtype": dtype, "shard_size": shard_size,
@@ -135,6 +139,19 @@ def merge_cmd(
                   f"({result.timings.get('total', 0):.1f}s); weights {[round(w, 4) for w in result.weights]}")
         for n in result.notes:
             err.print(f"note: {n}")
+
+
+def _precheck(models: list[str], base: str | None, config: Path | None, selection: Path | None) -> None:
+    """Missing inputs reported in about a second, before torch loads (the plan checks the rest)."""
+    from ..checkpoints import resolve
+    from ..errors import ConfigError
+
+    for f, what in ((config, "merge plan"), (selection, "selection file")):
+        if f is not None and not Path(f).is_file():
+            raise ConfigError(f"{what} not found", path=f)
+    for ref in [*models, *([base] if base else [])]:
+        if not any(c in ref for c in "*?["):  # globs are expanded by the plan
+            resolve(ref)
 
 
 def _run(plan, out, force, quiet, allow_nonfinite=False):

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ._common import ForceOpt, JsonOpt, LibraryOpt, err, library_path, out, print_json
+from ._common import ForceOpt, JsonOpt, LibraryOpt, ThreadsOpt, err, library_path, out, print_json, use_threads
 
 EPILOG = """
 Examples:
@@ -51,19 +51,26 @@ def select_cmd(
     max_length: int = typer.Option(512, "--max-length"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     out_file: Path = typer.Option(None, "--out", "-o", help="Selection file to write (.yaml or .json)."),
+    threads: int = ThreadsOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Score every compatible checkpoint (and the base) on a target sample; write the donors."""
+    use_threads(threads)
     from .._io import check_output
+    from ..checkpoints import resolve
+    from ..data import load_target
     from ..library import Library
     from ..select import dist_env, select
 
     rank, world = dist_env()
     if out_file is not None and rank == 0:
         check_output(out_file, force=force)
-    with Library(library_path(library)) as lib, _progress(rank) as progress:
-        sel = select(target, base, library=lib, metric=metric, n=n or None, seed=seed, k=k, margin=margin,
+    # every input checked before a model loads (and before the library is opened: never created here)
+    data = load_target(target, split=split, format=format, mc_style=mc_style)
+    resolve(base)
+    with Library(library_path(library), create=False) as lib, _progress(rank) as progress:
+        sel = select(data, base, library=lib, metric=metric, n=n or None, seed=seed, k=k, margin=margin,
                      weights=weights, penalty=penalty, scorer=scorer, split=split, format=format,
                      mc_style=mc_style, batch_size=batch_size, max_length=max_length, mc_mode=mc_mode,
                      dtype=dtype, optimize_budget=optimize_budget, progress=progress)
