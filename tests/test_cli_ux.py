@@ -90,3 +90,157 @@ def test_cli_mistyped_path_is_one_line(cli, models, tmp_path, monkeypatch, no_hu
     r = cli("merge", "fulls/plurals-ful", models / "ft_b", "--out", tmp_path / "m")
     assert r.code == 1 and r.err.count("\n") == 1 and "fulls/plurals-ful: no such file or directory" in r.err
     assert not (tmp_path / "m").exists()
+
+
+# -- failures answer before torch loads, and write nothing -------------------------------------------
+
+def _in_fresh_python(tmp_path, *args) -> dict:
+    """Run the CLI in a new interpreter (this one has torch loaded) and report what it imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nfrom warmstart.cli import main\nsys.argv = ['warmstart', *json.loads(sys.argv[1])]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules,"
+            " 'transformers': 'transformers' in sys.modules}), file=sys.__stdout__)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.run([sys.executable, "-c", code, json.dumps([str(a) for a in args])], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    return {**json.loads(p.stdout.strip().splitlines()[-1]), "err": p.stderr}
+
+
+@pytest.mark.parametrize("command", ["finetune", "select", "run", "merge"])
+def test_user_mistakes_are_reported_without_importing_torch(models, tmp_path, command):
+    from warmstart.testing import write_jsonl
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "only a prompt"}])
+    args = {"finetune": ["finetune", "--init", models / "base", "--train", bad, "--eval", bad, "--out", "o"],
+            "select": ["select", "--target", tmp_path / "missing.jsonl", "--base", models / "base"],
+            "run": ["run", "--target", bad, "--base", models / "base", "--out", "r"],
+            "merge": ["merge", models / "ft_a", "ft_typo", "--out", "m"]}[command]
+    r = _in_fresh_python(tmp_path, *args)
+    assert r["rc"] == 1 and r["err"].startswith("error: ") and r["err"].count("\n") == 1, r["err"]
+    assert not r["torch"] and not r["transformers"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no warmstart.db, no o/ r/ m/
+
+
+def test_failing_select_leaves_no_library(cli, models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = cli("select", "--target", "missing.jsonl", "--base", models / "base")
+    assert r.code == 1 and "missing.jsonl: no such file" in r.err
+    r = cli("select", "--target", models.parent / "nothing.jsonl", "--base", models / "base")
+    assert not (tmp_path / "warmstart.db").exists()
+
+
+def test_select_without_a_library_says_so_and_creates_none(cli, models, tmp_path, monkeypatch):
+    from warmstart.testing import write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "completion": "b"}] * 4)
+    r = cli("select", "--target", "t.jsonl", "--base", models / "base")
+    assert r.code == 1 and "library not found" in r.err
+    assert not (tmp_path / "warmstart.db").exists()
+
+
+def test_failing_library_add_removes_the_library_it_created(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = cli("library", "add", "no/such/dir")
+    assert r.code == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failing_library_add_keeps_an_existing_library(cli, models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli("library", "add", models / "ft_a").code == 0
+    assert cli("library", "add", "no/such/dir").code == 1
+    r = cli("library", "list", "--json")
+    assert r.code == 0 and len(r.json()) == 1
+
+
+# -- Ctrl-C -------------------------------------------------------------------------------------------
+
+def test_sigint_during_training_prints_the_message_and_leaves_no_output(models, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from warmstart.testing import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i} ", "completion": f"a{i}"} for i in range(16)])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "warmstart", "finetune", "--init", str(models / "base"),
+                          "--train", str(data), "--eval", str(data), "--out", "o", "--steps", "100000",
+                          "--eval-every", "100000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(q.name.startswith("o.tmp-") for q in tmp_path.iterdir()):  # training has started
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() else "no start"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130
+    assert err.rstrip().endswith("interrupted; finished outputs are intact, re-run the same command to resume")
+    assert "Traceback" not in err
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["d.jsonl"]  # the unfinished output was removed
+
+
+# -- threads ------------------------------------------------------------------------------------------
+
+def test_thread_count_precedence(monkeypatch):
+    from warmstart import threads
+    from warmstart.errors import ConfigError
+
+    monkeypatch.delenv("WARMSTART_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.chosen_threads() == (threads.available_cpus(), "default")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.chosen_threads() == (3, "OMP_NUM_THREADS")
+    monkeypatch.setenv("WARMSTART_THREADS", "2")
+    assert threads.chosen_threads() == (2, "WARMSTART_THREADS")
+    assert threads.chosen_threads(1) == (1, "--threads")
+    monkeypatch.setenv("WARMSTART_THREADS", "lots")
+    with pytest.raises(ConfigError, match="WARMSTART_THREADS must be a positive integer"):
+        threads.chosen_threads()
+
+
+def test_configure_sets_torch_and_openmp(monkeypatch):
+    import os
+
+    import torch
+
+    from warmstart import threads
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "x")
+    monkeypatch.delenv("OMP_WAIT_POLICY")  # recorded, so restored after the test
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(k, "9")
+    before = torch.get_num_threads()
+    try:
+        assert threads.configure(1) == 1
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        assert os.environ["MKL_NUM_THREADS"] == "1" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_flag_rejects_zero(cli, models, tmp_path):
+    r = cli("finetune", "--init", models / "base", "--train", "x", "--eval", "x", "--out", tmp_path / "o",
+            "--threads", "0")
+    assert r.code == 2 and "--threads" in r.err
+
+
+# -- output off a terminal ----------------------------------------------------------------------------
+
+def test_long_messages_are_not_wrapped_off_a_terminal(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    long = "x" * 150
+    r = cli("select", "--target", f"{long}.jsonl", "--base", "b")
+    assert r.err == f"error: {long}.jsonl: no such file\n"
