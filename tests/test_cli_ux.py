@@ -244,3 +244,35 @@ def test_long_messages_are_not_wrapped_off_a_terminal(cli, tmp_path, monkeypatch
     long = "x" * 150
     r = cli("select", "--target", f"{long}.jsonl", "--base", "b")
     assert r.err == f"error: {long}.jsonl: no such file\n"
+
+
+# -- help and file modes ------------------------------------------------------------------------------
+
+def test_help_shows_no_bool_metavar_and_derived_defaults(cli, monkeypatch):
+    from warmstart.train import TrainConfig
+
+    monkeypatch.setenv("COLUMNS", "200")
+    r = cli("finetune", "--help")
+    assert r.code == 0 and "<bool>" not in r.out
+    d = TrainConfig()
+    for text in (f"Optimizer steps. [default: {d.steps}]", f"[default: {d.lr}]", f"[default: {d.eval_every}]",
+                 "[default: lora]", "[default: " + ",".join(d.lora_targets) + "]"):
+        assert text in r.out, text
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    """transformers writes safetensors 0600; an atomic output gets what open() would give (0644 at 022)."""
+    import os
+
+    from warmstart._io import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "o") as tmp:
+            (tmp / "plain.txt").write_text("x")
+            (tmp / "secretive.safetensors").write_text("x")
+            os.chmod(tmp / "secretive.safetensors", 0o600)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "o").iterdir()}
+    assert modes == {"plain.txt": 0o644, "secretive.safetensors": 0o644}

@@ -83,8 +83,8 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on std
 ForceOpt = typer.Option(False, "--force", help="Replace an existing output.")
 AllowPickleOpt = typer.Option(False, "--allow-pickle", help="Allow .bin (pickle) weights. Only for files you trust.")
 ThreadsOpt = typer.Option(None, "--threads", min=1,
-                          help="CPU threads for torch (default: the idle cores, 1 on a busy machine; "
-                               "docs/performance.md).")
+                          help="CPU threads for torch [default: one per CPU, idle workers "
+                               "sleep; docs/performance.md].")
 
 
 def use_threads(n: int | None) -> int:

@@ -26,6 +26,24 @@ Examples:
       --eval eval.jsonl --out ft/
 """
 
+def _h(text: str, field: str) -> str:
+    return f"{text} \\[default: {_default(field)}]".lstrip()
+
+
+def _default(field: str) -> str:
+    """The TrainConfig default shown in --help (derived, so the help cannot drift from the code)."""
+    from ..train import TrainConfig
+
+    v = getattr(TrainConfig(), field)
+    if isinstance(v, bool):
+        return field.replace("_", "-") if v else {"full": "lora"}.get(field, "no-" + field.replace("_", "-"))
+    if isinstance(v, list):
+        return ",".join(v)
+    if v is None:
+        return {"eval_limit": "all rows", "format": "detected"}[field]
+    return str(v)
+
+
 # flag name -> TrainConfig field; a flag given on the command line overrides --config
 _OVERRIDES = ("steps", "lr", "batch_size", "grad_accum", "scheduler", "warmup_steps", "seed", "lora_r",
               "lora_alpha", "lora_dropout", "rslora", "full", "eval_every", "eval_batch_size", "eval_limit",
@@ -50,27 +68,28 @@ def finetune_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
     adapter: Path = typer.Option(None, "--adapter", help="Initial LoRA adapter on --init to continue training."),
     config: Path = typer.Option(None, "--config", help="TrainConfig YAML; flags override it."),
-    steps: int = typer.Option(None, "--steps", help="Optimizer steps [40]."),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate [2e-4]."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Per-device batch size [8]."),
-    grad_accum: int = typer.Option(None, "--grad-accum", help="Gradient accumulation steps [1]."),
-    scheduler: str = typer.Option(None, "--scheduler", help="linear, cosine, constant, constant_with_warmup."),
-    warmup_steps: int = typer.Option(None, "--warmup-steps"),
-    seed: int = typer.Option(None, "--seed", help="Seed for init, data order and eval sampling [0]."),
-    lora_r: int = typer.Option(None, "--lora-r", help="Rank of a fresh LoRA [8]."),
-    lora_alpha: float = typer.Option(None, "--lora-alpha", help="LoRA alpha [16]."),
-    lora_dropout: float = typer.Option(None, "--lora-dropout"),
-    lora_targets: str = typer.Option(None, "--lora-targets", help="Comma-separated module names."),
-    rslora: bool = typer.Option(None, "--rslora/--no-rslora", help="Rank-stabilised LoRA scaling."),
-    full: bool = typer.Option(None, "--full/--lora", help="Full fine-tuning instead of LoRA."),
-    eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps [10]."),
-    eval_batch_size: int = typer.Option(None, "--eval-batch-size"),
-    eval_limit: int = typer.Option(None, "--eval-limit", help="Evaluate on at most N rows (seeded sample)."),
-    max_length: int = typer.Option(None, "--max-length"),
-    precision: str = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16."),
-    format: str = typer.Option(None, "--format", help="prompt_completion, messages or mc (detected if omitted)."),
-    mc_style: str = typer.Option(None, "--mc-style", help="text or letter, for multiple-choice rows."),
-    save_checkpoints: bool = typer.Option(None, "--save-checkpoints/--no-save-checkpoints"),
+    steps: int = typer.Option(None, "--steps", help=_h("Optimizer steps.", "steps")),
+    lr: float = typer.Option(None, "--lr", help=_h("Peak learning rate.", "lr")),
+    batch_size: int = typer.Option(None, "--batch-size", help=_h("Per-device batch size.", "batch_size")),
+    grad_accum: int = typer.Option(None, "--grad-accum", help=_h("Gradient accumulation steps.", "grad_accum")),
+    scheduler: str = typer.Option(None, "--scheduler", help=_h("linear, cosine, constant, constant_with_warmup.", "scheduler")),
+    warmup_steps: int = typer.Option(None, "--warmup-steps", help=_h("", "warmup_steps")),
+    seed: int = typer.Option(None, "--seed", help=_h("Seed for init, data order and eval sampling.", "seed")),
+    lora_r: int = typer.Option(None, "--lora-r", help=_h("Rank of a fresh LoRA.", "lora_r")),
+    lora_alpha: float = typer.Option(None, "--lora-alpha", help=_h("LoRA alpha.", "lora_alpha")),
+    lora_dropout: float = typer.Option(None, "--lora-dropout", help=_h("", "lora_dropout")),
+    lora_targets: str = typer.Option(None, "--lora-targets", help=_h("Comma-separated module names.", "lora_targets")),
+    rslora: bool = typer.Option(None, "--rslora/--no-rslora", help=_h("Rank-stabilised LoRA scaling.", "rslora")),
+    full: bool = typer.Option(None, "--full/--lora", help=_h("Full fine-tuning instead of LoRA.", "full")),
+    eval_every: int = typer.Option(None, "--eval-every", help=_h("Evaluate every N steps.", "eval_every")),
+    eval_batch_size: int = typer.Option(None, "--eval-batch-size", help=_h("", "eval_batch_size")),
+    eval_limit: int = typer.Option(None, "--eval-limit", help=_h("Evaluate on at most N rows (seeded sample).", "eval_limit")),
+    max_length: int = typer.Option(None, "--max-length", help=_h("", "max_length")),
+    precision: str = typer.Option(None, "--precision", help=_h("auto, fp32, bf16, fp16.", "precision")),
+    format: str = typer.Option(None, "--format", help=_h("prompt_completion, messages or mc (detected if omitted).", "format")),
+    mc_style: str = typer.Option(None, "--mc-style", help=_h("text or letter, for multiple-choice rows.", "mc_style")),
+    save_checkpoints: bool = typer.Option(None, "--save-checkpoints/--no-save-checkpoints",
+                                          help=_h("", "save_checkpoints")),
     threads: int = ThreadsOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,

@@ -67,6 +67,10 @@ def select_cmd(
     if out_file is not None and rank == 0:
         check_output(out_file, force=force)
     # every input checked before a model loads (and before the library is opened: never created here)
+    if dtype not in ("float32", "bfloat16", "float16", "float64"):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown dtype {dtype!r}", hint="float32, bfloat16 or float16")
     data = load_target(target, split=split, format=format, mc_style=mc_style)
     resolve(base)
     with Library(library_path(library), create=False) as lib, _progress(rank) as progress:
