@@ -276,3 +276,33 @@ def test_outputs_respect_the_umask(tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "o").iterdir()}
     assert modes == {"plain.txt": 0o644, "secretive.safetensors": 0o644}
+
+
+def test_merge_reports_progress_in_a_log(cli, models, tmp_path, monkeypatch):
+    """Off a terminal rich draws no bar; a merge writes plain progress lines instead of staying silent."""
+    from warmstart.cli import merge as merge_cli
+
+    monkeypatch.setattr(merge_cli._merge_progress, "LOG_EVERY_S", 0.0)
+    r = cli("merge", models / "ft_a", models / "ft_b", "--base", models / "base", "--method", "ties",
+            "--out", tmp_path / "m")
+    assert r.code == 0, r.err
+    lines = [ln for ln in r.err.splitlines() if ln.startswith("merging: ")]
+    n = int(lines[-1].split("/")[1].split()[0])
+    assert lines and n > 1 and lines[0].startswith(f"merging: 0/{n} tensors")
+    assert not r.err.startswith("\n")
+
+
+def test_finetune_card_records_absolute_data_paths(cli, models, tmp_path, monkeypatch):
+    import json
+
+    from warmstart.testing import write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i} ", "completion": f"a{i}"} for i in range(4)])
+    r = cli("finetune", "--init", models / "base", "--train", "d.jsonl", "--eval", "./d.jsonl", "--out", "o",
+            "--steps", 1, "--batch-size", 2)
+    assert r.code == 0, r.err
+    meta = json.loads((tmp_path / "o" / "warmstart.json").read_text())
+    want = str((tmp_path / "d.jsonl").resolve())
+    assert meta["train_data"]["path"] == want and meta["eval_data"]["path"] == want
+    assert f"`{want}`" in (tmp_path / "o" / "README.md").read_text()

@@ -389,13 +389,19 @@ def _save(trainer, tokenizer, tmp: Path, *, kind, init, adapter, cfg, curve, tra
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
     curve.write(tmp)
     meta = {"kind": "finetune", "output": kind, "init": _describe_init(init, adapter, cfg), "config": cfg.to_dict(),
-            "train_data": {"path": train_data.path, "rows": len(train_data), "fingerprint": train_data.fingerprint()},
-            "eval_data": {"path": eval_data.path, "rows": len(eval_data), "fingerprint": eval_data.fingerprint()},
+            "train_data": {"path": _abs(train_data.path), "rows": len(train_data),
+                           "fingerprint": train_data.fingerprint()},
+            "eval_data": {"path": _abs(eval_data.path), "rows": len(eval_data), "fingerprint": eval_data.fingerprint()},
             "final": curve.points[-1] if curve.points else None, "train_time_s": curve.train_time_s,
             "trainable_params": curve.meta.get("trainable_params"),
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write_json(tmp / "warmstart.json", meta)
     atomic_write_text(tmp / "README.md", _model_card(meta))
+
+
+def _abs(path: str) -> str:
+    """Absolute, like the init path and the run report: a card read elsewhere still names the file."""
+    return str(Path(path).expanduser().resolve())
 
 
 def _model_card(meta: dict) -> str:

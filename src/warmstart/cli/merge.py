@@ -155,18 +155,46 @@ def _precheck(models: list[str], base: str | None, config: Path | None, selectio
 
 
 def _run(plan, out, force, quiet, allow_nonfinite=False):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ..merge import merge
 
-    with Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=err, transient=True, disable=quiet) as bar:
-        task = bar.add_task("", total=None)
-
-        def progress(done, total, name):
-            bar.update(task, completed=done, total=total, description=name)
-
+    with _merge_progress(quiet) as progress:
         return merge(plan, out, force=force, progress=progress, allow_nonfinite=allow_nonfinite)
+
+
+class _merge_progress:
+    """A live bar on a terminal; in a log (stderr not a terminal), one plain line every LOG_EVERY_S seconds
+    (rich draws nothing there, so a long merge would otherwise be silent until it ends)."""
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.last = quiet, None, None
+
+    def __enter__(self):
+        import time
+
+        self.t0 = self.last = time.perf_counter()
+        if not self.quiet and err.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TextColumn("{task.description}"), console=err, transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("", total=None)
+        return self
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        import time
+
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total, description=name)
+        elif not self.quiet and time.perf_counter() - self.last >= self.LOG_EVERY_S and done < total:
+            self.last = time.perf_counter()
+            err.print(f"merging: {done}/{total} tensors, {self.last - self.t0:.0f} s", markup=False)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
 
 
 def register(app: typer.Typer) -> None:
