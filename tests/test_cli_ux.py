@@ -151,6 +151,20 @@ def test_failing_library_add_removes_the_library_it_created(cli, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failing_library_scan_leaves_no_library(cli, models, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(models / "ft_a", tmp_path / "runs" / "broken")
+    f = tmp_path / "runs" / "broken" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated: the only checkpoint fails
+    r = cli("library", "scan", "runs")
+    assert r.code == 1, r.err
+    r = cli("library", "scan", "no-such-dir")
+    assert r.code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
 def test_failing_library_add_keeps_an_existing_library(cli, models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli("library", "add", models / "ft_a").code == 0

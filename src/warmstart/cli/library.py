@@ -45,7 +45,12 @@ class _open:
 
     def __exit__(self, typ, exc, tb):
         self.lib.__exit__(typ, exc, tb)
-        if typ is not None and self.new:
+        if typ is not None:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the catalog if this command created it."""
+        if self.new:
             for p in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm", "-journal"))):
                 p.unlink(missing_ok=True)
 
@@ -91,7 +96,8 @@ def scan(
     from rich.progress import Progress
 
     tags = _parse_tags(tag)
-    with _open(library) as lib, Progress(console=err, transient=True) as prog:
+    opened = _open(library)
+    with opened as lib, Progress(console=err, transient=True) as prog:
         tid = prog.add_task("scanning", total=None)
         res = lib.scan(root, task=task, tags=tags, base=base, allow_pickle=allow_pickle,
                        progress=lambda i, n, p: prog.update(tid, completed=i, total=n, description=Path(p).name))
@@ -104,6 +110,7 @@ def scan(
         for _, msg in res.failed:
             err.print(f"  skipped: {msg}")
     if res.failed and not (res.added or res.updated or res.unchanged):
+        opened.discard()  # nothing catalogued: a library this scan created is not left behind
         raise typer.Exit(1)
 
 
