@@ -136,7 +136,8 @@ def test_hub_id_validation(ref, ok):
 def test_hub_id_offline_not_cached_is_clear(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(CheckpointError, match="local Hugging Face cache"):
+    with pytest.raises(CheckpointError, match="no local directory some-org/some-model; as a hub id: not in the "
+                       "local cache and HF_HUB_OFFLINE is set"):
         resolve("some-org/some-model")
 
 

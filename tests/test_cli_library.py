@@ -36,13 +36,15 @@ def test_add_with_task_and_tags_via_env_library(cli, models, tmp_path, monkeypat
 
 
 def test_user_errors_are_one_line_without_traceback(cli, models, tmp_path):
-    db = tmp_path / "lib.db"
+    db, full = tmp_path / "lib.db", tmp_path / "full.db"
+    assert cli("library", "add", models / "ft_a", "--library", full).code == 0
     for args, needle in [
         (("library", "add", tmp_path / "nope", "--library", db), "nope: no such file"),
+        (("library", "show", "999", "--library", db), "library not found"),  # the failed add created none
         (("library", "add", models, "--library", db), "holds checkpoints in subdirectories"),
         (("library", "add", models / "ft_a", "--tag", "oops", "--library", db), "KEY=VALUE"),
         (("library", "list", "--library", tmp_path / "missing.db"), "library not found"),
-        (("library", "show", "999", "--library", db), "no entry '999'"),
+        (("library", "show", "999", "--library", full), "no entry '999'"),
         (("library", "list", "--kind", "qlora", "--library", db), "--kind must be"),
     ]:
         r = cli(*args)

@@ -7,7 +7,13 @@ The public API mirrors the stages: :mod:`checkpoints` and :mod:`library`
 the names below are the ones most scripts need.
 """
 
-from .checkpoints import Checkpoint, LoraInfo, TrainingMetrics, WeightReader, discover, open_checkpoint
+import warnings as _warnings
+
+# PEFT reads transformers' deprecated `is_gradient_checkpointing` on every adapter load; the
+# FutureWarning is about those two libraries, not about anything a warmstart user can change.
+_warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+from .checkpoints import Checkpoint  # noqa: E402, LoraInfo, TrainingMetrics, WeightReader, discover, open_checkpoint
 from .errors import (
     CheckpointError,
     ConfigError,

@@ -138,10 +138,26 @@ def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     try:
         with write_errors(out):
             yield tmp
+            respect_umask(tmp)
             publish(tmp, out, force=force)
     finally:
         if os.path.lexists(tmp):
             _remove(tmp)
+
+
+def respect_umask(root: Path) -> None:
+    """Give every file under ``root`` the mode a plain ``open()`` would (0644 under umask 022).
+
+    transformers/PEFT ``save_pretrained`` writes its safetensors 0600 (a temporary file renamed into
+    place), so a shared model folder would hold one file other users cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in root.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            mode = f.stat().st_mode
+            want = (0o666 & ~mask) | (mode & 0o111 & ~mask)
+            if mode & 0o777 != want:
+                os.chmod(f, want)
 
 
 def atomic_write_text(path: str | Path, text: str, *, force: bool = True) -> None:

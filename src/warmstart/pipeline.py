@@ -283,19 +283,20 @@ def run(target: str | Path, library: str | Path, base: str | Path, out: str | Pa
     across them, and the other stages, every file and the log belong to the
     main process; all processes meet at a barrier after each stage.
     """
-    from accelerate import PartialState
-
     from .checkpoints import resolve
 
     cfg = (config or RunConfig()).validate()
+    rd, base_dir = RunDir(out), resolve(base)
+    _check_inputs(rd, cfg, Path(target), Path(eval) if eval else None, Path(library))
+    # every process: all of them refuse, none waits at a barrier for the others
+    _check_out(rd.root, base_dir, Path(target).resolve(), Path(eval).resolve() if eval else None,
+               Path(library).resolve())
+    from accelerate import PartialState  # imports torch: only once every input has been checked
+
     state = PartialState()  # sets up torch.distributed when launched with several processes
     main = state.is_main_process
-    ctx = _Ctx(RunDir(out), cfg, Path(target).resolve(), Path(eval).resolve() if eval else None,
-               resolve(base), Path(library).resolve(), log if main else (lambda s: None), progress and main)
-    for p, what in ((ctx.target, "target data"), (ctx.eval, "eval data")):
-        if p is not None and not p.exists():
-            raise ConfigError(f"{what} not found", path=p)
-    _check_out(ctx)  # every process: all of them refuse, none waits at a barrier for the others
+    ctx = _Ctx(rd, cfg, Path(target).resolve(), Path(eval).resolve() if eval else None,
+               base_dir, Path(library).resolve(), log if main else (lambda s: None), progress and main)
     if main:
         _claim_run_dir(ctx, str(base), force)
     state.wait_for_everyone()
@@ -318,21 +319,39 @@ def run(target: str | Path, library: str | Path, base: str | Path, out: str | Pa
     return RunResult(ctx.rd.root, ran, skipped, rep)
 
 
-def _check_out(ctx: _Ctx) -> None:
+def _check_out(root: Path, base: Path, target: Path, eval: Path | None, library: Path) -> None:
     """Before the first stage: the run directory is not a file, and neither equals, contains nor lies
     inside any input (base, target, eval, catalog, any library entry). Every stage writes below it."""
     from ._io import check_not_input
     from .library import Library
 
-    root = ctx.rd.root
     if os.path.lexists(root) and not root.is_dir():
         raise ConfigError("--out names an existing file, not a run directory", path=root,
                           hint="choose a new directory")
-    inputs = [ctx.base, ctx.target, ctx.eval, ctx.library]
-    if ctx.library.is_file():
-        with Library(ctx.library, create=False) as lib:
+    inputs = [base, target, eval, library]
+    if library.is_file():
+        with Library(library, create=False) as lib:
             inputs += [Path(e.path) for e in lib.list()]
     check_not_input(root, inputs)
+
+
+def _check_inputs(rd: RunDir, cfg: RunConfig, target: Path, eval: Path | None, library: Path) -> None:
+    """Fail in about a second, before torch loads and before --out is created: data files that are
+    missing or malformed, a library that is not there (unless selection is already done)."""
+    from .data import load_target
+
+    for p, what in ((target, "target data"), (eval, "eval data")):
+        if p is not None and not p.exists():
+            raise ConfigError(f"{what} not found", path=p.resolve())
+    if not rd.done("split"):
+        tc = cfg.train
+        data = load_target(target, format=tc.format, mc_style=tc.mc_style)
+        if eval is not None:
+            load_target(eval, format=data.format, mc_style=tc.mc_style)
+    if not rd.done("select"):
+        from .library import Library
+
+        Library(library, create=False).close()
 
 
 def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:

@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import ProgressCallback, TrainerCallback
-
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output, read_config
 from .checkpoints import load_causal_lm, load_tokenizer
 from .errors import CheckpointError, ConfigError, IncompatibleError
@@ -200,7 +198,9 @@ def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: T
 
     main = PartialState().is_main_process
     with _output_dir(out, force=force, main=main) as tmp:
-        evaluator = _EvalCurve(tokenizer, eval_data, cfg, label=label)
+        from ._callbacks import EvalCurve
+
+        evaluator = EvalCurve(tokenizer, eval_data, cfg, label=label)
         trainer = _setup_trainer(model, tokenizer, train_data, cfg, tmp / "trainer", evaluator, progress)
         trainer.train()
         curve = evaluator.curve(init=_describe_init(init, adapter, cfg), max_steps=cfg.steps,
@@ -321,8 +321,9 @@ def _precision_flags(precision: str) -> dict:
 
 
 def _setup_trainer(model, tokenizer, train_data, cfg: TrainConfig, workdir: Path, evaluator, progress: bool):
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
+    from ._callbacks import QuietProgress
     from .data import collate, pad_id_of, tokenize
 
     train_ds = tokenize(train_data, tokenizer, max_length=cfg.max_length)
@@ -348,7 +349,7 @@ def _setup_trainer(model, tokenizer, train_data, cfg: TrainConfig, workdir: Path
     trainer.remove_callback(PrinterCallback)
     if progress:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_QuietProgress)
+        trainer.add_callback(QuietProgress)
     return trainer
 
 
@@ -390,93 +391,10 @@ def _labelled_logits_loss(outputs, labels, num_items_in_batch=None):
     return loss / n
 
 
-class _QuietProgress(ProgressCallback):
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        pass
-
-
 def _on_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-# ----------------------------------------------------------------------------
-# Evaluation curve: a TrainerCallback (the Trainer's own eval loop knows no accuracy)
-
-class _EvalCurve(TrainerCallback):
-    """Evaluates at step 0, every ``eval_every`` steps and at the end; keeps the curve.
-
-    ``time_s`` is training time with evaluation subtracted, so both runs are compared
-    on what training costs, not on how often we chose to measure it.
-    """
-
-    def __init__(self, tokenizer, eval_data, cfg: TrainConfig, label: str | None = None):
-        self.tokenizer, self.data, self.cfg, self.label = tokenizer, eval_data, cfg, label
-        self.metrics = list(cfg.metrics) if cfg.metrics else (
-            ["loss", "token_accuracy", "exact_match", "mc_accuracy"] if eval_data.format == "mc"
-            else ["loss", "token_accuracy", "exact_match"])
-        self.points: list[dict] = []
-        self._losses: list[float] = []
-        self._t0 = 0.0
-        self._eval_s = 0.0
-        self._last_step = -1
-        self._pending: tuple | None = None
-
-    def _now(self) -> tuple[float, float]:
-        wall = time.perf_counter() - self._t0
-        return wall - self._eval_s, wall
-
-    def _evaluate(self, model, step: int, is_main: bool) -> None:
-        if step == self._last_step:
-            return
-        self._last_step = step
-        train_s, wall = self._now()
-        point: dict[str, Any] = {"step": step, "time_s": round(train_s, 4), "wall_s": round(wall, 4),
-                                 "train_loss": sum(self._losses) / len(self._losses) if self._losses else None}
-        self._losses = []
-        if is_main:  # other ranks wait at the next collective; evaluating twice would add nothing
-            from .evaluate import evaluate
-
-            t = time.perf_counter()
-            res = evaluate(model, self.tokenizer, self.data, metrics=self.metrics,
-                           batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,
-                           compute_dtype=self.cfg.eval_dtype)
-            dt = time.perf_counter() - t
-            self._eval_s += dt
-            point["evaluation_s"] = round(dt, 4)  # what this point cost: visible in curve.json and the report
-            point.update({f"eval_{k}": v for k, v in res.items() if k not in ("n_examples", "n_tokens")})
-            self.points.append(point)
-
-    def on_train_begin(self, args, state, control, model=None, **kw):
-        self._t0 = time.perf_counter()
-        self._evaluate(model, 0, state.is_world_process_zero)
-
-    # The Trainer calls on_step_end before it logs that step's loss (on_log), so an
-    # evaluation due at a step waits for its log to keep the train loss aligned.
-    def on_step_end(self, args, state, control, model=None, **kw):
-        if state.global_step % self.cfg.eval_every == 0 or state.global_step >= state.max_steps:
-            self._pending = (model, state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if logs and "loss" in logs:
-            self._losses.append(float(logs["loss"]))
-        self._flush(state)
-
-    def on_train_end(self, args, state, control, **kw):
-        self._flush(state)
-
-    def _flush(self, state) -> None:
-        if self._pending is not None:
-            model, step = self._pending
-            self._pending = None
-            self._evaluate(model, step, state.is_world_process_zero)
-
-    def curve(self, **meta) -> Curve:
-        train_s = self.points[-1]["time_s"] if self.points else 0.0
-        return Curve(points=self.points, meta={"label": self.label, "max_steps": self.cfg.steps,
-                                               "train_time_s": train_s, "metrics": self.metrics,
-                                               "eval_examples": len(self.data), **meta})
 
 
 # ----------------------------------------------------------------------------
@@ -531,13 +449,19 @@ def _save(trainer, tokenizer, tmp: Path, *, kind, init, adapter, cfg, curve, tra
 
     meta = {"kind": "finetune", "task": task or task_name_from_path(train_data.path), "output": kind,
             "init": _describe_init(init, adapter, cfg), "config": cfg.to_dict(),
-            "train_data": {"path": train_data.path, "rows": len(train_data), "fingerprint": train_data.fingerprint()},
-            "eval_data": {"path": eval_data.path, "rows": len(eval_data), "fingerprint": eval_data.fingerprint()},
+            "train_data": {"path": _abs(train_data.path), "rows": len(train_data),
+                           "fingerprint": train_data.fingerprint()},
+            "eval_data": {"path": _abs(eval_data.path), "rows": len(eval_data), "fingerprint": eval_data.fingerprint()},
             "final": curve.points[-1] if curve.points else None, "train_time_s": curve.train_time_s,
             "trainable_params": curve.meta.get("trainable_params"),
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write_json(tmp / "warmstart.json", meta)
     atomic_write_text(tmp / "README.md", _model_card(meta))
+
+
+def _abs(path: str) -> str:
+    """Absolute, like the init path and the run report: a card read elsewhere still names the file."""
+    return str(Path(path).expanduser().resolve())
 
 
 def _model_card(meta: dict) -> str:

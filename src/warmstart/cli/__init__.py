@@ -20,6 +20,24 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def _no_flag_metavars() -> None:
+    """Typer's rich help prints ``<bool>`` as the value of every on/off flag (``--force <bool>``), which
+    reads as if the flag took a value; flags show no metavar here, as in click's plain help."""
+    from typer.core import TyperOption
+
+    show = TyperOption.display_type_rich
+    if getattr(show, "_warmstart", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else show(self, ctx)
+
+    display_type_rich._warmstart = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_no_flag_metavars()
+
 # One module per command group, each with register(app). Order = order in --help.
 COMMAND_MODULES = ["library", "select", "merge", "extract", "finetune", "run", "transfer", "optimize", "bench"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._common import ForceOpt, JsonOpt, err, print_json
+from ._common import ForceOpt, JsonOpt, ThreadsOpt, err, print_json, use_threads
 
 app = typer.Typer(help="recycle-bench: SmolLM2-135M + generated multiple-choice tasks.", no_args_is_help=True)
 
@@ -105,9 +105,11 @@ def run_cmd(
     select_n: int = typer.Option(64, "--select-n", help="Target train rows used to score donors."),
     base: Path = typer.Option(None, "--base", help="Base model dir (default: the converted SmolLM2)."),
     metric: str = typer.Option("sum", "--metric", help="Table metric: sum (lm-eval acc) or norm (acc_norm)."),
+    threads: int = ThreadsOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Leave-one-out recycle-bench: warm start from merged donors vs. scratch, per target and budget."""
+    use_threads(threads)
     from ..bench.protocol import METRICS, BenchConfig, run_bench
 
     cfg = BenchConfig(metric=METRICS.get(metric, metric), tasks=task or None, targets=target or None,
@@ -183,6 +185,7 @@ def demo_cmd(
     out: Path = typer.Option(Path("warmstart-demo"), "--out", "-o", help="Output directory."),
     steps: int = typer.Option(20, "--steps", help="Training budget for both runs."),
     seed: int = typer.Option(0, "--seed"),
+    threads: int = ThreadsOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -192,6 +195,7 @@ def demo_cmd(
     """
     import shutil
 
+    use_threads(threads)
     from ..demo import format_table, run_demo
 
     if force and out.exists():

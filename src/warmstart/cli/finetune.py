@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._common import ForceOpt, JsonOpt, err, print_json
+from ._common import ForceOpt, JsonOpt, ThreadsOpt, err, print_json, use_threads
 
 EPILOG = """
 Examples:
@@ -25,6 +25,24 @@ Examples:
   accelerate launch --num_processes 4 -m warmstart finetune --init merged/ --train train.jsonl \\
       --eval eval.jsonl --out ft/
 """
+
+def _h(text: str, field: str) -> str:
+    return f"{text} \\[default: {_default(field)}]".lstrip()
+
+
+def _default(field: str) -> str:
+    """The TrainConfig default shown in --help (derived, so the help cannot drift from the code)."""
+    from ..train import TrainConfig
+
+    v = getattr(TrainConfig(), field)
+    if isinstance(v, bool):
+        return field.replace("_", "-") if v else {"full": "lora"}.get(field, "no-" + field.replace("_", "-"))
+    if isinstance(v, list):
+        return ",".join(v)
+    if v is None:
+        return {"eval_limit": "all rows", "format": "detected"}[field]
+    return str(v)
+
 
 # flag name -> TrainConfig field; a flag given on the command line overrides --config
 _OVERRIDES = ("steps", "lr", "batch_size", "grad_accum", "scheduler", "warmup_steps", "seed", "lora_r",
@@ -50,35 +68,38 @@ def finetune_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
     adapter: Path = typer.Option(None, "--adapter", help="Initial LoRA adapter on --init to continue training."),
     config: Path = typer.Option(None, "--config", help="TrainConfig YAML; flags override it."),
-    steps: int = typer.Option(None, "--steps", help="Optimizer steps [40]."),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate [2e-4]."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Per-device batch size [8]."),
-    grad_accum: int = typer.Option(None, "--grad-accum", help="Gradient accumulation steps [1]."),
-    scheduler: str = typer.Option(None, "--scheduler", help="linear, cosine, constant, constant_with_warmup."),
-    warmup_steps: int = typer.Option(None, "--warmup-steps"),
-    seed: int = typer.Option(None, "--seed", help="Seed for init, data order and eval sampling [0]."),
-    lora_r: int = typer.Option(None, "--lora-r", help="Rank of a fresh LoRA [8]."),
-    lora_alpha: float = typer.Option(None, "--lora-alpha", help="LoRA alpha [16]."),
-    lora_dropout: float = typer.Option(None, "--lora-dropout"),
-    lora_targets: str = typer.Option(None, "--lora-targets", help="Comma-separated module names."),
-    rslora: bool = typer.Option(None, "--rslora/--no-rslora", help="Rank-stabilised LoRA scaling."),
-    full: bool = typer.Option(None, "--full/--lora", help="Full fine-tuning instead of LoRA."),
-    eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps [10]."),
-    eval_batch_size: int = typer.Option(None, "--eval-batch-size"),
-    eval_limit: int = typer.Option(None, "--eval-limit", help="Evaluate on at most N rows (seeded sample)."),
-    max_length: int = typer.Option(None, "--max-length"),
-    precision: str = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16."),
-    eval_dtype: str = typer.Option(None, "--eval-dtype",
-                                   help="Eval-curve matmuls: auto (bfloat16 where fast), float32, bfloat16."),
-    format: str = typer.Option(None, "--format", help="prompt_completion, messages or mc (detected if omitted)."),
-    mc_style: str = typer.Option(None, "--mc-style", help="text or letter, for multiple-choice rows."),
-    save_checkpoints: bool = typer.Option(None, "--save-checkpoints/--no-save-checkpoints"),
+    steps: int = typer.Option(None, "--steps", help=_h("Optimizer steps.", "steps")),
+    lr: float = typer.Option(None, "--lr", help=_h("Peak learning rate.", "lr")),
+    batch_size: int = typer.Option(None, "--batch-size", help=_h("Per-device batch size.", "batch_size")),
+    grad_accum: int = typer.Option(None, "--grad-accum", help=_h("Gradient accumulation steps.", "grad_accum")),
+    scheduler: str = typer.Option(None, "--scheduler", help=_h("linear, cosine, constant, constant_with_warmup.", "scheduler")),
+    warmup_steps: int = typer.Option(None, "--warmup-steps", help=_h("", "warmup_steps")),
+    seed: int = typer.Option(None, "--seed", help=_h("Seed for init, data order and eval sampling.", "seed")),
+    lora_r: int = typer.Option(None, "--lora-r", help=_h("Rank of a fresh LoRA.", "lora_r")),
+    lora_alpha: float = typer.Option(None, "--lora-alpha", help=_h("LoRA alpha.", "lora_alpha")),
+    lora_dropout: float = typer.Option(None, "--lora-dropout", help=_h("", "lora_dropout")),
+    lora_targets: str = typer.Option(None, "--lora-targets", help=_h("Comma-separated module names.", "lora_targets")),
+    rslora: bool = typer.Option(None, "--rslora/--no-rslora", help=_h("Rank-stabilised LoRA scaling.", "rslora")),
+    full: bool = typer.Option(None, "--full/--lora", help=_h("Full fine-tuning instead of LoRA.", "full")),
+    eval_every: int = typer.Option(None, "--eval-every", help=_h("Evaluate every N steps.", "eval_every")),
+    eval_batch_size: int = typer.Option(None, "--eval-batch-size", help=_h("", "eval_batch_size")),
+    eval_limit: int = typer.Option(None, "--eval-limit", help=_h("Evaluate on at most N rows (seeded sample).", "eval_limit")),
+    max_length: int = typer.Option(None, "--max-length", help=_h("", "max_length")),
+    precision: str = typer.Option(None, "--precision", help=_h("auto, fp32, bf16, fp16.", "precision")),
+    format: str = typer.Option(None, "--format", help=_h("prompt_completion, messages or mc (detected if omitted).", "format")),
+    mc_style: str = typer.Option(None, "--mc-style", help=_h("text or letter, for multiple-choice rows.", "mc_style")),
+    save_checkpoints: bool = typer.Option(None, "--save-checkpoints/--no-save-checkpoints",
+                                          help=_h("", "save_checkpoints")),
+    eval_dtype: str = typer.Option(None, "--eval-dtype", help=_h(
+        "Eval-curve matmuls: auto (bfloat16 where fast), float32, bfloat16.", "eval_dtype")),
     task: str = typer.Option(None, "--task", help="Task name recorded for the catalog (default: from the "
                              "--train file name)."),
+    threads: int = ThreadsOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Fine-tune from any initialization; evaluate on the held-out split every N steps."""
+    use_threads(threads)
     cfg = build_config(config, lora_targets, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                        scheduler=scheduler, warmup_steps=warmup_steps, seed=seed, lora_r=lora_r,
                        lora_alpha=lora_alpha, lora_dropout=lora_dropout, rslora=rslora, full=full,

@@ -32,8 +32,27 @@ def _parse_tags(tags: list[str] | None) -> dict[str, str]:
     return outd
 
 
-def _open(lib: Path | None, create: bool = True) -> Library:
-    return Library(library_path(lib), create=create)
+class _open:
+    """The library; one this command created is removed again if the command fails (nothing written)."""
+
+    def __init__(self, lib: Path | None, create: bool = True):
+        self.path = library_path(lib)
+        self.new = create and not self.path.exists()
+        self.lib = Library(self.path, create=create)
+
+    def __enter__(self) -> Library:
+        return self.lib.__enter__()
+
+    def __exit__(self, typ, exc, tb):
+        self.lib.__exit__(typ, exc, tb)
+        if typ is not None:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the catalog if this command created it."""
+        if self.new:
+            for p in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm", "-journal"))):
+                p.unlink(missing_ok=True)
 
 
 @app.command("add", epilog=EXAMPLES_ADD)
@@ -77,7 +96,8 @@ def scan(
     from rich.progress import Progress
 
     tags = _parse_tags(tag)
-    with _open(library) as lib, Progress(console=err, transient=True) as prog:
+    opened = _open(library)
+    with opened as lib, Progress(console=err, transient=True) as prog:
         tid = prog.add_task("scanning", total=None)
         res = lib.scan(root, task=task, tags=tags, base=base, allow_pickle=allow_pickle,
                        progress=lambda i, n, p: prog.update(tid, completed=i, total=n, description=Path(p).name))
@@ -93,6 +113,7 @@ def scan(
         for _, msg in res.failed:
             err.print(f"  skipped: {msg}")
     if res.failed and not (res.added or res.updated or res.unchanged):
+        opened.discard()  # nothing catalogued: a library this scan created is not left behind
         raise typer.Exit(1)
 
 

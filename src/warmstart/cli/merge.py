@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._common import ForceOpt, JsonOpt, LibraryOpt, err, print_json
+from ._common import ForceOpt, JsonOpt, LibraryOpt, err, print_json, use_threads
 
 EPILOG = """
 Examples:
@@ -89,7 +89,8 @@ def merge_cmd(
     missing: str = typer.Option(None, "--missing", help="Tensors missing/extra in some inputs: error | reference."),
     vocab: str = typer.Option(None, "--vocab", help="Vocabulary size mismatch: error | reference (resize rows)."),
     device: str = typer.Option(None, "--device", help="Device for the math (cpu, cuda)."),
-    threads: int = typer.Option(None, "--threads", help="I/O threads."),
+    threads: int = typer.Option(None, "--threads", min=1, help="Threads for reading and for torch's math "
+                                "(default: one per CPU; docs/performance.md)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Merge inputs that hold NaN/Inf values (refused by default)."),
     library: Path = LibraryOpt,
@@ -97,8 +98,11 @@ def merge_cmd(
     json_out: bool = JsonOpt,
 ) -> None:
     """Merge full models (streamed) or LoRA adapters (in adapter space) into one."""
+    use_threads(threads)
     from ..errors import ConfigError
-    from ..merge import MergePlan
+
+    _precheck(models or [], base, config, selection)
+    from ..merge import MergePlan  # imports torch: after the cheap checks
 
     scheme, given = _weights(weights)
     flags = {"method": method, "base": base, "penalty": penalty, "dtype": dtype, "shard_size": shard_size,
@@ -147,19 +151,60 @@ def merge_cmd(
             err.print(f"note: {n}")
 
 
-def _run(plan, out, force, quiet, allow_nonfinite=False):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _precheck(models: list[str], base: str | None, config: Path | None, selection: Path | None) -> None:
+    """Missing inputs reported in about a second, before torch loads (the plan checks the rest)."""
+    from ..checkpoints import resolve
+    from ..errors import ConfigError
 
+    for f, what in ((config, "merge plan"), (selection, "selection file")):
+        if f is not None and not Path(f).is_file():
+            raise ConfigError(f"{what} not found", path=f)
+    for ref in [*models, *([base] if base else [])]:
+        if not any(c in ref for c in "*?["):  # globs are expanded by the plan
+            resolve(ref)
+
+
+def _run(plan, out, force, quiet, allow_nonfinite=False):
     from ..merge import merge
 
-    with Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=err, transient=True, disable=quiet) as bar:
-        task = bar.add_task("", total=None)
-
-        def progress(done, total, name):
-            bar.update(task, completed=done, total=total, description=name)
-
+    with _merge_progress(quiet) as progress:
         return merge(plan, out, force=force, progress=progress, allow_nonfinite=allow_nonfinite)
+
+
+class _merge_progress:
+    """A live bar on a terminal; in a log (stderr not a terminal), one plain line every LOG_EVERY_S seconds
+    (rich draws nothing there, so a long merge would otherwise be silent until it ends)."""
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.last = quiet, None, None
+
+    def __enter__(self):
+        import time
+
+        self.t0 = self.last = time.perf_counter()
+        if not self.quiet and err.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TextColumn("{task.description}"), console=err, transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("", total=None)
+        return self
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        import time
+
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total, description=name)
+        elif not self.quiet and time.perf_counter() - self.last >= self.LOG_EVERY_S and done < total:
+            self.last = time.perf_counter()
+            err.print(f"merging: {done}/{total} tensors, {self.last - self.t0:.0f} s", markup=False)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
 
 
 def register(app: typer.Typer) -> None:

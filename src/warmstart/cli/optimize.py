@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ConfigError
-from ._common import AllowPickleOpt, ForceOpt, JsonOpt, err, out, print_json
+from ._common import AllowPickleOpt, ForceOpt, JsonOpt, ThreadsOpt, err, out, print_json, use_threads
 
 EPILOG = """
 Examples:
@@ -58,11 +58,21 @@ def optimize_cmd(
     out_dir: Path = typer.Option(None, "--out", "-o",
                                  help="Write selection.json, merge_plan.yaml, optimize.json, objective.png, model/."),
     allow_pickle: bool = AllowPickleOpt,
+    threads: int = ThreadsOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Search merge weights (CMA-ES) that minimize loss or maximize accuracy on target data."""
+    use_threads(threads)
     from rich.progress import Progress
+
+    from ..checkpoints import resolve
+    from ..data import load_target
+
+    for t in target:  # inputs checked before torch loads: a mistake answers in about a second
+        load_target(t)
+    for ref in [*models, base]:
+        resolve(ref)
 
     from ..optimize import optimize
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._common import JsonOpt, LibraryOpt, err, library_path, print_json
+from ._common import JsonOpt, LibraryOpt, ThreadsOpt, err, library_path, print_json, use_threads
 
 RUN_EPILOG = """
 Examples:
@@ -123,9 +123,11 @@ def run_cmd(
                          "--eval).", panel=EVAL),
     split_seed: int = _opt("split_seed", "--split-seed", help="Seed of the held-out split.", panel=EVAL),
     force: bool = typer.Option(False, "--force", help="Discard an existing run in --out and start over."),
+    threads: int = ThreadsOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Select donors, merge, train from the merge and from the base, and report the difference."""
+    use_threads(threads)
     from ..pipeline import RunConfig, run
 
     cfg = RunConfig.from_yaml(config) if config else RunConfig()

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ._common import ForceOpt, JsonOpt, LibraryOpt, err, library_path, out, print_json
+from ._common import ForceOpt, JsonOpt, LibraryOpt, ThreadsOpt, err, library_path, out, print_json, use_threads
 
 EPILOG = """
 Examples:
@@ -61,11 +61,15 @@ def select_cmd(
     out_file: Path = typer.Option(None, "--out", "-o", help="Selection file to write (.yaml or .json)."),
     include_derived: bool = typer.Option(False, "--include-derived",
                                          help="Also score merges, transfers and warmstart runs' outputs."),
+    threads: int = ThreadsOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Score every compatible checkpoint (and the base) on a target sample; write the donors."""
+    use_threads(threads)
     from .._io import check_output
+    from ..checkpoints import resolve
+    from ..data import load_target
     from ..library import Library
     from ..select import dist_env, select
 
@@ -73,10 +77,17 @@ def select_cmd(
     rank, world = dist_env()
     if out_file is not None and rank == 0:
         check_output(out_file, force=force, inputs=[target, library_path(library), *_local(base)])
-    with Library(library_path(library)) as lib, _progress(rank) as progress:
+    # every input checked before a model loads (and before the library is opened: never created here)
+    if dtype not in ("float32", "bfloat16", "float16", "float64"):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown dtype {dtype!r}", hint="float32, bfloat16 or float16")
+    data = load_target(target, split=split, format=format, mc_style=mc_style)
+    resolve(base)
+    with Library(library_path(library), create=False) as lib, _progress(rank) as progress:
         if out_file is not None and rank == 0:  # nor over a library entry (a file in a checkpoint dir)
             check_output(out_file, force=force, inputs=[e.path for e in lib.list()])
-        sel = select(target, base, library=lib, metric=metric, n=n or None, seed=seed, k=k, margin=margin,
+        sel = select(data, base, library=lib, metric=metric, n=n or None, seed=seed, k=k, margin=margin,
                      weights=weights, penalty=penalty, scorer=scorer, split=split, format=format,
                      mc_style=mc_style, batch_size=batch_size, max_length=max_length, mc_mode=mc_mode,
                      dtype=dtype, compute_dtype=compute_dtype, optimize_budget=optimize_budget,

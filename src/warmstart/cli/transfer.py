@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ConfigError
-from ._common import AllowPickleOpt, ForceOpt, JsonOpt, err, out, print_json
+from ._common import AllowPickleOpt, ForceOpt, JsonOpt, ThreadsOpt, err, out, print_json, use_threads
 
 EPILOG = """
 Examples:
@@ -65,11 +65,18 @@ def transfer_cmd(
     allow_pickle: bool = AllowPickleOpt,
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Use inputs that hold NaN/Inf values (refused by default)."),
+    threads: int = ThreadsOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Carry a fine-tune to a new base version: base_new + α·(finetuned − base_old), streamed."""
+    use_threads(threads)
     from rich.progress import Progress
+
+    from ..checkpoints import resolve
+
+    for ref in (base_old, finetuned, base_new):  # before torch loads: a typo answers in about a second
+        resolve(ref)
 
     from ..transfer import transfer
 

@@ -543,6 +543,8 @@ def _stream(plan, method, items, donors, ref, use_base, tmp, result, progress) -
         # per-thread malloc arenas and are freed elsewhere, which fragments memory (peak RSS +1 GB at 135M).
         return need_base, [pool.submit(read, m, torch.empty(m.nbytes, dtype=torch.uint8)) for m in metas]
 
+    if progress:  # the total is known before the first (possibly slow) tensor
+        progress(0, len(items), "")
     try:
         with ThreadPoolExecutor(max(1, plan.threads)) as pool:
             ahead = deque([submit(pool, items[0])] if items else [])
