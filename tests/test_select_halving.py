@@ -190,3 +190,17 @@ def test_run_takes_the_halving_options():
         RunConfig().with_overrides(["select.shortlist=0"])
     r = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
     assert re.search(r"--shortlist .*?\[default: 8\]", " ".join(r.output.split()))
+
+
+def test_batched_prescores_equal_one_by_one_and_header_names_the_modules(models):
+    g = {}
+    s1, s2 = (_prerank.load(_prerank.summarise(models / n)) for n in ("lora_a", "lora_b"))
+    torch.manual_seed(0)
+    for m, (su, v) in {**s1, **s2}.items():
+        g[f"{m}.weight"] = torch.randn(su.shape[0], v.shape[0])
+    many = _prerank.prescore_many(g, [s1, s2, s1])
+    one = [_prerank.prescore(g, s) for s in (s1, s2)]
+    assert many == pytest.approx(one + one[:1], rel=1e-6)
+    hand = sum(float(((g[f"{m}.weight"] @ v) * su).sum()) for m, (su, v) in s2.items())
+    assert one[1] == pytest.approx(hand, rel=1e-5)
+    assert _prerank.modules_of(_prerank.summarise(models / "lora_b")) == {f"{m}.weight" for m in s2}

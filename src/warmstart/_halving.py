@@ -36,20 +36,25 @@ def nested_subset(data, m: int, seed: int):
     return replace(data, examples=[data.examples[i] for i in idx], sample_spec=f"{data.sample_spec}|sub={m}")
 
 
-def prescores(model, tokenizer, data, pool, library, *, rows: int, seed: int, cfg) -> dict:
-    """{candidate fingerprint: predicted loss change} for the candidates that have a summary."""
-    summaries = {}
+def prescores(model, tokenizer, data, pool, library, *, rows: int, seed: int, cfg, chunk: int = 64) -> dict:
+    """{candidate fingerprint: predicted loss change} for the candidates that have a summary.
+    Summaries are read from the catalog ``chunk`` at a time: 1,000 of them would hold ~1 GB at once."""
+    have, need = [], set()
     for c in pool:
         blob = library.ensure_prerank(c.entry.fingerprint, c.path, kind=c.kind) if library and c.entry else None
         if blob is not None:
-            summaries[c.fingerprint] = _prerank.load(blob)
-    if not summaries:
+            have.append(c)
+            need |= _prerank.modules_of(blob)
+    if not have:
         return {}
-    need = _prerank.modules(list(summaries.values()))
     _, grads = base_gradient(model, tokenizer, nested_subset(data, rows, seed), params=need,
                              batch_size=cfg.batch_size, max_length=cfg.max_length)
-    by_fp = {c.fingerprint: c for c in pool}
-    return {fp: _prerank.prescore(grads, s, by_fp[fp].path) for fp, s in summaries.items()}
+    out = {}
+    for i in range(0, len(have), chunk):
+        part = have[i:i + chunk]
+        sums = [_prerank.load(library.prerank(c.entry.fingerprint)) for c in part]
+        out.update(zip((c.fingerprint for c in part), _prerank.prescore_many(grads, sums, [c.path for c in part])))
+    return out
 
 
 def run(data, base, cands, *, library, cfg, hib: bool, keep: int, shortlist: int, min_rows: int,
