@@ -37,7 +37,9 @@ def _dense_deltas(path):
 def test_summary_is_the_top_singular_triplets_and_round_trips_through_the_catalog(models, tmp_path):
     with Library(tmp_path / "lib.db") as lib:
         entry, _ = lib.add(models / "lora_b")  # r=8, alpha=16
-        blob = lib.prerank(entry.fingerprint)
+        assert _prerank.load(lib.prerank(entry.fingerprint)).popitem()[1][0].shape[1] == _prerank.PRERANK_RANK
+        blob = _prerank.summarise(models / "lora_b", rank=2)
+        lib.put_prerank(entry.fingerprint, blob)
     assert blob is not None
     with Library(tmp_path / "lib.db") as lib:  # stored, not recomputed
         assert lib.prerank(entry.fingerprint) == blob
@@ -67,7 +69,7 @@ def test_full_rank_prescore_equals_the_gradient_proxy(models, tmp_path):
     for module, d in _dense_deltas(models / "lora_b").items():
         u, s, vh = torch.linalg.svd(d.double())
         truncated += float((g[f"{module}.weight"].double() * ((u[:, :2] * s[:2]) @ vh[:2])).sum())
-    assert _prerank.prescore(g, _prerank.load(_prerank.summarise(models / "lora_b"))) == pytest.approx(
+    assert _prerank.prescore(g, _prerank.load(_prerank.summarise(models / "lora_b", rank=2))) == pytest.approx(
         truncated, rel=5e-3)
     assert _prerank.summarise(models / "ft_a") is None  # a full checkpoint has no summary
 

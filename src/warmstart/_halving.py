@@ -47,8 +47,12 @@ def prescores(model, tokenizer, data, pool, library, *, rows: int, seed: int, cf
             need |= _prerank.modules_of(blob)
     if not have:
         return {}
-    _, grads = base_gradient(model, tokenizer, nested_subset(data, rows, seed), params=need,
-                             batch_size=cfg.batch_size, max_length=cfg.max_length)
+    from ._precision import compute
+
+    dtype = cfg.resolved_compute_dtype()  # bf16 autocast where the scorer uses it: same ranking, ~4x cheaper
+    with compute(model, dtype if dtype == "bfloat16" else None):
+        _, grads = base_gradient(model, tokenizer, nested_subset(data, rows, seed), params=need,
+                                 batch_size=cfg.batch_size, max_length=cfg.max_length)
     out = {}
     for i in range(0, len(have), chunk):
         part = have[i:i + chunk]

@@ -592,7 +592,7 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
            min_own_gain: float | None = DEFAULT_MIN_OWN_GAIN,
            progress: Callable[[str, Any], None] | None = None,
            include_derived: bool = False, shortlist: int = 8, halving_rows: int = 8,
-           prerank_rows: int = 32) -> Selection | None:
+           prerank_rows: int = 16) -> Selection | None:
     """Load and sample the target, score the base and every compatible entry, choose donors.
 
     ``weights="optimized"`` then searches the donors' weights with CMA-ES

@@ -48,7 +48,7 @@ def select_cmd(
     shortlist: int = typer.Option(8, "--shortlist", help="halving: candidates kept by the pre-rank."),
     halving_rows: int = typer.Option(8, "--halving-rows", help="halving: rows of the first round (doubled "
                                      "each round)."),
-    prerank_rows: int = typer.Option(32, "--prerank-rows", help="halving: rows of the pre-rank's backward pass."),
+    prerank_rows: int = typer.Option(16, "--prerank-rows", help="halving: rows of the pre-rank's backward pass."),
     min_own_gain: float = typer.Option(0.02, "--min-own-gain",
                                        help="A donor must have gained at least this on its own task in its own "
                                        "training (accuracy points, or relative loss fall; docs/select.md)."),
