@@ -56,7 +56,7 @@ def prescores(model, tokenizer, data, pool, library, *, rows: int, seed: int, cf
     out = {}
     for i in range(0, len(have), chunk):
         part = have[i:i + chunk]
-        sums = [_prerank.load(library.prerank(c.entry.fingerprint)) for c in part]
+        sums = [library.prerank(c.entry.fingerprint) for c in part]
         out.update(zip((c.fingerprint for c in part), _prerank.prescore_many(grads, sums, [c.path for c in part])))
     return out
 
