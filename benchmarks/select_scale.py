@@ -203,7 +203,8 @@ def measure(args, work: Path, base: Path) -> list[dict]:
 def _agreement(n, sel, scored, pre, t_halving, t_full, estimated, step) -> dict:
     best_full = sorted(scored, key=lambda i: scored[i])
     mine = [d["id"] for d in sel.donors]
-    pre_order = [r["id"] for r in sel.ranking if r["kind"] != "base"]  # finalists, eliminated, then by pre-score
+    pre_order = [r["id"] for r in sel.ranking if r["kind"] != "base"]
+    stage = {r["id"]: r["rows"] for r in sel.ranking if "rows" in r}  # finalists, eliminated, then by pre-score
     pre_ranked = sorted((i for i in pre_order if pre.get(i) is not None), key=lambda i: pre[i])
     shortlisted = [i for i in pre_order if pre.get(i) is None]
     pos = shortlisted.index(best_full[0]) + 1 if best_full[0] in shortlisted else \
@@ -213,20 +214,22 @@ def _agreement(n, sel, scored, pre, t_halving, t_full, estimated, step) -> dict:
             "full_scored": len(scored), "top2_overlap": len(set(mine) & set(best_full[:2])) / 2,
             "top1_match": mine[:1] == best_full[:1],
             "regret_nats": round(scored[mine[0]] - scored[best_full[0]], 4) if mine else None,
+            "regret2_nats": round(scored[mine[1]] - scored[best_full[1]], 4) if len(mine) > 1 else None,
             "full_best_shortlisted": best_full[0] in shortlisted, "full_best_stage_position": pos,
+            # how far full scoring's top 2 got in the halving: "final", rows of the round that dropped it, 0 = pre-rank
+            "full_top2_reached": [stage.get(i, "final") for i in best_full[:2]],
             "row_evaluations": sel.halving["row_evaluations"], "prerank_s": sel.halving["prerank_seconds"],
             "step_s": round(step, 3)}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| N | halving s (steps) | full scoring s (steps) | top-2 overlap | top-1 | regret nats | "
-             "full's best in shortlist | pre-rank s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | halving s (steps) | full scoring s (steps) | top-2 overlap | top-1 | regret #1 / #2 nats | "
+             "full's top 2 reached | pre-rank s |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         est = " est." if r["full_estimated"] else ""
         lines.append(f"| {r['N']} | {r['halving_s']} ({r['halving_steps']}) | {r['full_s']}{est} ({r['full_steps']}) "
-                     f"| {r['top2_overlap']:.1f} | {'yes' if r['top1_match'] else 'no'} | {r['regret_nats']} | "
-                     f"{'yes' if r['full_best_shortlisted'] else 'no'} (#{r['full_best_stage_position']}) "
-                     f"| {r['prerank_s']} |")
+                     f"| {r['top2_overlap']:.1f} | {'yes' if r['top1_match'] else 'no'} | {r['regret_nats']} / "
+                     f"{r['regret2_nats']} | {', '.join(map(str, r['full_top2_reached']))} | {r['prerank_s']} |")
     return "\n".join(lines)
 
 
