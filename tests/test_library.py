@@ -118,7 +118,7 @@ def test_score_cache_roundtrip(lib):
 
 def test_migrations_recorded(lib):
     rows = lib.db.execute("SELECT version, name FROM schema_migrations").fetchall()
-    assert [tuple(r) for r in rows] == [(1, "m001_initial"), (2, "m002_provenance")]
+    assert [tuple(r) for r in rows] == [(1, "m001_initial"), (2, "m002_provenance"), (3, "m003_prerank")]
     assert lib.schema_version == SCHEMA_VERSION
 
 

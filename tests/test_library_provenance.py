@@ -137,7 +137,7 @@ def test_migration_classifies_existing_rows(models, tmp_path, monkeypatch):
     db.close()
     monkeypatch.undo()
     with Library(tmp_path / "v1.db") as lib:
-        assert lib.schema_version == 2
+        assert lib.schema_version == library_mod.SCHEMA_VERSION
         assert [(e.ref, e.derived) for e in lib.list()] == [(str(tmp_path / "m"), True), (str(models / "ft_a"), False)]
 
 

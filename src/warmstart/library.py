@@ -101,7 +101,22 @@ def m002_provenance(db: sqlite3.Connection) -> None:
                        (int(prov["derived"]), json.dumps(prov, sort_keys=True), row_id))
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_provenance]
+def m003_prerank(db: sqlite3.Connection) -> None:
+    """Data-free summaries of adapters for selection's pre-rank (:mod:`warmstart._prerank`), keyed by
+    weights fingerprint and method. New and changed adapters get theirs when added; adapters catalogued
+    before get theirs when a selection first needs them (select computes and stores a missing one)."""
+    _script(db, """
+    CREATE TABLE preranks (
+        fingerprint TEXT NOT NULL,
+        method TEXT NOT NULL,              -- e.g. "svd2": top-2 singular triplets per module
+        data BLOB NOT NULL,                -- safetensors bytes
+        created_at REAL NOT NULL,
+        PRIMARY KEY (fingerprint, method)
+    )
+    """)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_provenance, m003_prerank]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -276,9 +291,11 @@ class Library:
                 return existing, "unchanged"
             self._write(f"UPDATE checkpoints SET {', '.join(f'{c}=?' for c in cols)} WHERE id=?",
                         [row[c] for c in cols] + [existing.id])
+            self.ensure_prerank(fp, ck.path, kind=ck.kind)
             return self._get_by_ref(ck.ref), "updated"
         self._write(f"INSERT INTO checkpoints ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
                     f"ON CONFLICT(ref) DO NOTHING", [row[c] for c in cols])
+        self.ensure_prerank(fp, ck.path, kind=ck.kind)
         return self._get_by_ref(ck.ref), "added"
 
     def _row_for(self, ck: Checkpoint, fp: str, sig: dict, *, task, tags, base, run,
@@ -425,6 +442,37 @@ class Library:
                   extra: dict | None = None) -> None:
         self._write("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?,?)",
                     (checkpoint_fp, dataset_fp, sample, metric, float(value), json.dumps(extra or {}), time.time()))
+
+    # -- pre-rank summaries (selection at scale) --------------------------
+    def prerank(self, fingerprint: str, method: str | None = None) -> bytes | None:
+        from ._prerank import METHOD
+
+        r = self.db.execute("SELECT data FROM preranks WHERE fingerprint=? AND method=?",
+                            (fingerprint, method or METHOD)).fetchone()
+        return bytes(r[0]) if r else None
+
+    def put_prerank(self, fingerprint: str, data: bytes, method: str | None = None) -> None:
+        from ._prerank import METHOD
+
+        self._write("INSERT OR REPLACE INTO preranks VALUES (?,?,?,?)",
+                    (fingerprint, method or METHOD, sqlite3.Binary(data), time.time()))
+
+    def ensure_prerank(self, fingerprint: str, path: str | Path, *, kind: str = "lora") -> bytes | None:
+        """The stored summary of an adapter, computed and stored first if missing (None: not a plain LoRA).
+        Computing it reads the factors once and decomposes r×r matrices: milliseconds per adapter."""
+        if kind != "lora":
+            return None
+        data = self.prerank(fingerprint)
+        if data is None:
+            from ._prerank import summarise
+
+            try:
+                data = summarise(path)
+            except WarmstartError:  # e.g. NaN factors: scoring the candidate reports it, with its path
+                return None
+            if data is not None:
+                self.put_prerank(fingerprint, data)
+        return data
 
     def scores(self, dataset_fp: str | None = None) -> list[dict]:
         sql, params = "SELECT * FROM scores", []

@@ -170,7 +170,8 @@ def _select_errors(opts: dict) -> list[str]:
         errs.append(f"select.scorer must be one of {', '.join(SCORERS)}, got {opts['scorer']!r}")
     elif opts.get("scorer") == "grad" and str(opts.get("metric", "loss")).replace("_", "-") != "loss":
         errs.append("select.scorer grad predicts the loss: use select.metric loss (--metric loss) with it")
-    for name, none_ok in (("n", True), ("k", False), ("optimize_budget", False)):
+    for name, none_ok in (("n", True), ("k", False), ("optimize_budget", False), ("shortlist", False),
+                          ("halving_rows", False), ("prerank_rows", False)):
         v = opts.get(name, 1)
         if not (v is None and none_ok) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             errs.append(f"select.{name} must be a positive integer{' or null (all rows)' if none_ok else ''}, "

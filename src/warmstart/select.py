@@ -11,6 +11,9 @@ target is a good donor to merge. Made cheap enough for hundreds of checkpoints:
   fingerprint, sample spec, metric), so a second run costs no forward pass;
 * ``scorer="grad"`` replaces the N evaluations by one backward pass at the base
   and N inner products (see :mod:`warmstart._gradproxy`);
+* ``scorer="halving"`` pre-ranks the candidates by their catalogued summaries against one
+  backward pass, then runs successive halving on the shortlist with the loss scorer
+  (:mod:`warmstart._halving`): cost nearly flat in the library's size;
 * ``weights="optimized"`` searches the donors' merge weights with CMA-ES on the
   same target sample (:mod:`warmstart.optimize`; LoRA mixtures are evaluated
   exactly, by scaling the active adapters) and records them for the merge;
@@ -44,7 +47,7 @@ METRICS = {
     "mc-accuracy": ("mc_accuracy_sum", True),
     "mc-accuracy-norm": ("mc_accuracy_norm", True),
 }
-SCORERS = ("loss", "grad")
+SCORERS = ("loss", "grad", "halving")
 DEFAULT_MAX_LENGTH = 512
 
 
@@ -81,6 +84,7 @@ class ScoreRow:
     score: float | None
     cached: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    rows: int | None = None  # sample rows the score is on (halving's early rounds); None: the whole sample
 
 
 def candidates_for(base: str | Path, library: Library | None, *, include_base: bool = True,
@@ -168,7 +172,7 @@ def score_candidates(target: TargetData, base: str | Path, candidates: Sequence[
     """
     cfg = config or ScoreConfig()
     key, _ = metric_key(cfg.metric)
-    if cfg.scorer not in SCORERS:
+    if cfg.scorer not in ("loss", "grad"):  # "halving" calls this with "loss" (select() dispatches it)
         raise ConfigError(f"unknown scorer {cfg.scorer!r}", hint="choose loss or grad")
     if cfg.scorer == "grad" and key != "loss":
         raise ConfigError("the gradient proxy predicts the loss; use --metric loss with --scorer grad")
@@ -380,6 +384,7 @@ class Selection:
     method: str | None = None  # set when the weights were searched for a method (optimized: task_arithmetic)
     params: dict | None = None
     own_gate: dict | None = None  # {min_gain, excluded: [{id, ref, metric, start, final, gain, from}]}
+    halving: dict | None = None  # scorer halving: shortlist, rounds, row evaluations, seconds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -537,6 +542,13 @@ def donor_weights(donors: Sequence[ScoreRow], entries: dict, spec: str, *, highe
     return compute_weights(scheme, n=len(donors), **kw), info
 
 
+def _stage(r: ScoreRow) -> dict:
+    """Halving's extra ranking fields: rows the score is on (0: pre-ranked out), the pre-score."""
+    if r.rows is None:
+        return {}
+    return {"rows": r.rows, **({"prescore": r.metrics["prescore"]} if "prescore" in r.metrics else {})}
+
+
 def _task_of(entries: dict, entry_id) -> str | None:
     e = entries.get(entry_id)
     return e.task if e is not None else None
@@ -544,11 +556,14 @@ def _task_of(entries: dict, entry_id) -> str | None:
 
 def build_selection(target: TargetData, base: str, rows: Sequence[ScoreRow], *, metric: str, scorer: str,
                     k: int, margin: float | None, weights: str, penalty: float,
-                    entries: dict, min_own_gain: float | None = None) -> Selection:
+                    entries: dict, min_own_gain: float | None = None, ordered: bool = False) -> Selection:
+    """``ordered``: ``rows`` are already best first (halving); donors come only from rows scored on
+    the whole sample."""
     _, hib = metric_key(metric)
-    ranked = rank_rows(rows, hib)
+    ranked = list(rows) if ordered else rank_rows(rows, hib)
     never = unlearned({r.id: entries.get(r.id) for r in ranked if r.kind != "base"}, min_own_gain)
-    donors = choose_donors(ranked, k=k, margin=margin, higher_is_better=hib, exclude=list(never))
+    donors = choose_donors([r for r in ranked if r.rows is None and r.score is not None], k=k, margin=margin,
+                           higher_is_better=hib, exclude=list(never))
     w, info = donor_weights(donors, entries, weights, higher_is_better=hib, penalty=penalty) if donors else ([], {
         "scheme": parse_weights(weights)[0]})
     from . import __version__
@@ -558,7 +573,7 @@ def build_selection(target: TargetData, base: str, rows: Sequence[ScoreRow], *, 
                 "format": target.format, "split": target.split, "n_examples": len(target)},
         base=str(base), metric=metric, scorer=scorer, higher_is_better=hib,
         ranking=[{"rank": i + 1, "id": r.id, "ref": r.ref, "kind": r.kind, "task": _task_of(entries, r.id),
-                  "score": r.score, "cached": r.cached} for i, r in enumerate(ranked)],
+                  "score": r.score, "cached": r.cached, **_stage(r)} for i, r in enumerate(ranked)],
         donors=[{"id": d.id, "ref": d.ref, "kind": d.kind, "task": _task_of(entries, d.id), "score": d.score,
                  "weight": wi} for d, wi in zip(donors, w)],
         weighting=info, k=k, margin=margin,
@@ -576,7 +591,8 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
            world_size: int | None = None, optimize_budget: int = 20,
            min_own_gain: float | None = DEFAULT_MIN_OWN_GAIN,
            progress: Callable[[str, Any], None] | None = None,
-           include_derived: bool = False) -> Selection | None:
+           include_derived: bool = False, shortlist: int = 8, halving_rows: int = 8,
+           prerank_rows: int = 16) -> Selection | None:
     """Load and sample the target, score the base and every compatible entry, choose donors.
 
     ``weights="optimized"`` then searches the donors' weights with CMA-ES
@@ -586,6 +602,8 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
     Returns None on ranks other than 0 of a multi-process run (they only score).
     ``compute_dtype="auto"`` scores in bfloat16 where the hardware runs it fast (float32
     logits and sums; see docs/select.md for the measured agreement), ``"float32"`` as before.
+    ``scorer="halving"``: pre-rank by catalogued summaries on ``prerank_rows`` rows, keep
+    ``shortlist``, successive halving from ``halving_rows`` rows (:mod:`warmstart._halving`).
     """
     metric_key(metric)
     parse_weights(weights)
@@ -597,21 +615,44 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
     if rank is None or world_size is None:
         rank, world_size = dist_env()
     cands = candidates_for(base, library, include_derived=include_derived)
-    cfg = ScoreConfig(metric=metric, scorer=scorer, batch_size=batch_size, max_length=max_length,
-                      mc_mode=mc_mode, dtype=dtype, compute_dtype=compute_dtype)
-    rows = score_candidates(data, base, cands, library=library, config=cfg, model=model, tokenizer=tokenizer,
-                            rank=rank, world_size=world_size, progress=progress)
+    halving = scorer == "halving"
+    cfg = ScoreConfig(metric=metric, scorer="loss" if halving else scorer, batch_size=batch_size,
+                      max_length=max_length, mc_mode=mc_mode, dtype=dtype, compute_dtype=compute_dtype)
+    entries = {c.id: c.entry for c in cands if c.entry is not None}
+    info = None
+    if halving:
+        rows, info = _select_halving(data, base, cands, library, cfg, k=k, shortlist=shortlist,
+                                     halving_rows=halving_rows, prerank_rows=prerank_rows, seed=seed,
+                                     world_size=world_size, min_own_gain=min_own_gain,
+                                     model=model, tokenizer=tokenizer, progress=progress)
+    else:
+        rows = score_candidates(data, base, cands, library=library, config=cfg, model=model, tokenizer=tokenizer,
+                                rank=rank, world_size=world_size, progress=progress)
     if rank != 0:
         return None
-    entries = {c.id: c.entry for c in cands if c.entry is not None}
     optimized = parse_weights(weights)[0] == "optimized"
     sel = build_selection(data, cands[0].ref, rows, metric=metric, scorer=scorer, k=k, margin=margin,
                           weights="uniform" if optimized else weights, penalty=penalty, entries=entries,
-                          min_own_gain=min_own_gain)
+                          min_own_gain=min_own_gain, ordered=halving)
+    sel.halving = info
     if optimized:
         optimize_weights(sel, data, {c.id: c.path for c in cands}, budget=optimize_budget, seed=seed,
                          batch_size=batch_size, max_length=max_length)
     return sel
+
+
+def _select_halving(data, base, cands, library, cfg, *, k, shortlist, halving_rows, prerank_rows, seed,
+                    world_size, min_own_gain, model, tokenizer, progress):
+    """Rows best first and the halving record. Candidates that can never be donors (own-task gate)
+    are left out of the pre-rank and the rounds: scoring them would only spend the budget."""
+    from . import _halving
+
+    if world_size > 1:
+        raise ConfigError("--scorer halving runs in one process", hint="launch it without accelerate/torchrun")
+    never = unlearned({c.id: c.entry for c in cands if c.kind != "base"}, min_own_gain)
+    return _halving.run(data, base, cands, library=library, cfg=cfg, hib=metric_key(cfg.metric)[1],
+                        keep=max(k, 2), shortlist=shortlist, min_rows=halving_rows, prerank_rows=prerank_rows,
+                        seed=seed, exclude=set(never), model=model, tokenizer=tokenizer, progress=progress)
 
 
 def optimize_weights(sel: Selection, data: TargetData, paths: dict, *, budget: int = 20, seed: int = 0,

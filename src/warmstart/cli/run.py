@@ -42,7 +42,7 @@ DEFAULTS = {
     "eval_every": "10", "eval_batch_size": "16", "eval_limit": "all rows", "max_length": "512",
     "precision": "auto", "scorer": "loss", "select_n": "256", "metric": "loss", "k": "2", "margin": "none",
     "weights": "uniform", "penalty": "1.0", "optimize_budget": "20", "min_own_gain": "0.02",
-    "own_gate": "own-gate", "mc_mode": "rank", "method": "linear",
+    "own_gate": "own-gate", "mc_mode": "rank", "shortlist": "8", "method": "linear",
     "lora_mode": "svd (all donors LoRA), else cat", "eval_fraction": "0.2", "eval_max": "200", "split_seed": "0",
 }
 
@@ -95,8 +95,11 @@ def run_cmd(
                            "reported as rows used / given).", panel=TRAIN),
     max_length: int = _opt("max_length", "--max-length", help="Token limit of a row.", panel=TRAIN),
     precision: str = _opt("precision", "--precision", help="auto, fp32, bf16, fp16.", panel=TRAIN),
-    scorer: str = _opt("scorer", "--scorer", help="loss (evaluate each candidate) or grad (first-order proxy, "
-                       "one backward pass).", panel=SELECT),
+    scorer: str = _opt("scorer", "--scorer", help="loss (evaluate each candidate), grad (first-order proxy, "
+                       "one backward pass) or halving (pre-rank, then successive halving: large libraries).",
+                       panel=SELECT),
+    shortlist: int = _opt("shortlist", "--shortlist", help="--scorer halving: candidates kept by the pre-rank.",
+                          panel=SELECT),
     select_n: int = _opt("select_n", "--select-n", help="Target rows sampled to score candidates (0 = all); the "
                          "selection cost grows with it.", panel=SELECT),
     metric: str = _opt("metric", "--metric", help="Selection metric: loss, accuracy, exact-match, mc-accuracy, "
@@ -138,7 +141,8 @@ def run_cmd(
     if lora_targets is not None:
         tr["lora_targets"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
     sel = _given(scorer=scorer, metric=metric, k=k, margin=margin, weights=weights, penalty=penalty,
-                 optimize_budget=optimize_budget, min_own_gain=min_own_gain, mc_mode=mc_mode)
+                 optimize_budget=optimize_budget, min_own_gain=min_own_gain, mc_mode=mc_mode,
+                 shortlist=shortlist)
     if select_n is not None:
         sel["n"] = select_n or None  # 0: every row
     if own_gate is False:

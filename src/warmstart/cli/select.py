@@ -42,7 +42,13 @@ def select_cmd(
     optimize_budget: int = typer.Option(20, "--optimize-budget",
                                         help="Evaluations of the weight search (with --weights optimized)."),
     penalty: float = typer.Option(1.0, "--penalty", help="MWA penalty exponent p."),
-    scorer: str = typer.Option("loss", "--scorer", help="loss (evaluate each) or grad (first-order proxy)."),
+    scorer: str = typer.Option("loss", "--scorer", help="loss (evaluate each), grad (first-order proxy) or "
+                               "halving (pre-rank by catalogued summaries, then successive halving; for "
+                               "large libraries, docs/select.md)."),
+    shortlist: int = typer.Option(8, "--shortlist", help="halving: candidates kept by the pre-rank."),
+    halving_rows: int = typer.Option(8, "--halving-rows", help="halving: rows of the first round (doubled "
+                                     "each round)."),
+    prerank_rows: int = typer.Option(16, "--prerank-rows", help="halving: rows of the pre-rank's backward pass."),
     min_own_gain: float = typer.Option(0.02, "--min-own-gain",
                                        help="A donor must have gained at least this on its own task in its own "
                                        "training (accuracy points, or relative loss fall; docs/select.md)."),
@@ -73,7 +79,8 @@ def select_cmd(
     from ..library import Library
     from ..select import dist_env, select
 
-    _check_numbers(batch_size=batch_size, max_length=max_length, n=n, k=k, optimize_budget=optimize_budget)
+    _check_numbers(batch_size=batch_size, max_length=max_length, n=n, k=k, optimize_budget=optimize_budget,
+                   shortlist=shortlist, halving_rows=halving_rows, prerank_rows=prerank_rows)
     rank, world = dist_env()
     if out_file is not None and rank == 0:
         check_output(out_file, force=force, inputs=[target, library_path(library), *_local(base)])
@@ -92,7 +99,8 @@ def select_cmd(
                      mc_style=mc_style, batch_size=batch_size, max_length=max_length, mc_mode=mc_mode,
                      dtype=dtype, compute_dtype=compute_dtype, optimize_budget=optimize_budget,
                      min_own_gain=min_own_gain if own_gate else None, progress=progress,
-                     include_derived=include_derived)
+                     include_derived=include_derived, shortlist=shortlist, halving_rows=halving_rows,
+                     prerank_rows=prerank_rows)
     if sel is None:  # another rank writes the result
         return
     if out_file is not None:
@@ -176,7 +184,10 @@ def ranking_table(sel) -> Table:
         t.add_column(c, justify="right" if c in ("rank", "score", "donor weight") else "left", overflow="fold")
     for r in sel.ranking:
         w = donors.get(r["id"])
-        t.add_row(str(r["rank"]), str(r["id"]), r["kind"], f"{r['score']:.4f}", "yes" if r["cached"] else "",
+        score = "" if r["score"] is None else f"{r['score']:.4f}"  # halving: pre-ranked out, never scored
+        if r.get("rows"):
+            score += f" ({r['rows']} rows)"
+        t.add_row(str(r["rank"]), str(r["id"]), r["kind"], score, "yes" if r["cached"] else "",
                   "" if w is None else f"{w:.3f}", checkpoint_label(r))
     return t
 
@@ -191,7 +202,12 @@ def checkpoint_label(row: dict) -> str:
 
 def _summary(sel, out_file: Path | None) -> None:
     n_cached = sum(r["cached"] for r in sel.ranking)
-    err.print(f"{len(sel.ranking)} scored ({n_cached} from cache), {len(sel.donors)} donor(s) chosen")
+    n_scored = sum(r["score"] is not None for r in sel.ranking)
+    err.print(f"{n_scored} scored ({n_cached} from cache), {len(sel.donors)} donor(s) chosen")
+    if sel.halving:
+        h = sel.halving
+        err.print(f"halving: {h['prescored']} of {h['candidates']} pre-ranked, rounds "
+                  + ", ".join(f"{r['candidates']}×{r['rows']} rows" for r in h["rounds"]) + f" ({h['seconds']:.1f} s)")
     for x in (sel.own_gate or {}).get("excluded", []):
         err.print(f"not a donor: {Path(x['ref']).name} never learned its own task ({x['metric']} {x['start']:.4f} "
                   f"→ {x['final']:.4f} in its {x['from']}; --min-own-gain {sel.own_gate['min_gain']})")
