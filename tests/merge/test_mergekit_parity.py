@@ -42,6 +42,7 @@ def test_case_matches_mergekit(name, tmp_path):
     for key in ("num_hidden_layers", "vocab_size", "dtype"):  # what mergekit writes into the config
         if key in ref["config"]:
             assert cfg.get(key) == ref["config"][key], (key, cfg.get(key), ref["config"][key])
+    assert not harness.tokenizer_problems(out, ref)  # vocabulary (token → id) and chat template, where recorded
 
 
 def test_ulps_metric():
@@ -58,3 +59,12 @@ def test_ulps_metric():
 def test_fixtures_are_small():
     size = sum(f.stat().st_size for f in FIX.rglob("*") if f.is_file())
     assert size < 5_000_000, f"mergekit fixtures are {size / 1e6:.1f} MB"
+
+
+def test_tokenizer_problems_metric():
+    chatml, base = harness.MODELS / "tok_chatml", harness.MODELS / "tok_base"
+    facts = harness.tokenizer_facts(chatml)
+    assert len(facts["vocab"]) == 66 and facts["vocab"]["<|im_start|>"] == 64 and facts["chat_template"] is None
+    assert harness.tokenizer_problems(chatml, facts) == [] and harness.tokenizer_problems(chatml, {}) == []
+    bad = harness.tokenizer_problems(base, {**facts, "chat_template": "{{ x }}"})
+    assert len(bad) == 2 and bad[0].startswith("vocabulary differs (64 vs 66")
