@@ -52,18 +52,9 @@ CASES = {  # name: (merge_method, base, [(model, weight)], extra top-level keys,
 
 
 def build(root: Path) -> None:
-    import tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    def tok(vocab_size, added):
-        names = ["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, vocab_size)]
-        t = tokenizers.Tokenizer.from_str(json.dumps({"version": "1.0", "model": {
-            "type": "BPE", "vocab": dict(zip(names, range(vocab_size))), "merges": []}, "added_tokens": []}))
-        with tempfile.TemporaryDirectory() as p:
-            t.save(os.path.join(p, "tokenizer.json"))
-            res = LlamaTokenizerFast(tokenizer_file=os.path.join(p, "tokenizer.json"))
-        res.add_tokens(added)
-        return res
+    from warmstart.testing import make_plain_tokenizer as tok
 
     for name, rows, added, seed in [("model_base", 64, [], 0), ("model_chatml", 66, ["<|im_start|>", "<|im_end|>"], 1),
                                     ("model_padded", 64, [f"<UNUSED_{i}>" for i in range(4)], 2),

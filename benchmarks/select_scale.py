@@ -42,15 +42,9 @@ TASKS_DEFAULT = "country_es"
 
 
 def _data(work: Path, task: str) -> tuple[Path, Path]:
-    from warmstart.bench.tasks import generate
-    from warmstart.testing import write_jsonl
+    from warmstart.bench.tasks import write_tasks
 
-    d = work / "data" / task
-    if not (d / "test.jsonl").exists():
-        d.mkdir(parents=True, exist_ok=True)
-        rows = generate(task)
-        for split in ("train", "test"):
-            write_jsonl(d / f"{split}.jsonl", rows[split])
+    d = write_tasks(work / "data", [task])[task]
     return d / "train.jsonl", d / "test.jsonl"
 
 

@@ -5,8 +5,6 @@ compares the same configs with mergekit itself)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import pytest
 import torch
@@ -18,17 +16,9 @@ from warmstart.merge.tokenizer import tokenizer_problems
 
 
 def _tok(vocab_size, added):
-    import tokenizers
-    from transformers import LlamaTokenizerFast
+    from warmstart.testing import make_plain_tokenizer
 
-    names = ["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, vocab_size)]
-    t = tokenizers.Tokenizer.from_str(json.dumps({"version": "1.0", "model": {
-        "type": "BPE", "vocab": dict(zip(names, range(vocab_size))), "merges": []}, "added_tokens": []}))
-    with tempfile.TemporaryDirectory() as p:
-        t.save(os.path.join(p, "tokenizer.json"))
-        res = LlamaTokenizerFast(tokenizer_file=os.path.join(p, "tokenizer.json"))
-    res.add_tokens(added)
-    return res
+    return make_plain_tokenizer(vocab_size, added)
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,25 @@ def make_tokenizer(out: str | Path | None = None, vocab_size: int = 320):
     return fast
 
 
+def make_plain_tokenizer(vocab_size: int, added=()):
+    """A Llama fast tokenizer whose vocabulary is ``<unk> <s> </s> _tok_3 … _tok_{n-1}`` plus ``added``
+    tokens (mergekit's tokenizer tests build theirs this way: one id per token, no merges)."""
+    import os
+    import tempfile
+
+    import tokenizers
+    from transformers import LlamaTokenizerFast
+
+    names = ["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, vocab_size)]
+    t = tokenizers.Tokenizer.from_str(json.dumps({"version": "1.0", "model": {
+        "type": "BPE", "vocab": dict(zip(names, range(vocab_size))), "merges": []}, "added_tokens": []}))
+    with tempfile.TemporaryDirectory() as d:
+        t.save(os.path.join(d, "tokenizer.json"))
+        tok = LlamaTokenizerFast(tokenizer_file=os.path.join(d, "tokenizer.json"))
+    tok.add_tokens(list(added))
+    return tok
+
+
 def tiny_config(vocab_size: int, **overrides):
     from transformers import LlamaConfig
 
