@@ -102,8 +102,9 @@ def tree_mask(question, option, dtype):
 
 def score_packed(model, groups: list[list[dict]], *, pad_id: int, batch_size: int = 16,
                  progress: Callable[[int], None] | None = None, fallback: Callable | None = None,
-                 compute_dtype: str | None = None) -> list:
-    """RowScores of every row of every group, flat in input order.
+                 compute_dtype: str | None = None, result: Callable) -> list:
+    """Scores of every row of every group, flat in input order: ``result(logprob, n_tokens, n_correct)``
+    for packed rows (evaluate passes its RowScore; this module stays below it), ``fallback``'s for the rest.
 
     Questions are sorted by prompt tokens and cut into rows of about ``batch_size``
     options (the per-option path's unit), one row per forward.
@@ -111,7 +112,6 @@ def score_packed(model, groups: list[list[dict]], *, pad_id: int, batch_size: in
     import torch
 
     from ._precision import compute
-    from .evaluate import RowScore
 
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     packed = [pack(g) if impl in _MASKABLE else None for g in groups]
@@ -137,7 +137,7 @@ def score_packed(model, groups: list[list[dict]], *, pad_id: int, batch_size: in
                 scores = _score_batch(model, [packed[gi] for gi in batch], pad_id, device)
                 for gi, per in zip(batch, scores):
                     for i, (lp, n, hit) in enumerate(per):
-                        out[offsets[gi] + i] = RowScore(lp, n, hit)
+                        out[offsets[gi] + i] = result(lp, n, hit)
                 if progress:
                     progress(sum(len(groups[gi]) for gi in batch))
     finally:

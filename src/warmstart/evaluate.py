@@ -164,7 +164,7 @@ def mc_option_scores(model, tokenizer, data: TargetData, *, batch_size: int = 16
         groups.append(rows[k:k + len(ex.options)])
         k += len(ex.options)
     return score_packed(model, groups, pad_id=pad, batch_size=batch_size, progress=progress, compute_dtype=cd,
-                        fallback=lambda rs: score_rows(model, rs, pad_id=pad, batch_size=batch_size,
+                        result=RowScore, fallback=lambda rs: score_rows(model, rs, pad_id=pad, batch_size=batch_size,
                                                        compute_dtype=cd))
 
 
