@@ -18,7 +18,6 @@ Why hand-written I/O (instead of ``safe_open`` + ``save_file``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -27,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write_json
-from .checkpoints import TensorMeta
-from .errors import IncompatibleError
+from .._io import atomic_write_json
+from ..errors import IncompatibleError
+from .digests import tensor_digest
+from .dtypes import st_to_torch, torch_to_st
+from .headers import TensorMeta
 
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+ST_DTYPES = st_to_torch()  # from the one dtype table (.dtypes)
+TORCH_TO_ST = torch_to_st()
 
 
 # ----------------------------------------------------------------------------
@@ -63,11 +62,8 @@ class PreadReader:
             if n <= 0:
                 raise IncompatibleError(f"file ended while reading tensor {m.name!r}", path=m.file)
             done += n
-        if digests is not None:  # same digest as checkpoints.DigestCache, so fingerprints match the library's
-            h = hashlib.blake2b(digest_size=16)
-            h.update(f"{m.dtype}{list(m.shape)}".encode())
-            h.update(view)
-            digests[m.name] = h.hexdigest()
+        if digests is not None:  # the DigestCache's digest, so fingerprints match the library's
+            digests[m.name] = tensor_digest(m, view)
         if m.dtype not in ST_DTYPES:
             raise IncompatibleError(f"tensor {m.name!r} has dtype {m.dtype}, which cannot be merged", path=m.file)
         t = buf.view(ST_DTYPES[m.dtype]).reshape(m.shape)
@@ -88,7 +84,7 @@ class PreadReader:
 def shard_layout(entries: list[tuple[str, torch.dtype, tuple]], shard_bytes: int) -> list[list]:
     shards, cur, size = [], [], 0
     for name, dt, shape in entries:
-        nb = numel(shape) * torch.empty(0, dtype=dt).element_size()
+        nb = numel(shape) * dt.itemsize
         if cur and size + nb > shard_bytes:
             shards.append(cur)
             cur, size = [], 0
