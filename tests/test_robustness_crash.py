@@ -184,11 +184,11 @@ def test_merge_killed_at_random_times(cli, models, merged_ref, tmp_path):
 @pytest.mark.slow
 def test_transfer_killed_mid_write_then_rerun_matches(cli, models, tmp_path):
     argv = ["transfer", "--base-old", models / "base", "--finetuned", models / "ft_a", "--base-new",
-            models / "ft_b", "--max-shard-size", "8KB", "--alpha", "0.5,1.0"]
+            models / "ft_b", "--shard-size", "8KB", "--alpha", "0.5,1.0"]
     ref = tmp_path / "ref"
     assert cli(*argv, "--out", ref).code == 0
     out = tmp_path / "moved"
-    assert_killed(tmp_path, "warmstart._tensorio:ShardWriter.put#30", *argv, "--out", out)
+    assert_killed(tmp_path, "warmstart.checkpoints.streaming:ShardWriter.put#30", *argv, "--out", out)
     assert not out.exists() and leftovers(tmp_path)
     r = cli(*argv, "--out", out)
     assert r.code == 0, r.err

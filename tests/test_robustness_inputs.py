@@ -201,7 +201,8 @@ def test_transfer_adapter_naming_another_base_warns(cli, z, tmp_path):
     (["--alpha", "nan"], ["alpha"]),
     (["--dtype", "int4"], ["int4"]),
     (["--compute-dtype", "float16"], ["float16"]),
-    (["--max-shard-size", "lots"], ["lots"]),
+    (["--shard-size", "lots"], ["lots"]),
+    (["--max-shard-size", "lots"], ["lots"]),  # the deprecated alias
 ])
 def test_transfer_bad_flags(cli, z, tmp_path, extra, needles):
     out = tmp_path / "moved"

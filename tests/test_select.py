@@ -390,3 +390,22 @@ def test_compute_dtype_is_part_of_the_cache_key(zoo, models, lib):
     with pytest.raises(ConfigError, match="compute dtype"):
         select(zoo / "target.jsonl", models / "base", library=lib, n=8, model=model, tokenizer=tok,
                compute_dtype="int8")
+
+
+def test_select_opens_the_base_once(zoo, models, lib, monkeypatch):
+    """#12: candidates, the catalog query, the model load and the restore after full candidates share
+    one opened base (before: opened and fingerprinted three times, four with a model to load)."""
+    import warmstart.checkpoints.checkpoint as ckmod
+
+    base = (models / "base").resolve()
+    real, opened = ckmod._open_full, []
+
+    def counting(ref, d, allow_pickle):
+        if d == base:
+            opened.append(ref)
+        return real(ref, d, allow_pickle)
+
+    monkeypatch.setattr(ckmod, "_open_full", counting)
+    sel = select(zoo / "target.jsonl", models / "base", library=lib, n=4, k=1)
+    assert any(r["kind"] == "full" for r in sel.ranking)  # the restore after a full candidate ran too
+    assert len(opened) == 1

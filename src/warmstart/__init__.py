@@ -25,7 +25,7 @@ from .errors import (
 )
 from .library import Entry, Library
 
-__version__ = "0.1.0"
+from .provenance import __version__  # noqa: E402
 
 __all__ = [
     "Checkpoint",

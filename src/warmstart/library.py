@@ -418,7 +418,7 @@ class Library:
             raise CheckpointError("--compatible-with needs a full base model, got a LoRA adapter", path=base_ck.path)
         sig = base_ck.signature_hash()
         fp = base_ck.fingerprint()
-        names = {str(base_ref), str(base_ck.path), base_ck.ref}
+        names = {str(base_ck.path), base_ck.ref} | (set() if isinstance(base_ref, Checkpoint) else {str(base_ref)})
         ph = ",".join("?" * len(names))
         return (f"((kind='full' AND arch_signature=?) OR "
                 f"(kind='lora' AND (base_fingerprint=? OR base_model IN ({ph}))))", [sig, fp, *names])

@@ -31,6 +31,7 @@ from pathlib import Path
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from .checkpoints import load_causal_lm, load_tokenizer, open_checkpoint
 from .errors import ConfigError, IncompatibleError
+from .provenance import update_artefact, versions
 
 METRICS = {"loss": "loss", "accuracy": "token_accuracy", "mc-accuracy": "mc_accuracy"}
 WEIGHT_BOUND = 1.5  # LoraHub's search box is [-1.5, 1.5]; without negatives, [0, 1.5]
@@ -389,32 +390,14 @@ def _save_model(d: Path, result: OptimizeResult) -> None:
     evaluated in memory; LoRA: an adapter-space ``cat`` merge, exact like the search's
     scaled mixture (rank Σrᵢ).
     """
-    import json
-
     from .merge import MergePlan, merge
 
     merge(MergePlan.from_dict(_plan_dict(result)), d)
     best = result.search.best
     extra = {"optimize": {"metric": result.metric, "targets": result.targets,
                           "costs_uniform": result.search.uniform.costs, "costs": best.costs,
-                          "n_evaluations": len(result.search.evaluations), "cma": _versions()["cma"]}}
-    meta_path = d / "warmstart.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    atomic_write_json(meta_path, {**meta, **extra})
-    with open(d / "README.md", "a") as f:
-        f.write(_card_section(result))
-
-
-def _versions() -> dict[str, str]:
-    import cma
-    import peft
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"warmstart": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "cma": cma.__version__}
+                          "n_evaluations": len(result.search.evaluations), "cma": versions().get("cma")}}
+    update_artefact(d, extra, _card_section(result))
 
 
 def _card_section(result: OptimizeResult) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 from ._io import atomic_dir, atomic_write_json, output_root, read_json
 from .errors import ConfigError
+from .provenance import versions
 
 STAGES = ("split", "select", "merge", "warm", "baseline", "report")
 ALL_RANKS = ("select", "warm", "baseline")  # stages every process of a multi-process launch takes part in
@@ -377,8 +378,6 @@ def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
         for name in STAGES:
             shutil.rmtree(ctx.rd.stage(name), ignore_errors=True)
     ctx.rd.root.mkdir(parents=True, exist_ok=True)
-    from .train import versions
-
     atomic_write_json(path, {**info, "base": base_ref, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "versions": versions()})
 

@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from . import _gradproxy
-from .checkpoints import load_causal_lm, load_tokenizer, open_checkpoint
+from .checkpoints import Checkpoint, load_causal_lm, load_tokenizer, open_checkpoint
 from .data import TargetData, load_target
 from .errors import CheckpointError, ConfigError, IncompatibleError, WarmstartError
 from .evaluate import evaluate, n_rows
 from .library import Entry, Library
+from .provenance import __version__
 
 # CLI metric name -> (evaluate()'s key, higher is better)
 METRICS = {
@@ -87,7 +88,7 @@ class ScoreRow:
     rows: int | None = None  # sample rows the score is on (halving's early rounds); None: the whole sample
 
 
-def candidates_for(base: str | Path, library: Library | None, *, include_base: bool = True,
+def candidates_for(base: str | Path | Checkpoint, library: Library | None, *, include_base: bool = True,
                    ids: Sequence[int] | None = None, include_derived: bool = False) -> list[Candidate]:
     """The base plus every library entry compatible with it (files present), sorted by id.
 
@@ -343,7 +344,8 @@ def load_full_into(model, ref: str | Path) -> None:
     """
     import torch
 
-    reader = open_checkpoint(ref).weights()
+    ck = open_checkpoint(ref)
+    reader, ref = ck.weights(), ck.path  # ref: may be an opened Checkpoint; errors name its directory
     sd = model.state_dict()
     groups: dict[int, list[str]] = {}
     for k, t in sd.items():
@@ -566,8 +568,6 @@ def build_selection(target: TargetData, base: str, rows: Sequence[ScoreRow], *, 
                            higher_is_better=hib, exclude=list(never))
     w, info = donor_weights(donors, entries, weights, higher_is_better=hib, penalty=penalty) if donors else ([], {
         "scheme": parse_weights(weights)[0]})
-    from . import __version__
-
     return Selection(
         target={"path": str(target.path), "fingerprint": target.fingerprint(), "sample": target.sample_spec,
                 "format": target.format, "split": target.split, "n_examples": len(target)},
@@ -582,7 +582,7 @@ def build_selection(target: TargetData, base: str, rows: Sequence[ScoreRow], *, 
         created={"warmstart": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
-def select(target: str | Path | TargetData, base: str | Path, *, library: Library | None = None,
+def select(target: str | Path | TargetData, base: str | Path | Checkpoint, *, library: Library | None = None,
            metric: str = "loss", n: int | None = 256, seed: int = 0, k: int = 2, margin: float | None = None,
            weights: str = "uniform", penalty: float = 1.0, scorer: str = "loss", split: str | None = None,
            format: str | None = None, mc_style: str = "text", batch_size: int = 16,
@@ -614,6 +614,9 @@ def select(target: str | Path | TargetData, base: str | Path, *, library: Librar
     data = data.sample(n, seed)
     if rank is None or world_size is None:
         rank, world_size = dist_env()
+    # Opened once and passed down: the candidates, the catalog query, the model load and the restore
+    # after full candidates all use this one checkpoint (and its memoised fingerprint).
+    base = open_checkpoint(base)
     cands = candidates_for(base, library, include_derived=include_derived)
     halving = scorer == "halving"
     cfg = ScoreConfig(metric=metric, scorer="loss" if halving else scorer, batch_size=batch_size,

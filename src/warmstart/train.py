@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
 import shutil
 import tempfile
 import time
@@ -31,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output, read_config
+from ._io import atomic_dir, atomic_write_json, check_output, read_config
 from .checkpoints import load_causal_lm, load_tokenizer
 from .errors import CheckpointError, ConfigError, IncompatibleError
+from .provenance import versions, write_artefact  # versions: re-exported (train.versions callers)
 from .report import Curve
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -421,17 +421,6 @@ def _describe_init(init: Path, adapter: Path | None, cfg: TrainConfig) -> dict:
             "method": "full" if cfg.full else ("continue-adapter" if adapter else "new-lora")}
 
 
-def versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"warmstart": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
-
-
 def _save(trainer, tokenizer, tmp: Path, *, kind, init, adapter, cfg, curve, train_data, eval_data,
           task=None) -> None:
     trainer.save_model(str(tmp))  # adapter_model.safetensors for PEFT, model.safetensors for full
@@ -455,8 +444,7 @@ def _save(trainer, tokenizer, tmp: Path, *, kind, init, adapter, cfg, curve, tra
             "final": curve.points[-1] if curve.points else None, "train_time_s": curve.train_time_s,
             "trainable_params": curve.meta.get("trainable_params"),
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write_json(tmp / "warmstart.json", meta)
-    atomic_write_text(tmp / "README.md", _model_card(meta))
+    write_artefact(tmp, meta, _model_card(meta))
 
 
 def _abs(path: str) -> str:

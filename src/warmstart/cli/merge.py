@@ -76,7 +76,7 @@ def merge_cmd(
     input_dtype: str = typer.Option(None, "--input-dtype", help="Round every input to this dtype before the "
                                     "math, as mergekit's `dtype:` (a mergekit YAML sets it); `none`: math in "
                                     "float32 on the inputs as stored, --dtype the output only (warmstart's)."),
-    shard_size: str = typer.Option(None, "--shard-size", help="Max shard size, e.g. 2GB."),
+    shard_size: str = typer.Option(None, "--shard-size", help="Largest output shard, e.g. 2GB (= 2·10⁹ bytes)."),
     lora_mode: str = typer.Option(None, "--lora-mode", help="Adapters: cat (exact), svd (rank-r), factors."),
     rank: int = typer.Option(None, "--rank", help="Rank of an svd-merged adapter (default: the sources' rank)."),
     lora_scaling: float = typer.Option(None, "--lora-scaling", help="alpha/r of a cat/svd-merged adapter "

@@ -60,7 +60,9 @@ def transfer_cmd(
     vocab_new_rows: str = typer.Option("base", "--vocab-new-rows",
                                        help="Rows of tokens the old base lacks: from the new 'base' or the 'finetuned' model."),
     config_from: str = typer.Option("new", "--config-from", help="Config and chat template from the 'new' base or the 'finetuned' model."),
-    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output shard."),
+    shard_size: str = typer.Option("2GB", "--shard-size", help="Largest output shard, e.g. 2GB (= 2·10⁹ bytes)."),
+    max_shard_size: str = typer.Option(None, "--max-shard-size", hidden=True,
+                                       help="Deprecated alias of --shard-size (now decimal units too)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print the compatibility report only; write nothing."),
     allow_pickle: bool = AllowPickleOpt,
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
@@ -80,6 +82,10 @@ def transfer_cmd(
 
     from ..transfer import transfer
 
+    if max_shard_size is not None:
+        err.print("[yellow]warning:[/] --max-shard-size is deprecated: use --shard-size (decimal units, "
+                  "2GB = 2·10⁹ bytes, as warmstart merge)")
+
     if out_dir is None and not dry_run:
         raise ConfigError("--out is required (or pass --dry-run for the report only)")
 
@@ -95,8 +101,8 @@ def transfer_cmd(
 
         report = transfer(base_old, finetuned, base_new, out_dir, alpha=alpha, dtype=dtype,
                           compute_dtype=compute_dtype, vocab_new_rows=vocab_new_rows, config_from=config_from,
-                          max_shard_size=max_shard_size, dry_run=dry_run, force=force, allow_pickle=allow_pickle,
-                          allow_nonfinite=allow_nonfinite, on_tensor=tick, on_plan=show_plan)
+                          shard_size=max_shard_size or shard_size, dry_run=dry_run, force=force,
+                          allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, on_tensor=tick, on_plan=show_plan)
     if json_out:
         print_json(report.to_dict())
     else:

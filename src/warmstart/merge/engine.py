@@ -1,6 +1,6 @@
 """Streaming merge of full models: tensor by tensor, bounded memory, sharded atomic output.
 
-Reading and writing go through :mod:`warmstart._tensorio` (pread in, streamed
+Reading and writing go through :mod:`warmstart.checkpoints.streaming` (pread in, streamed
 shards out; why hand-written: see there). Reads for the next tensor run in a
 thread pool while the current one is merged, and a writer thread appends
 results; the GIL is released in pread, write, hashing and torch kernels, so
@@ -11,7 +11,6 @@ The per-tensor math is :mod:`.methods`; LoRA inputs go to :mod:`.lora`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -25,12 +24,15 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_dir, atomic_write_json, check_output
-from .._tensorio import ST_DTYPES, PreadReader, ShardWriter, numel, shard_layout
-from ..checkpoints import (Checkpoint, TensorMeta, _check_finite, check_adapter_fits, check_adapters_agree,
-                           open_checkpoint)
+from ..checkpoints import Checkpoint, TensorMeta, check_adapter_fits, check_adapters_agree, open_checkpoint
+from ..checkpoints import check_finite as _check_finite
+from ..checkpoints.digests import default_digest_cache
+from ..checkpoints.dtypes import FLOAT_DTYPES
+from ..checkpoints.streaming import ST_DTYPES, PreadReader, ShardWriter, numel, shard_layout
 from ..errors import ConfigError, IncompatibleError
+from ..provenance import parse_size, versions, write_artefact
 from .methods import get_method, tensor_seed, validate
-from .plan import MergePlan, parse_size
+from .plan import MergePlan
 from .settings import as_number, is_plain, resolve
 from .weights import compute_weights
 
@@ -162,10 +164,10 @@ def plan_tensors(plan: MergePlan, donors: list[Checkpoint], ref: Checkpoint, use
     ref_meta = ref.weights().meta
     items, missing = [], []
     for name, rm in ref_meta.items():
-        out_dtype = _dtype(plan.dtype, ST_DTYPES.get(rm.dtype, torch.float32)) if rm.dtype in (
-            "F32", "F16", "BF16", "F64") else ST_DTYPES[rm.dtype]
+        out_dtype = _dtype(plan.dtype, ST_DTYPES.get(rm.dtype, torch.float32)) if rm.dtype in FLOAT_DTYPES \
+            else ST_DTYPES[rm.dtype]
         item = _Item(name, out_dtype, rm.shape, rm, [])
-        if rm.dtype not in ("F32", "F16", "BF16", "F64"):
+        if rm.dtype not in FLOAT_DTYPES:
             item.action, item.note = "copied", "not a float tensor: copied from the reference"
             items.append(item)
             continue
@@ -573,8 +575,6 @@ def _stream(plan, method, items, donors, ref, use_base, tmp, result, progress) -
 
 def _digests_cached(ck: Checkpoint) -> bool:
     """True when the digest cache is current for every weight file (a lookup, no hashing)."""
-    from ..checkpoints import default_digest_cache
-
     if ck.pickle:
         return True  # pickle checkpoints are fingerprinted by Checkpoint.fingerprint itself
     try:
@@ -586,8 +586,6 @@ def _digests_cached(ck: Checkpoint) -> bool:
 
 def _store_digests(ck: Checkpoint, digests: dict | None) -> None:
     """Hand the digests computed while reading to the cache, one file at a time."""
-    from ..checkpoints import default_digest_cache
-
     if not digests or ck.pickle:
         return
     try:
@@ -644,11 +642,7 @@ def _module_summary(tensors: list[TensorReport]) -> dict[str, dict]:
 def _input_info(ck: Checkpoint, digests: dict | None, role: str) -> dict:
     names = ck.weights().meta
     if digests is not None and set(digests) >= set(names) and not ck.pickle:
-        h = hashlib.blake2b(digest_size=16)  # Checkpoint.fingerprint, from the bytes we already read
-        h.update(ck.kind.encode())
-        for name in sorted(names):
-            h.update(f"{name}={digests[name]};".encode())
-        fp = h.hexdigest()
+        fp = ck.fingerprint(digests=digests)  # from the bytes we already read
     else:
         fp = ck.fingerprint()
     m = ck.metrics
@@ -680,30 +674,25 @@ def _copy_config(plan: MergePlan, default_src: Checkpoint, tmp: Path, items: lis
 # Model card + warmstart.json
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("warmstart", "torch", "transformers", "safetensors", "peft"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def _fmt(v) -> str:
     return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def write_card(tmp: Path, plan: MergePlan, result: MergeResult, *, kind: str = "model") -> None:
-    """README.md (human) + warmstart.json (machine) describing how the output was made."""
-    versions = _versions()
-    meta = {"made_by": "warmstart merge", "kind": kind, "plan": plan.to_dict(), "versions": versions,
+def write_card(tmp: Path, plan: MergePlan, result: MergeResult, *, kind: str = "model",
+               base_model: str | None = None) -> None:
+    """README.md (human) + warmstart.json (machine) describing how the output was made.
+    ``base_model``: recorded as such (an adapter's base); else the base input's path, if any."""
+    vs = versions()
+    meta = {"made_by": "warmstart merge", "kind": kind, "plan": plan.to_dict(), "versions": vs,
             **{k: v for k, v in result.to_dict().items() if k not in ("tensors", "out", "modules")}}
     if result.inputs and result.inputs[0]["role"] == "base":
         meta["base_model"] = result.inputs[0]["path"]
-    atomic_write_json(tmp / "warmstart.json", meta)
+    if base_model is not None or kind == "adapter":
+        meta["base_model"] = base_model
+    write_artefact(tmp, meta, _card_lines(plan, result, kind, vs))
+
+
+def _card_lines(plan: MergePlan, result: MergeResult, kind: str, versions: dict) -> list[str]:
     rows = "\n".join(f"| {i['role']} | `{i['ref']}` | {_fmt(i.get('weight'))} | `{i['fingerprint'][:16]}` | "
                      f"{_fmt(i.get('final_loss'))} | {_fmt(i.get('global_step'))} |" for i in result.inputs)
     counts: dict[str, int] = {}
@@ -728,7 +717,7 @@ def write_card(tmp: Path, plan: MergePlan, result: MergeResult, *, kind: str = "
         lines += [f"| `{k}` | {v:.3g} |" for k, v in result.lora_errors.items()] + [""]
     lines += ["## Recipe", "", "```yaml", plan.to_yaml().rstrip(), "```", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
-    (tmp / "README.md").write_text("\n".join(lines))
+    return lines
 
 
 __all__ = ["MergeResult", "TensorReport", "merge", "plan_tensors", "resolve_weights", "write_card"]

@@ -24,6 +24,7 @@ import torch
 from .._io import atomic_dir, atomic_write_json, check_output
 from ..checkpoints import open_checkpoint
 from ..errors import CheckpointError, ConfigError, IncompatibleError
+from ..provenance import write_artefact
 
 
 @dataclass
@@ -213,12 +214,15 @@ def _write(tmp: Path, tensors: dict, cfg: dict, ft, bs, result: ExtractResult) -
 
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     atomic_write_json(tmp / "adapter_config.json", cfg)
-    atomic_write_json(tmp / "warmstart.json", {"made_by": "warmstart extract-lora", "kind": "lora",
-                                               "model": str(ft.path), "base_model": str(bs.path),
-                                               **{k: v for k, v in result.to_dict().items() if k != "out"}})
+    meta = {"made_by": "warmstart extract-lora", "kind": "lora", "model": str(ft.path), "base_model": str(bs.path),
+            **{k: v for k, v in result.to_dict().items() if k != "out"}}
+    write_artefact(tmp, meta, _card(cfg, ft, bs, result))
+
+
+def _card(cfg: dict, ft, bs, result: ExtractResult) -> str:
     worst = max(m["rel_error"] for m in result.modules.values())
     rows = "\n".join(f"| `{n}` | {m['rank']} | {m['rel_error']:.3g} |" for n, m in result.modules.items())
-    (tmp / "README.md").write_text(
+    return (
         f"---\nlibrary_name: peft\nbase_model: {bs.path}\ntags: [warmstart, extract-lora]\n---\n\n"
         f"# LoRA extracted from `{ft.path}`\n\nMade with `warmstart extract-lora`: ΔW = model − base, truncated "
         f"SVD at rank ≤ {result.rank} per Linear module (lora_alpha = r, scaling 1). Saved whole: "

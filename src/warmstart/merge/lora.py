@@ -28,7 +28,6 @@ in the result and the model card.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import Counter
@@ -213,9 +212,9 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
 
 
 def _st_dtype(st: str) -> torch.dtype:
-    from .._tensorio import ST_DTYPES
+    from ..checkpoints.dtypes import st_to_torch
 
-    return ST_DTYPES.get(st, torch.float32)
+    return st_to_torch().get(st, torch.float32)
 
 
 def _linear_coefs(method: str, weights: list[float], params: dict) -> list[float]:
@@ -288,10 +287,7 @@ def _write_adapter(out: Path, force, tensors, cfg, cks, weights, plan, result, t
                 (tmp / f.name).write_bytes(f.read_bytes())
         result.inputs = [_input_info(c, None, "adapter") | {"weight": w} for c, w in zip(cks, weights)]
         result.timings["total"] = time.perf_counter() - t0
-        write_card(tmp, plan, result, kind="adapter")
-        meta = json.loads((tmp / "warmstart.json").read_text())
-        meta["base_model"] = cks[0].lora.base_model
-        atomic_write_json(tmp / "warmstart.json", meta)
+        write_card(tmp, plan, result, kind="adapter", base_model=cks[0].lora.base_model)
 
 
 def _check_plan_base(plan: MergePlan, cks: list[Checkpoint]) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..provenance import parse_size  # the one size parser; re-exported for plan.parse_size callers
 from .methods import REGISTRY
 from .settings import check as check_setting
 from .weights import SCHEMES
@@ -275,26 +276,6 @@ def _load_file(path: Path):
     from .._io import read_config
 
     return read_config(path, "plan file")
-
-
-def parse_size(s: str | int) -> int:
-    """'2GB' → bytes (decimal units, as transformers' max_shard_size)."""
-    if isinstance(s, int):
-        return s
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    t = str(s).strip().upper()
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            try:
-                n = int(float(t[: -len(u)]) * units[u])
-            except (ValueError, OverflowError):  # OverflowError: 1e400GB is float infinity
-                break
-            if n <= 0:
-                raise ValueError(f"bad size {s!r} (a shard size must be positive)")
-            return n
-    if t.isdigit() and int(t) > 0:
-        return int(t)
-    raise ValueError(f"bad size {s!r} (use e.g. 500MB, 2GB)")
 
 
 __all__ = ["MergePlan", "ModelSpec", "parse_size"]

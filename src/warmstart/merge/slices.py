@@ -15,8 +15,9 @@ import re
 
 import torch
 
-from .._tensorio import ST_DTYPES
 from ..checkpoints import Checkpoint, open_checkpoint
+from ..checkpoints.dtypes import FLOAT_DTYPES
+from ..checkpoints.streaming import ST_DTYPES
 from ..errors import ConfigError, IncompatibleError
 
 _LAYER = re.compile(r"(^|\.)(layers|h|blocks|layer)\.(\d+)\.")
@@ -73,7 +74,7 @@ def plan_slices(plan, cks: list[Checkpoint], base_ck, use_base: bool, notes: lis
                                         path=cks[idx[s["model"]]].path)
             metas.append((s, m))
         first = metas[0][1]
-        float_t = first.dtype in ("F32", "F16", "BF16", "F64")
+        float_t = first.dtype in FLOAT_DTYPES
         out_dtype = _dtype(plan.dtype, ST_DTYPES.get(first.dtype, torch.float32)) if float_t else ST_DTYPES[first.dtype]
         it = _Item(name, out_dtype, first.shape, None, [], t=t, specs=[], slice_params=sl.get("params") or None)
         for s, m in metas:
