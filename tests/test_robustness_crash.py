@@ -56,7 +56,9 @@ def kill_at(tmp_path: Path, block: str, *argv, timeout: float = 120) -> subproce
     Returns None when the kill happened, or the finished process if it never reached the point."""
     driver, flag = tmp_path / "driver.py", tmp_path / f"flag-{time.monotonic_ns()}"
     driver.write_text(DRIVER)
-    env = {**os.environ, "ROBUST_BLOCK": block, "ROBUST_FLAG": str(flag), "PYTHONPATH": str(Path(__file__).parent)}
+    # the caller's PYTHONPATH too: a checkout other than the installed one tests its own package
+    path = os.pathsep.join(x for x in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if x)
+    env = {**os.environ, "ROBUST_BLOCK": block, "ROBUST_FLAG": str(flag), "PYTHONPATH": path}
     p = subprocess.Popen([sys.executable, str(driver), *map(str, argv)], env=env, cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
