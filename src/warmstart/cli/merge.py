@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ..errors import ConfigError
 from ._common import ForceOpt, JsonOpt, LibraryOpt, err, print_json, use_threads
 
 EPILOG = """
@@ -24,8 +25,6 @@ Examples:
 
 
 def _weights(spec: str | None) -> tuple[str | None, list[float] | None]:
-    from ..errors import ConfigError
-
     if spec is None:
         return None, None
     if "," in spec or _is_number(spec):
@@ -45,8 +44,6 @@ def _is_number(s: str) -> bool:
 
 
 def _param(kv: str):
-    from ..errors import ConfigError
-
     if "=" not in kv:
         raise ConfigError(f"--param {kv!r}: expected NAME=VALUE")
     k, v = kv.split("=", 1)
@@ -102,8 +99,6 @@ def merge_cmd(
 ) -> None:
     """Merge full models (streamed) or LoRA adapters (in adapter space) into one."""
     use_threads(threads)
-    from ..errors import ConfigError
-
     _precheck(models or [], base, config, selection)
     from ..merge import MergePlan  # lazy: keeps --help fast (imports torch, after the cheap checks)
 
@@ -156,9 +151,7 @@ def merge_cmd(
 
 def _precheck(models: list[str], base: str | None, config: Path | None, selection: Path | None) -> None:
     """Missing inputs reported in about a second, before torch loads (the plan checks the rest)."""
-    from ..checkpoints import resolve
-    from ..errors import ConfigError
-
+    from ..checkpoints import resolve  # lazy: keeps --help fast
     for f, what in ((config, "merge plan"), (selection, "selection file")):
         if f is not None and not Path(f).is_file():
             raise ConfigError(f"{what} not found", path=f)
