@@ -84,3 +84,11 @@ def test_no_method_name_compared_outside_the_registry():
             continue
         found += [f"{p.relative_to(SRC)}:{line} {name!r}" for line, name in _names_compared(ast.parse(p.read_text()))]
     assert not found, found
+
+
+def test_cli_lists_the_registry(cli):
+    r = cli("merge", "--list-methods")
+    assert r.code == 0, r.err
+    for name, m in REGISTRY.items():
+        assert f"{name}: {m.doc}" in r.out
+    assert "density=1.0, normalize=True, lambda=1.0, tie_break='position'" in r.out  # ties, from its signature
