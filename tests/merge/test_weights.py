@@ -129,3 +129,16 @@ def test_cli_merge_mwa_metrics_from_the_library(models, copy_of, tmp_path, cli):
     assert r.code == 1 and "missing" in r.err and not (tmp_path / "o2").exists()
     meta = json.loads((tmp_path / "o" / "warmstart.json").read_text())
     assert "library" not in meta["plan"]
+
+
+def test_cli_merge_mwa_falls_back_to_selection_losses(models, tmp_path, cli):
+    """The zoo's variants have no trainer_state.json: a loss selection's scores weight them, as select does."""
+    scores = [2.0, 0.5]
+    sel = tmp_path / "sel.yaml"
+    sel.write_text(yaml.safe_dump({"base": str(models / "base"), "metric": "loss", "donors": [
+        {"ref": str(models / n), "score": s} for n, s in zip(("ft_a", "ft_b"), scores)]}))
+    r = cli("merge", "--selection", sel, "--weights", "mwa:loss", "--penalty", "2", "--out", tmp_path / "o", "--json")
+    assert r.code == 0, r.err
+    raw = [(1 / s) ** 2 for s in scores]
+    assert r.json()["weights"] == pytest.approx([x / sum(raw) for x in raw])
+    assert any("target sample" in n for n in r.json()["notes"])

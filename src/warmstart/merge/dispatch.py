@@ -50,14 +50,16 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
         if base_ck is not None and base_ck.kind == "full":
             for c in cks:
                 check_adapter_fits(c, base_ck)
-        return merge_plan_adapters(plan, cks, out, lambda: resolve_weights(plan, cks, None, metrics),
-                                   force=force, progress=progress)
+        notes: list[str] = []  # what the weighting assumed (the MWA fallback), for the card
+        return merge_plan_adapters(plan, cks, out, lambda: resolve_weights(plan, cks, None, metrics, notes),
+                                   force=force, progress=progress, notes=notes)
     if "lora" in kinds or (base_ck is not None and base_ck.kind != "full"):
         raise IncompatibleError("cannot mix LoRA adapters and full models in one merge",
                                 hint="merge the adapters first, or merge each adapter into its base model")
     check_output(out, force=force, inputs=[c.path for c in cks] + ([base_ck.path] if base_ck else []))
-    weights = resolve_weights(plan, cks, base_ck, metrics) if not plan.slices else [None] * len(cks)
-    return merge_models(plan, cks, base_ck, out, weights, force=force, progress=progress, t0=t0)
+    notes = []
+    weights = resolve_weights(plan, cks, base_ck, metrics, notes) if not plan.slices else [None] * len(cks)
+    return merge_models(plan, cks, base_ck, out, weights, force=force, progress=progress, t0=t0, notes=notes)
 
 
 __all__ = ["merge"]

@@ -181,17 +181,19 @@ def _resize_rows(t: torch.Tensor, rows: int, fill: torch.Tensor | None) -> torch
 
 def merge_models(plan: MergePlan, cks: list[Checkpoint], base_ck: Checkpoint | None, out: Path,
                  weights: list, *, force: bool = False, progress: Callable[[int, int, str], None] | None = None,
-                 t0: float | None = None) -> MergeResult:
+                 t0: float | None = None, notes: list[str] | None = None) -> MergeResult:
     """Stream the full models ``cks`` (opened by :func:`warmstart.merge.merge`) into ``out`` atomically.
 
     ``weights``: one per donor (the base first with ``include_base``) from :func:`.weights.resolve_weights`,
-    None where they are resolved per tensor (gradients, filters, slices)."""
+    None where they are resolved per tensor (gradients, filters, slices); ``notes``: what computing them
+    assumed, added to the result's notes."""
     t0 = time.perf_counter() if t0 is None else t0
     check_output(out, force=force, inputs=[c.path for c in cks] + ([base_ck.path] if base_ck else []))
     method = get_method(plan.method)
     donors = ([base_ck] if plan.include_base else []) + cks
     use_base = base_ck is not None and not method.base_is_input
     p = _plan_items(plan, method, cks, base_ck, donors, weights, use_base)
+    p.notes += notes or []
     timings = {"open": time.perf_counter() - t0}
     result = MergeResult(out, plan.method, p.weights, [], notes=p.notes)
     with atomic_dir(out, force=force) as tmp:

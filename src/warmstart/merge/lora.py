@@ -149,7 +149,7 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
                    mode: str = "cat", rank: int | None = None, method: str = "linear", out: str | Path | None = None,
                    force: bool = False, progress: Callable[[int, int, str], None] | None = None,
                    plan: MergePlan | None = None, dtype: str | None = None, lora_scaling: float | None = None,
-                   lora_a_norm: float | None = None, **params) -> MergeResult:
+                   lora_a_norm: float | None = None, notes: list[str] | None = None, **params) -> MergeResult:
     """Merge LoRA adapters into one PEFT adapter (written to ``out`` if given; else kept in the result)."""
     t0 = time.perf_counter()
     cks = [a if isinstance(a, Checkpoint) else open_checkpoint(a) for a in adapters]
@@ -166,7 +166,7 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
     if out is not None:
         check_output(Path(out), force=force, inputs=[c.path for c in cks])
     m = get_method(method)
-    notes: list[str] = []
+    notes = list(notes or [])
     factor_space = m.factor_space
     if factor_space:
         coefs = _linear_coefs(weights, validate(m, len(cks), True, dict(params)))
@@ -311,7 +311,7 @@ def _check_plan_base(plan: MergePlan, cks: list[Checkpoint]) -> None:
 
 
 def merge_plan_adapters(plan: MergePlan, cks: list[Checkpoint], out: Path, weights: Callable[[], list[float]], *,
-                        force: bool = False, progress=None) -> MergeResult:
+                        force: bool = False, progress=None, notes: list[str] | None = None) -> MergeResult:
     """The adapter engine's entry for a plan whose inputs are all adapters (opened by the dispatch);
     ``weights`` computes the donors' weights once the plan's adapter-specific checks have passed."""
     if plan.include_base:
@@ -319,7 +319,8 @@ def merge_plan_adapters(plan: MergePlan, cks: list[Checkpoint], out: Path, weigh
                           path=plan.source)
     if plan.base:
         _check_plan_base(plan, cks)
-    return merge_adapters(cks, weights(), mode=plan.lora_mode, rank=plan.rank, method=plan.method, out=out,
+    w = weights()  # fills ``notes`` (a list the caller shares) when the weighting assumed something
+    return merge_adapters(cks, w, notes=notes, mode=plan.lora_mode, rank=plan.rank, method=plan.method, out=out,
                           force=force, progress=progress, plan=plan, dtype=plan.dtype,
                           lora_scaling=plan.lora_scaling, lora_a_norm=plan.lora_a_norm, **plan.params)
 
