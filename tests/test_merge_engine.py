@@ -291,21 +291,18 @@ def test_nonfinite_inputs_refused(models, copy_of, tmp_path):
     merge(MergePlan(models=[str(models / "ft_a"), str(bad)]), tmp_path / "o", allow_nonfinite=True)
 
 
-def test_mwa_metrics_from_library(full_run, models, copy_of, tmp_path):
-    from warmstart.library import Library
-
+def test_mwa_metrics_handed_in(full_run, models, copy_of, tmp_path):
+    """Merging never opens the catalog: metrics a checkpoint lacks are handed in by the caller
+    (the CLI's --library lookup: tests/merge/test_weights.py)."""
     cks = [copy_of(c, f"ck{i}") for i, c in enumerate(sorted(full_run.glob("checkpoint-*")))]
-    db = tmp_path / "lib.db"
-    with Library(db) as lib:
-        for c in cks:
-            lib.add(c)  # registered with its trainer_state metrics
     for c in cks:
-        (c / "trainer_state.json").unlink()  # now only the library knows them
-    plan = MergePlan(models=[str(c) for c in cks], weighting="mwa:steps", penalty=1.0, library=str(db))
-    assert merge(plan, tmp_path / "out").weights == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+        (c / "trainer_state.json").unlink()
+    plan = MergePlan(models=[str(c) for c in cks], weighting="mwa:steps", penalty=1.0)
+    metrics = {str(c.resolve()): (None, s) for c, s in zip(cks, (10, 20, 30))}
+    assert merge(plan, tmp_path / "out", metrics=metrics).weights == pytest.approx([1 / 6, 2 / 6, 3 / 6])
     with pytest.raises(ConfigError, match="missing"):
-        merge(MergePlan(models=[str(c) for c in cks], weighting="mwa:steps", library=str(tmp_path / "none.db")),
-              tmp_path / "o2")
+        merge(plan, tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
 
 
 def test_cli_flags_override_config(models, tmp_path):

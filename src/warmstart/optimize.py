@@ -28,15 +28,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import metrics as _metrics
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from .checkpoints import load_causal_lm, load_tokenizer, open_checkpoint
 from .errors import ConfigError, IncompatibleError
+from .merge import REGISTRY, MergePlan, get_method, merge, merge_state_dicts
 from .provenance import update_artefact, versions
 
-METRICS = {"loss": "loss", "accuracy": "token_accuracy", "mc-accuracy": "mc_accuracy"}
+# CLI metric name -> the evaluate() metric the search minimises (its cost: loss, or 1 − accuracy)
+METRICS = {m.name: m.evaluate for m in _metrics.TABLE.values() if m.searchable}
 WEIGHT_BOUND = 1.5  # LoraHub's search box is [-1.5, 1.5]; without negatives, [0, 1.5]
 DENSITY_BOUNDS = (0.05, 1.0)
-DENSITY_METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
 
 
 # ----------------------------------------------------------------------------
@@ -170,8 +172,6 @@ class _FullMixer:
     def __init__(self, base, donors, method: str, params: dict):
         import torch
 
-        from .merge import get_method
-
         sig = base.signature()
         for d in donors:
             if d.signature() != sig:
@@ -184,8 +184,6 @@ class _FullMixer:
         self.use_base = get_method(method).needs_base
 
     def apply(self, weights: list[float], density: float | None) -> None:
-        from .merge import merge_state_dicts
-
         params = dict(self.params, **({"density": density} if density is not None else {}))
         sd = merge_state_dicts(self.method, self.donor_sds, self.base_sd if self.use_base else None, weights, **params)
         _, unexpected = self.model.load_state_dict(sd, strict=False)
@@ -259,10 +257,7 @@ class OptimizeResult:
 
 
 def _metric_key(metric: str) -> str:
-    key = METRICS.get(metric) or (metric if metric in METRICS.values() else None)
-    if key is None:
-        raise ConfigError(f"unknown metric {metric!r}", hint=f"choose one of {', '.join(METRICS)}")
-    return key
+    return _metrics.searchable(metric).evaluate
 
 
 def _cost(scores: dict, key: str) -> float:
@@ -327,17 +322,16 @@ def optimize(candidates: Sequence[str | Path], base: str | Path, targets: Sequen
 
 
 def _check_method(kind: str, method: str, search_density: bool, params: dict) -> None:
-    from .merge import get_method
-
-    get_method(method)  # unknown names raise ConfigError
-    if kind == "lora" and method not in ("task_arithmetic", "linear"):
+    m = get_method(method)  # unknown names raise ConfigError
+    if kind == "lora" and not m.factor_space:
         raise ConfigError(f"LoRA candidates are mixed exactly in adapter space (base + Σ wᵢ·ΔWᵢ); "
                           f"method {method!r} needs full models", hint="drop --method or merge the adapters first")
-    if search_density and (kind == "lora" or method not in DENSITY_METHODS):
-        raise ConfigError(f"--search-density applies to {', '.join(DENSITY_METHODS)} on full models")
-    if method == "linear" and params.get("normalize", True):
+    if search_density and (kind == "lora" or not m.sparsifies):
+        names = ", ".join(n for n, x in REGISTRY.items() if x.sparsifies)
+        raise ConfigError(f"--search-density applies to {names} on full models")
+    if m.weighted_average and params.get("normalize", True):
         params["normalize"] = False  # with normalization every scaled copy of w is the same point
-    if method in DENSITY_METHODS:
+    if m.sparsifies:
         params.setdefault("normalize", False)  # the search owns the scale of the weights
 
 
@@ -390,7 +384,6 @@ def _save_model(d: Path, result: OptimizeResult) -> None:
     evaluated in memory; LoRA: an adapter-space ``cat`` merge, exact like the search's
     scaled mixture (rank Σrᵢ).
     """
-    from .merge import MergePlan, merge
 
     merge(MergePlan.from_dict(_plan_dict(result)), d)
     best = result.search.best

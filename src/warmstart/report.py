@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import metrics as _metrics
 from ._io import atomic_write_json, atomic_write_text, read_json
 from .errors import ConfigError, DataError
 
 # Preferred headline metrics, best first; the first one a curve logs is used.
 METRIC_PREFERENCE = ("eval_mc_accuracy", "eval_accuracy", "eval_exact_match", "eval_token_accuracy")
-LOWER_IS_BETTER = ("eval_loss",)
 
 
 # ----------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def compute_parity(warm: Curve, baseline: Curve, metric: str | None = None,
     target = baseline.final(metric)
     if target is None:
         raise DataError(f"baseline curve has no {metric} values")
-    higher = metric not in LOWER_IS_BETTER
+    higher = _metrics.higher_is_better(metric)
     pts = [(p["step"], p.get("time_s") or 0.0, p[metric]) for p in sorted(warm.points, key=lambda p: p["step"])
            if _finite(p.get(metric))]
     overhead = {k: float(v) for k, v in (overhead_s or {}).items()}
@@ -247,7 +247,7 @@ def assess_effect(warm: Curve, baseline: Curve, metric: str) -> dict:
     no better than its step-0 value: nothing was learned to speed up) or ``"within_noise"`` (at
     every step both curves evaluated, the 95% interval of their difference includes 0 — for
     metrics without an interval, the curves coincide). Also ``eval_rows`` and ``delta_ci95``."""
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    sign = 1.0 if _metrics.higher_is_better(metric) else -1.0
     n_w, n_b = eval_rows(warm), eval_rows(baseline)
     prop = is_row_proportion(metric) and n_w is not None and n_b is not None
     wf, bf = warm.final(metric), baseline.final(metric)

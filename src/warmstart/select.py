@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _gradproxy
+from . import metrics as _metrics
 from .checkpoints import Checkpoint, load_causal_lm, load_tokenizer, open_checkpoint
 from .data import TargetData, load_target
 from .errors import CheckpointError, ConfigError, IncompatibleError, WarmstartError
@@ -40,23 +41,15 @@ from .evaluate import evaluate, n_rows
 from .library import Entry, Library
 from .provenance import __version__
 
-# CLI metric name -> (evaluate()'s key, higher is better)
-METRICS = {
-    "loss": ("loss", False),
-    "accuracy": ("token_accuracy", True),
-    "exact-match": ("exact_match", True),
-    "mc-accuracy": ("mc_accuracy_sum", True),
-    "mc-accuracy-norm": ("mc_accuracy_norm", True),
-}
+# CLI metric name -> (evaluate()'s key, higher is better), from the one metric table
+METRICS = {m.name: (m.key, m.higher_is_better) for m in _metrics.TABLE.values()}
 SCORERS = ("loss", "grad", "halving")
 DEFAULT_MAX_LENGTH = 512
 
 
 def metric_key(metric: str) -> tuple[str, bool]:
-    m = metric.replace("_", "-")
-    if m not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}", hint=f"choose one of {', '.join(METRICS)}")
-    return METRICS[m]
+    m = _metrics.get(metric)
+    return m.key, m.higher_is_better
 
 
 # ----------------------------------------------------------------------------
@@ -177,7 +170,7 @@ def score_candidates(target: TargetData, base: str | Path, candidates: Sequence[
         raise ConfigError(f"unknown scorer {cfg.scorer!r}", hint="choose loss or grad")
     if cfg.scorer == "grad" and key != "loss":
         raise ConfigError("the gradient proxy predicts the loss; use --metric loss with --scorer grad")
-    if key.startswith("mc_") and target.format != "mc":
+    if _metrics.get(cfg.metric).needs_mc and target.format != "mc":
         raise ConfigError(f"--metric {cfg.metric} needs question/choices/answer rows; {target.path} is "
                           f"{target.format!r}", hint="use --metric loss or accuracy")
     cdt = cfg.resolved_compute_dtype()
@@ -254,7 +247,8 @@ def _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress, re
         for c in order:
             record(c, scores[c.fingerprint])
         return
-    metrics = ("loss", "token_accuracy", "exact_match") + (("mc_accuracy",) if key.startswith("mc_") else ())
+    metrics = ("loss", "token_accuracy", "exact_match") + (("mc_accuracy",) if _metrics.get(cfg.metric).needs_mc
+                                                           else ())
     compute_dtype = cfg.resolved_compute_dtype()
     if compute_dtype != "bfloat16":
         compute_dtype = None  # the model as loaded: float32 unchanged, float16 with float32 logits
@@ -501,47 +495,42 @@ def unlearned(cands_entries: dict, min_gain: float | None) -> dict:
     return out
 
 
-WEIGHT_SCHEMES = ("uniform", "score", "softmax", "mwa:loss", "mwa:steps", "optimized")
+def _weights_registry():
+    from .merge import weights  # late: the merge package imports torch; select's option checks run without it
+
+    return weights
 
 
 def parse_weights(spec: str) -> tuple[str, float | None]:
-    """'uniform' | 'score' | 'softmax:T' | 'mwa:loss' | 'mwa:steps' | 'optimized' -> (scheme, temperature)."""
-    if spec.startswith("softmax"):
-        _, _, t = spec.partition(":")
-        try:
-            return "softmax", float(t) if t else 1.0
-        except ValueError:
-            raise ConfigError(f"bad softmax temperature in {spec!r}", hint="e.g. softmax:0.5") from None
-    if spec not in WEIGHT_SCHEMES:
-        raise ConfigError(f"unknown weights {spec!r}", hint=f"choose one of {', '.join(WEIGHT_SCHEMES)} "
-                          "(softmax:T with a temperature)")
-    return spec, None
+    """A ``--weights`` spec of the weighting registry ('softmax:0.5', 'mwa:loss', 'optimized', ...) ->
+    (scheme, temperature or None)."""
+    scheme, args = _weights_registry().parse(spec, where="select", what="weights")
+    return scheme.name, args.get("temperature", 1.0 if scheme.arg == "temperature" else None)
 
 
 def donor_weights(donors: Sequence[ScoreRow], entries: dict, spec: str, *, higher_is_better: bool,
                   penalty: float = 1.0) -> tuple[list[float], dict]:
-    """Weights from ``warmstart.merge.weights``; MWA uses each donor's training loss or step.
-
-    mwa:loss falls back to the target-sample loss when a donor has no training loss
-    and the selection metric is the loss (recorded in the weighting info).
-    """
-    from .merge.weights import compute_weights
-
+    """Weights from the weighting registry; MWA uses each donor's training loss or step, and
+    :func:`warmstart.merge.weights.mwa_losses`'s fallback (recorded in the weighting info)."""
     scheme, temp = parse_weights(spec)
     info: dict[str, Any] = {"scheme": scheme}
     kw: dict[str, Any] = {"scores": [d.score for d in donors], "higher_is_better": higher_is_better,
                           "penalty": penalty}
     if temp is not None:
         kw["temperature"] = info["temperature"] = temp
-    if scheme.startswith("mwa"):
+    _weighting = _weights_registry()
+    needs = _weighting.SCHEMES[scheme].needs
+    if "losses" in needs or "steps" in needs:
         info["penalty"] = penalty
         es = [entries.get(d.id) for d in donors]
         kw["steps"] = [e.global_step if e else None for e in es]
         losses = [e.final_loss if e else None for e in es]
-        if scheme == "mwa:loss" and any(x is None for x in losses) and not higher_is_better:
-            losses, info["losses_from"] = [d.score for d in donors], "target sample"
+        if "losses" in needs:
+            losses, source = _weighting.mwa_losses(losses, kw["scores"], higher_is_better)
+            if source:
+                info["losses_from"] = source
         kw["losses"] = losses
-    return compute_weights(scheme, n=len(donors), **kw), info
+    return _weighting.compute_weights(scheme, n=len(donors), **kw), info
 
 
 def _stage(r: ScoreRow) -> dict:
@@ -633,7 +622,7 @@ def select(target: str | Path | TargetData, base: str | Path | Checkpoint, *, li
                                 rank=rank, world_size=world_size, progress=progress)
     if rank != 0:
         return None
-    optimized = parse_weights(weights)[0] == "optimized"
+    optimized = _weights_registry().SCHEMES[parse_weights(weights)[0]].fn is None  # searched, not computed
     sel = build_selection(data, cands[0].ref, rows, metric=metric, scorer=scorer, k=k, margin=margin,
                           weights="uniform" if optimized else weights, penalty=penalty, entries=entries,
                           min_own_gain=min_own_gain, ordered=halving)
@@ -667,11 +656,10 @@ def optimize_weights(sel: Selection, data: TargetData, paths: dict, *, budget: i
     the same model as the uniform linear merge) and only moves if the sample's cost drops.
     With fewer than two donors there is nothing to weigh and the selection is unchanged.
     """
-    from .optimize import METRICS as OPT_METRICS
     from .optimize import optimize
 
-    metric = sel.metric.replace("_", "-")
-    metric = metric if metric in OPT_METRICS else "loss"  # e.g. exact-match: search on the loss
+    m = _metrics.get(sel.metric)
+    metric = m.name if m.searchable else "loss"  # e.g. exact-match: search on the loss
     if len(sel.donors) < 2:
         sel.weighting = {"scheme": "uniform", "note": "optimized weights need at least two donors"}
         return sel

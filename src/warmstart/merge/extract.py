@@ -25,6 +25,7 @@ from .._io import atomic_dir, atomic_write_json, check_output
 from ..checkpoints import open_checkpoint
 from ..errors import CheckpointError, ConfigError, IncompatibleError
 from ..provenance import write_artefact
+from .engine import check_device
 
 
 @dataclass
@@ -142,8 +143,6 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
 
 
 def _check_args(rank: int, sv_epsilon: float, regexes: list[str], device: str) -> None:
-    from .engine import _check_device
-
     if rank <= 0:
         raise ConfigError(f"rank must be positive, got {rank}")
     if sv_epsilon < 0:
@@ -153,7 +152,7 @@ def _check_args(rank: int, sv_epsilon: float, regexes: list[str], device: str) -
             re.compile(r)
         except re.error as e:
             raise ConfigError(f"bad regular expression {r!r} ({e})") from None
-    _check_device(device)  # one line, before any work, when the device is not there
+    check_device(device)  # one line, before any work, when the device is not there
 
 
 def _extract(plan, fw, bw, result: ExtractResult, rank, distribute_scale, sv_epsilon, device):

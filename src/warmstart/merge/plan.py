@@ -23,13 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import metrics as _metrics
+from .._io import read_config
 from ..errors import ConfigError
 from ..provenance import parse_size  # the one size parser; re-exported for plan.parse_size callers
+from .mergekit_yaml import plan_kwargs
 from .methods import REGISTRY
+from .settings import DTYPES
 from .settings import check as check_setting
-from .weights import SCHEMES
+from .tokenizer import tokenizer_problems
+from .weights import parse as parse_weighting
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 COMPUTE_DTYPES = DTYPES + ("auto",)  # auto: the inputs' dtype (after input_dtype rounding), as mergekit
 POLICIES = ("error", "reference")
 LORA_MODES = ("cat", "svd", "factors")
@@ -51,7 +55,7 @@ class MergePlan:
     base: str | None = None
     include_base: bool = False  # linear only: the base takes part with `base_weight` (never implied)
     base_weight: float | None = None
-    weighting: str | None = None  # None: "given" if any model has a weight, else "uniform"
+    weighting: str | None = None  # a scheme of .weights (softmax:T too); None: "given" if any weight, else "uniform"
     penalty: float = 1.0
     temperature: float = 1.0
     higher_is_better: bool = False  # for score/softmax weighting: accuracy-like (True) or loss-like (False)
@@ -73,7 +77,6 @@ class MergePlan:
     rank: int | None = None
     lora_scaling: float | None = None  # cat/svd output scaling (alpha/r) of every module; None: 1
     lora_a_norm: float | None = None  # svd: row norm of A (None: σ split evenly between A and B)
-    library: str | None = None  # catalog for MWA metrics of checkpoints without trainer_state.json
     source: str | None = field(default=None, compare=False)  # the file it came from (for messages)
 
     # -- validation ---------------------------------------------------------
@@ -84,13 +87,25 @@ class MergePlan:
             raise ConfigError("invalid merge plan: " + "; ".join(problems), path=self.source)
 
     def problems(self) -> list[str]:
-        p = []
+        """Every problem of the plan, one string each; an empty list means it can run."""
+        p = self._type_problems()
+        if p:  # the value checks below assume the types
+            return p
         if not self.models and not self.slices:
             p.append("no models to merge")
-        if self.method not in REGISTRY:
+        method = REGISTRY.get(self.method)
+        if method is None:
             p.append(f"unknown method {self.method!r} (known: {', '.join(sorted(REGISTRY))})")
-        if self.weighting is not None and self.weighting not in SCHEMES:
-            p.append(f"unknown weighting {self.weighting!r} (known: {', '.join(SCHEMES)})")
+        if method is not None:  # parameter names, from the method's signature (values: checked per tensor)
+            given = set(self.params) | {k for m in self.models for k in m.params}
+            if unknown := sorted(given - set(method.defaults) - {"weight"}):
+                p.append(f"method {method.name!r} has no parameter(s) {unknown} "
+                         f"(known: {', '.join(sorted(method.defaults)) or 'none'})")
+        if self.weighting is not None:
+            try:
+                parse_weighting(self.weighting, where="merge")
+            except ConfigError as e:
+                p.append(f"{e.message} ({e.hint})" if e.hint else e.message)
         for name, val, allowed in [("dtype", self.dtype, DTYPES + (None,)), ("compute_dtype", self.compute_dtype,
                                                                             COMPUTE_DTYPES),
                                    ("input_dtype", self.input_dtype, DTYPES + (None,)),
@@ -108,7 +123,7 @@ class MergePlan:
             if m.weight is not None and (q := check_setting(m.weight, f"weight of {m.ref!r}")):
                 p.append(q)
         ws = [m.weight for m in self.models if m.weight is not None]
-        if (self.method == "linear" and self.params.get("normalize", True) is not False and ws
+        if (method is not None and method.weighted_average and self.params.get("normalize", True) is not False and ws
                 and len(ws) == len(self.models) and all(isinstance(w, (int, float)) for w in ws)
                 and abs(sum(ws) + (self.base_weight or 0)) < 1e-12):
             # Only where the result is undefined: a normalised linear divides by Σw (mergekit writes inf/NaN).
@@ -118,7 +133,7 @@ class MergePlan:
         p += self._slice_problems() + self._tokenizer_problems()
         if self.include_base and not self.base:
             p.append("include_base needs a base")
-        if self.include_base and self.method != "linear":
+        if self.include_base and method is not None and not method.base_is_input:
             p.append(f"include_base applies to linear merges only (method {self.method!r} uses the base as θ₀)")
         if self.penalty < 0:
             p.append(f"penalty must be >= 0, got {self.penalty}")
@@ -132,6 +147,22 @@ class MergePlan:
             parse_size(self.shard_size)
         except ValueError as e:
             p.append(str(e))
+        return p
+
+    def _type_problems(self) -> list[str]:
+        """Values of the wrong type, so that a YAML typo is one line in the list, not a TypeError."""
+        want = {"method": (str, "a method name"), "base": ((str, type(None)), "a path or hub id"),
+                "include_base": (bool, "true or false"), "base_weight": ((int, float, type(None)), "a number"),
+                "weighting": ((str, type(None)), "a weighting scheme"), "penalty": ((int, float), "a number"),
+                "temperature": ((int, float), "a number"), "higher_is_better": (bool, "true or false"),
+                "params": (dict, "a mapping"), "shard_size": ((str, int), "a size such as 2GB"),
+                "threads": (int, "a whole number"), "rank": ((int, type(None)), "a whole number"),
+                "device": (str, "a device name"), "slices": ((list, type(None)), "a list")}
+        p = []
+        for k, (types, what) in want.items():
+            v = getattr(self, k)
+            if not isinstance(v, types) or (isinstance(v, bool) and bool not in _tuple(types)):
+                p.append(f"{k} must be {what}, got {v!r}")
         return p
 
     def _slice_problems(self) -> list[str]:
@@ -162,8 +193,6 @@ class MergePlan:
         """mergekit's tokenizer surgery (merge/tokenizer.py): checked up front, never ignored."""
         if self.slices and (self.tokenizer_source or self.tokenizer):
             return ["tokenizer_source / tokenizer: with slices is not supported"]
-        from .tokenizer import tokenizer_problems
-
         return tokenizer_problems(self.tokenizer_source, self.tokenizer, self.chat_template)
 
     # -- YAML ---------------------------------------------------------------
@@ -182,20 +211,26 @@ class MergePlan:
         names = {f.name for f in dataclasses.fields(cls)} - {"source"}
         unknown = sorted(set(data) - names)
         problems = [f"unknown key(s) {unknown} (known: {', '.join(sorted(names))})"] if unknown else []
-        models = [_model_spec(m, problems) for m in (data.get("models") or [])]
+        models = data.get("models") or []
+        if not isinstance(models, list):
+            problems.append(f"models must be a list, got {models!r}")
+            models = []
+        models = [_model_spec(m, problems) for m in models]
+        kw = {k: v for k, v in data.items() if k in names and k != "models"}
+        # Every problem at once: the keys and entries above, then every field's value, before any work.
+        plan = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(plan, f.name, kw.get(f.name, default))
+        plan.models, plan.source = models, source
+        problems += plan.problems()
         if problems:
             raise ConfigError("invalid merge plan: " + "; ".join(problems), path=source)
-        kw = {k: v for k, v in data.items() if k in names and k != "models"}
-        try:
-            return cls(models=models, source=source, **kw)
-        except TypeError as e:
-            raise ConfigError(f"invalid merge plan ({e})", path=source) from None
+        return cls(models=models, source=source, **kw)
 
     @classmethod
     def from_mergekit(cls, data: dict, *, source: str | None = None) -> MergePlan:
         """A mergekit YAML, read with mergekit 0.1.5's semantics (see :mod:`.mergekit_yaml`)."""
-        from .mergekit_yaml import plan_kwargs
-
         return cls(source=source, **plan_kwargs(data, source))
 
     @classmethod
@@ -219,8 +254,13 @@ class MergePlan:
             method = str(data.get("method") or "linear")
             if isinstance(data.get("params"), dict) and "params" not in overrides:
                 overrides["params"] = dict(data["params"])
-        kw = {"method": method, "base": data.get("base"), "source": str(path),
-              "higher_is_better": "loss" not in metric and "perplexity" not in metric, **overrides}
+        hib = data.get("higher_is_better")
+        if not isinstance(hib, bool):  # optimize's files name the metric only: the metric table says
+            try:
+                hib = _metrics.get(metric).higher_is_better
+            except ConfigError as e:
+                raise ConfigError(e.message, path=path, hint=e.hint) from None
+        kw = {"method": method, "base": data.get("base"), "source": str(path), "higher_is_better": hib, **overrides}
         return cls(models=models, **kw)
 
     def to_dict(self) -> dict:
@@ -271,10 +311,12 @@ def _model_spec(m, problems: list[str]) -> ModelSpec:
     return ModelSpec(str(m))
 
 
+def _tuple(types) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
 def _load_file(path: Path):
     # not found, not a regular file, not UTF-8, not YAML/JSON, nested too deeply: one line each
-    from .._io import read_config
-
     return read_config(path, "plan file")
 
 

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# Tensor dtypes a plan may name (output, input rounding); mergekit_yaml and plan both read them.
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
 # Parameters set per input model (mergekit's INPUT/NON_BASE scope); every other one is shared.
 PER_MODEL = ("weight", "density", "gamma", "epsilon", "scale")
 

@@ -19,6 +19,8 @@ from ..checkpoints import Checkpoint, open_checkpoint
 from ..checkpoints.dtypes import FLOAT_DTYPES
 from ..checkpoints.streaming import ST_DTYPES
 from ..errors import ConfigError, IncompatibleError
+from .results import Item as _Item
+from .results import torch_dtype as _dtype
 
 _LAYER = re.compile(r"(^|\.)(layers|h|blocks|layer)\.(\d+)\.")
 _PRE = ("embed", "wte", "wpe")  # tensors that come before the layer stack
@@ -59,8 +61,6 @@ def _rename(name: str, index: int) -> str:
 
 def plan_slices(plan, cks: list[Checkpoint], base_ck, use_base: bool, notes: list[str]):
     """The engine's items for a slices plan, and the output's layer count."""
-    from .engine import _dtype, _Item
-
     idx = {r: i for i, r in enumerate(_refs(plan))}
     layout = {r: _layers(cks[i]) for r, i in idx.items()}
     items, k = [], 0
