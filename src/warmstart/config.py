@@ -1,6 +1,18 @@
-"""A run's settings: :class:`RunConfig` and its checks (moved out of ``pipeline`` for #12).
+"""A run's settings: :class:`RunConfig`, its typed sections, and one check of all of them.
 
-``pipeline`` re-exports everything here, so ``from warmstart.pipeline import RunConfig`` keeps working.
+A run config holds one section per stage that has settings — ``train``
+(:class:`warmstart.train.TrainConfig`), ``select`` (:class:`warmstart.select.SelectConfig`),
+``merge`` (:class:`MergeConfig`: *what* to merge) and ``merge_options`` (:class:`MergeOptions`:
+*how* to run it) — plus the held-out split's settings. :meth:`RunConfig.validate` collects every
+section's problems and raises them as one :class:`ConfigError` (torchtune's ``config/_validate.py``),
+before the run directory or any stage exists: a misspelt key or a bad value never costs a split,
+a model load or a scored candidate.
+
+The select and merge sections remember which fields were given (:mod:`warmstart._section`), so
+``run.json`` records exactly what was asked for and the run's own rules still apply to what was
+not (LoRA donors merge with ``lora_mode: svd`` at the baseline's rank unless ``lora_mode`` is given).
+
+``pipeline`` re-exports :class:`RunConfig`, so ``from warmstart.pipeline import RunConfig`` keeps working.
 """
 
 from __future__ import annotations
@@ -10,97 +22,170 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._section import Section, section
 from .errors import ConfigError
+from .merge.plan import MergePlan, ModelSpec
+from .select import SelectConfig
+from .train import TrainConfig
+
+# ----------------------------------------------------------------------------
+# Merge: what to merge (MergeConfig) apart from how to run it (MergeOptions), as mergekit's
+# MergeConfiguration / MergeOptions. Both are MergePlan's own fields (models excepted: a run's
+# donors come from its selection), generated from it so a default and a type live in MergePlan
+# alone; the stage joins them back into a MergePlan at the boundary (:func:`merge_plan_options`).
+# mergekit keeps the dtypes with the configuration (they change the result); so do we.
+
+MERGE_OPTIONS = ("shard_size", "device", "threads")  # how: the merged weights are the same whatever they are
+_RUN_OWNED_MERGE = ("models", "source")  # the run's: donors from the selection file
+
+
+def _plan_fields(keep) -> list[tuple]:
+    out = []
+    for f in dataclasses.fields(MergePlan):
+        if keep(f.name):
+            dflt = (field(default_factory=f.default_factory) if f.default is dataclasses.MISSING
+                    else field(default=f.default))
+            out.append((f.name, f.type, dflt))
+    return out
+
+
+class _MergeSection(Section):
+    """Checks by MergePlan's own rules: a plan with one stand-in donor and these fields."""
+
+    def errors(self) -> list[str]:
+        probe = MergePlan(models=[ModelSpec("donor")], base="base")
+        for k, v in self.given().items():
+            setattr(probe, k, v)
+        try:
+            return probe.problems()
+        except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type, e.g. penalty: "x"
+            return [f"a value has the wrong type ({e})"]
+
+
+MergeConfig = section(dataclasses.make_dataclass(
+    "MergeConfig", _plan_fields(lambda n: n not in MERGE_OPTIONS + _RUN_OWNED_MERGE), bases=(_MergeSection,),
+    namespace={"label": "merge", "__doc__": "What a run merges: MergePlan's fields but the models and the "
+               "run options (method, params, weighting, lora_mode, rank, lora_scaling, dtypes, ...)."}))
+MergeOptions = section(dataclasses.make_dataclass(
+    "MergeOptions", _plan_fields(lambda n: n in MERGE_OPTIONS), bases=(_MergeSection,),
+    namespace={"label": "merge_options", "__doc__": "How a run's merge runs: shard_size, device, threads."}))
+
+
+# ----------------------------------------------------------------------------
+# The run config
+
+_SECTIONS = {"train": TrainConfig, "select": SelectConfig, "merge": MergeConfig, "merge_options": MergeOptions}
 
 
 @dataclass
 class RunConfig:
-    """Settings of a run (paths are arguments). ``select`` and ``merge`` are passed through
-    to :func:`warmstart.select.select` and :meth:`MergePlan.from_selection`."""
+    """Settings of a run (paths are arguments): typed sections plus the held-out split's settings.
 
-    train: Any = None  # TrainConfig; default TrainConfig()
-    select: dict[str, Any] = field(default_factory=dict)
-    merge: dict[str, Any] = field(default_factory=dict)
+    Sections may be given as mappings (``RunConfig(select={"k": 3})``); they are typed here and
+    checked, all at once, by :meth:`validate` (which :func:`warmstart.pipeline.run` calls first).
+    """
+
+    train: TrainConfig = None  # default TrainConfig()
+    select: SelectConfig = None  # default SelectConfig(): nothing given
+    merge: MergeConfig = None
+    merge_options: MergeOptions = None
     eval_fraction: float = 0.2
     eval_max: int | None = 200  # most rows carved from the target (no effect on a given eval file)
     split_seed: int = 0
     baseline: bool = True
 
     def __post_init__(self):
-        from .train import TrainConfig
+        self._problems: list[str] = []
+        if isinstance(self.merge, dict):  # a merge: mapping with run options in it (as before merge_options)
+            how = {k: self.merge[k] for k in MERGE_OPTIONS if k in self.merge}
+            if how:
+                base = self.merge_options.given() if isinstance(self.merge_options, MergeOptions) else (
+                    self.merge_options or {})
+                self.merge = {k: v for k, v in self.merge.items() if k not in how}
+                self.merge_options = {**how, **base} if isinstance(base, dict) else base
+        for name, cls in _SECTIONS.items():
+            v = getattr(self, name)
+            if v is None:
+                v = cls()
+            elif isinstance(v, dict):
+                known = {f.name for f in dataclasses.fields(cls)}
+                unknown = sorted(set(v) - known, key=str)
+                if unknown:
+                    self._problems.append(f"unknown {name} option(s) {', '.join(map(str, unknown))} "
+                                          f"(known: {', '.join(sorted(known))})")
+                v = cls(**{k: x for k, x in v.items() if k in known})
+            elif not isinstance(v, cls):
+                self._problems.append(f"{name} must be a mapping of options, got {v!r}")
+                v = cls()
+            setattr(self, name, v)
 
-        if self.train is None:
-            self.train = TrainConfig()
-        elif isinstance(self.train, dict):
-            self.train = TrainConfig.from_dict(self.train, validate=False)  # validate() reports all at once
-
-    def validate(self) -> RunConfig:
-        errs = self.train.errors()
+    def errors(self) -> list[str]:
+        """Every problem of every section, one line each, named ``section.field`` where it can be."""
+        errs = list(self._problems)
+        for name, cls in _SECTIONS.items():
+            fields = {f.name for f in dataclasses.fields(cls)}
+            errs += [_named(name, e, fields) for e in getattr(self, name).errors()]
         if not (isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1):
             errs.append(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         if self.eval_max is not None and (not isinstance(self.eval_max, int) or self.eval_max < 1):
             errs.append(f"eval_max must be a positive integer or null, got {self.eval_max!r}")
-        for name in ("select", "merge"):
-            opts = getattr(self, name)
-            if not isinstance(opts, dict):
-                errs.append(f"{name} must be a mapping of options")
-            elif opts:
-                unknown = sorted(set(opts) - _known_options(name))
-                if unknown:
-                    errs.append(f"unknown {name} option(s) {', '.join(unknown)} (known: "
-                                f"{', '.join(sorted(_known_options(name)))})")
-                if name == "select":
-                    errs += _select_errors(opts)
+        if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool) or self.split_seed < 0:
+            errs.append(f"split_seed must be a non-negative integer, got {self.split_seed!r}")
+        if not isinstance(self.baseline, bool):
+            errs.append(f"baseline must be true or false, got {self.baseline!r}")
+        return errs
+
+    def validate(self) -> RunConfig:
+        errs = self.errors()
         if errs:
-            raise ConfigError("invalid run config: " + "; ".join(errs))
+            raise ConfigError(f"invalid run config ({len(errs)} problem{'s' if len(errs) > 1 else ''}): "
+                              + "; ".join(errs))
         return self
+
+    def select_config(self) -> SelectConfig:
+        """The selection's settings: the select section, with the training seed and the data format
+        and multiple-choice style where the section does not give its own."""
+        tc = self.train
+        return SelectConfig(**{"seed": tc.seed, "format": tc.format, "mc_style": tc.mc_style,
+                               **self.select.given()})
 
     def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> RunConfig:
         """A copy with ``section.key=value`` assignments applied (the CLI's ``--set``).
 
-        ``section`` is ``train``, ``select`` or ``merge`` (``merge.params.density=0.5`` reaches a
-        nested key) or absent for a top-level field (``eval_max=null``); ``value`` is read as YAML
-        (``null``, ``true``, ``[q_proj, v_proj]``, ``2e-4``). Every key is checked, all at once.
+        ``section`` is ``train``, ``select``, ``merge`` or ``merge_options`` (``merge.params.density=0.5``
+        reaches a nested key) or absent for a top-level field (``eval_max=null``); ``value`` is read as
+        YAML (``null``, ``true``, ``[q_proj, v_proj]``, ``2e-4``). Every key is checked, all at once.
         """
-        import copy
-
-        d = copy.deepcopy(self.to_dict())  # to_dict shares the select/merge mappings with self
-        for a in assignments:
-            key, eq, raw = a.partition("=")
-            path = key.strip().split(".")
-            if not eq or not all(path):
-                raise ConfigError(f"bad override {a!r}", hint="write section.key=value, e.g. train.warmup_steps=5")
-            if path[0] not in d:
-                raise ConfigError(f"bad override {a!r}: no setting {path[0]!r}",
-                                  hint=f"sections and settings: {', '.join(d)}")
-            node = d
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"bad override {a!r}: {part!r} holds a single value, not settings")
-            node[path[-1]] = _yaml_value(raw)
-        return RunConfig.from_dict(d)
+        return RunConfig.from_dict(apply_overrides(self.to_dict(), assignments))  # to_dict copies: self unchanged
 
     def to_dict(self) -> dict:
+        """train whole, select/merge/merge_options as given (merge_options left out when empty),
+        then the top-level settings: the mapping ``run.json`` records."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["train"] = self.train.to_dict()
+        for name in _SECTIONS:
+            d[name] = d[name].to_dict()
+        if not d["merge_options"]:
+            del d["merge_options"]  # as before merge_options existed: older run directories still resume
         return d
 
     @classmethod
     def from_dict(cls, d: dict, where: str | Path | None = None) -> RunConfig:
+        if not isinstance(d, dict):
+            raise ConfigError("run config must be a mapping", path=where)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
         if unknown:
-            raise ConfigError(f"unknown run config keys: {', '.join(unknown)}", path=where,
-                              hint=f"known keys: {', '.join(sorted(known))}")
+            cfg._problems.insert(0, f"unknown run config keys: {', '.join(map(str, unknown))} "
+                                 f"(known keys: {', '.join(sorted(known))})")
         try:
-            return cls(**d).validate()
+            return cfg.validate()
         except ConfigError as e:
             raise ConfigError(e.message, path=where, hint=e.hint) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        from ._io import read_config
+        from ._io import read_config  # noqa: PLC0415 - L0 helper, kept beside its one use
 
         path = Path(path)
         d = read_config(path, "run config") or {}
@@ -112,6 +197,51 @@ class RunConfig:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def apply_overrides(d: dict, assignments: list[str] | tuple[str, ...]) -> dict:
+    """``d`` (a run config mapping, changed in place and returned) with ``section.key=value`` set."""
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    for a in assignments:
+        key, eq, raw = a.partition("=")
+        path = key.strip().split(".")
+        if not eq or not all(path):
+            raise ConfigError(f"bad override {a!r}", hint="write section.key=value, e.g. train.warmup_steps=5")
+        if path[0] not in names:
+            raise ConfigError(f"bad override {a!r}: no setting {path[0]!r}",
+                              hint=f"sections and settings: {', '.join(names)}")
+        node = d
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"bad override {a!r}: {part!r} holds a single value, not settings")
+        node[path[-1]] = _yaml_value(raw)
+    return d
+
+
+def _named(section: str, problem: str, fields: set[str]) -> str:
+    """``k must be …`` → ``select.k must be …``; a problem not led by a field → ``merge: …``."""
+    head = problem.split(" ", 1)[0].rstrip(":")
+    return f"{section}.{problem}" if head in fields else f"{section}: {problem}"
+
+
+def merge_plan_options(cfg: RunConfig, donors: list[dict]) -> dict:
+    """The MergePlan keywords of a run's merge: the merge and merge_options sections as given, plus
+    the run's rule for LoRA donors. They merge in adapter space to the baseline's LoRA rank and
+    scaling by default (svd), so the warm start trains as many parameters as the baseline's fresh
+    LoRA, at the same effective step size (with Adam a step moves ΔW by about alpha/r · lr · (|A| + |B|))."""
+    opts = {**cfg.merge.given(), **cfg.merge_options.given()}
+    if all(d.get("kind") == "lora" for d in donors) and not cfg.train.full:
+        opts.setdefault("lora_mode", "svd")
+        if opts["lora_mode"] == "svd":
+            tc = cfg.train
+            opts.setdefault("rank", tc.lora_r)
+            opts.setdefault("lora_scaling", tc.lora_alpha / (tc.lora_r ** 0.5 if tc.rslora else tc.lora_r))
+            # A's rows at a fresh LoRA's norm (PEFT's Kaiming-uniform init: 1/√3), B carrying σ: an even
+            # √σ split leaves both factors small after short donor training and the warm start slow
+            # (recycle-bench: svd_a_init vs train_scaling, docs/results.md)
+            opts.setdefault("lora_a_norm", 3 ** -0.5)
+    return opts
 
 
 def _yaml_value(raw: str) -> Any:
@@ -130,49 +260,4 @@ def _yaml_value(raw: str) -> Any:
     return v
 
 
-def _select_errors(opts: dict) -> list[str]:
-    """The select options a user mistypes most, checked before any model is loaded."""
-    from .select import SCORERS, metric_key, parse_weights
-
-    errs = []
-    for name, check in (("metric", metric_key), ("weights", parse_weights)):
-        if name in opts:
-            try:
-                check(str(opts[name]))
-            except ConfigError as e:
-                errs.append(f"select.{name}: {e.message}")
-    if opts.get("scorer", "loss") not in SCORERS:
-        errs.append(f"select.scorer must be one of {', '.join(SCORERS)}, got {opts['scorer']!r}")
-    elif opts.get("scorer") == "grad" and str(opts.get("metric", "loss")).replace("_", "-") != "loss":
-        errs.append("select.scorer grad predicts the loss: use select.metric loss (--metric loss) with it")
-    for name, none_ok in (("n", True), ("k", False), ("optimize_budget", False), ("shortlist", False),
-                          ("halving_rows", False), ("prerank_rows", False)):
-        v = opts.get(name, 1)
-        if not (v is None and none_ok) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            errs.append(f"select.{name} must be a positive integer{' or null (all rows)' if none_ok else ''}, "
-                        f"got {v!r}")
-    for name in ("margin", "min_own_gain"):
-        v = opts.get(name)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v != v):
-            errs.append(f"select.{name} must be a number or null, got {v!r}")
-    return errs
-
-
-# Options of select() / MergePlan that a run fixes itself (the data, the model, the process layout).
-_RUN_OWNED = {"select": {"target", "base", "library", "model", "tokenizer", "rank", "world_size", "progress"},
-              "merge": {"models", "source"}}
-
-
-def _known_options(section: str) -> set[str]:
-    """The keys a run's ``select`` / ``merge`` mapping may hold: select()'s parameters, MergePlan's fields."""
-    if section == "select":
-        import inspect
-
-        from .select import select
-
-        names = set(inspect.signature(select).parameters)
-    else:
-        from .merge.plan import MergePlan
-
-        names = {f.name for f in dataclasses.fields(MergePlan)}
-    return names - _RUN_OWNED[section]
+__all__ = ["MERGE_OPTIONS", "MergeConfig", "MergeOptions", "RunConfig", "apply_overrides", "merge_plan_options"]

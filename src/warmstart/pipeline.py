@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_dir, atomic_write_json, output_root, read_json
-from .config import RunConfig  # re-exported: `from warmstart.pipeline import RunConfig` keeps working
+from .config import RunConfig, merge_plan_options  # RunConfig re-exported: `from warmstart.pipeline import RunConfig` keeps working
 from .errors import ConfigError
 
 STAGES = ("split", "select", "merge", "warm", "baseline", "report")
@@ -306,13 +306,14 @@ def _split_files(ctx: _Ctx) -> tuple[Path, Path]:
 
 def _stage_select(ctx: _Ctx, t0: float) -> None:
     from .library import Library
+    from .optimize import optimize_selection
     from .select import select
 
     train, _ = _split_files(ctx)
-    tc = ctx.cfg.train
-    opts = {"seed": tc.seed, "format": tc.format, "mc_style": tc.mc_style, **ctx.cfg.select}
+    sc = ctx.cfg.select_config()
     with Library(ctx.library, create=False) as lib:
-        sel = select(train, str(ctx.base), library=lib, **opts)
+        sel = select(train, str(ctx.base), sc, library=lib)
+        sel = optimize_selection(sel, train, sc, library=lib)  # weights: optimized, the step after selection
     if sel is None:  # another process of a multi-process launch: it scored its share, rank 0 writes
         return
     gate = sel.own_gate or {}
@@ -355,21 +356,8 @@ def _stage_merge(ctx: _Ctx, t0: float) -> None:
 
 
 def _merge_options(ctx: _Ctx, donors: list[dict]) -> dict:
-    """LoRA donors merge in adapter space to the baseline's LoRA rank and scaling by default (svd),
-    so the warm start trains as many parameters as the baseline's fresh LoRA, at the same
-    effective step size (with Adam a step moves ΔW by about alpha/r · lr · (|A| + |B|))."""
-    opts = dict(ctx.cfg.merge)
-    if all(d.get("kind") == "lora" for d in donors) and not ctx.cfg.train.full:
-        opts.setdefault("lora_mode", "svd")
-        if opts["lora_mode"] == "svd":
-            tc = ctx.cfg.train
-            opts.setdefault("rank", tc.lora_r)
-            opts.setdefault("lora_scaling", tc.lora_alpha / (tc.lora_r ** 0.5 if tc.rslora else tc.lora_r))
-            # A's rows at a fresh LoRA's norm (PEFT's Kaiming-uniform init: 1/√3), B carrying σ: an even
-            # √σ split leaves both factors small after short donor training and the warm start slow
-            # (recycle-bench: svd_a_init vs train_scaling, docs/results.md)
-            opts.setdefault("lora_a_norm", 3 ** -0.5)
-    return opts
+    """The merge section's MergePlan keywords plus the run's LoRA rule (see config.merge_plan_options)."""
+    return merge_plan_options(ctx.cfg, donors)
 
 
 def _warm_init(ctx: _Ctx) -> Path:

@@ -33,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from . import _gradproxy
+from ._precision import COMPUTE_DTYPES
+from ._section import Section, boolean, number, one_of, positive_int, section
 from .checkpoints import load_causal_lm, load_tokenizer, open_checkpoint
-from .data import TargetData, load_target
+from .data import FORMATS, MC_STYLES, TargetData, load_target
 from .errors import CheckpointError, ConfigError, IncompatibleError, WarmstartError
-from .evaluate import evaluate, n_rows
+from .evaluate import MC_MODES, evaluate, n_rows
 from .library import Entry, Library
 
 # CLI metric name -> (evaluate()'s key, higher is better)
@@ -582,62 +584,149 @@ def build_selection(target: TargetData, base: str, rows: Sequence[ScoreRow], *, 
         created={"warmstart": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
-def select(target: str | Path | TargetData, base: str | Path, *, library: Library | None = None,
-           metric: str = "loss", n: int | None = 256, seed: int = 0, k: int = 2, margin: float | None = None,
-           weights: str = "uniform", penalty: float = 1.0, scorer: str = "loss", split: str | None = None,
-           format: str | None = None, mc_style: str = "text", batch_size: int = 16,
-           max_length: int = DEFAULT_MAX_LENGTH, mc_mode: str = "rank", dtype: str = "float32",
-           compute_dtype: str = "auto", model=None, tokenizer=None, rank: int | None = None,
-           world_size: int | None = None, optimize_budget: int = 20,
-           min_own_gain: float | None = DEFAULT_MIN_OWN_GAIN,
-           progress: Callable[[str, Any], None] | None = None,
-           include_derived: bool = False, shortlist: int = 8, halving_rows: int = 8,
-           prerank_rows: int = 16) -> Selection | None:
-    """Load and sample the target, score the base and every compatible entry, choose donors.
+# ----------------------------------------------------------------------------
+# The settings of a selection, checked before any work
 
-    ``weights="optimized"`` then searches the donors' weights with CMA-ES
-    (``optimize_budget`` evaluations on the same sample, starting from uniform).
+
+@section
+class SelectConfig(Section):
+    """Every setting of :func:`select` (the data, the model and the process layout are arguments).
+
+    :meth:`errors` lists every bad field at once; :func:`select` calls it before the target is
+    read, and :class:`warmstart.config.RunConfig` before a run starts. ``n``: target rows sampled
+    (None: all). ``weights="optimized"``: the selection carries uniform weights and
+    :func:`warmstart.optimize.optimize_selection` (the step after selection; ``warmstart select``
+    and ``warmstart run`` call it) searches them with CMA-ES in ``optimize_budget`` evaluations.
     ``min_own_gain``: a candidate whose own training gained less than this on its own task
     (:func:`own_training`) is never a donor; None chooses by the target score alone.
-    Returns None on ranks other than 0 of a multi-process run (they only score).
-    ``compute_dtype="auto"`` scores in bfloat16 where the hardware runs it fast (float32
-    logits and sums; see docs/select.md for the measured agreement), ``"float32"`` as before.
+    ``compute_dtype="auto"``: bfloat16 where the hardware runs it fast (docs/select.md).
     ``scorer="halving"``: pre-rank by catalogued summaries on ``prerank_rows`` rows, keep
     ``shortlist``, successive halving from ``halving_rows`` rows (:mod:`warmstart._halving`).
     """
-    metric_key(metric)
-    parse_weights(weights)
-    if min_own_gain is not None and not (isinstance(min_own_gain, (int, float)) and min_own_gain == min_own_gain):
-        raise ConfigError(f"min_own_gain must be a number or null, got {min_own_gain!r}")
+
+    label = "select"
+
+    metric: str = "loss"
+    n: int | None = 256
+    seed: int = 0
+    k: int = 2
+    margin: float | None = None
+    weights: str = "uniform"
+    penalty: float = 1.0
+    scorer: str = "loss"
+    split: str | None = None
+    format: str | None = None
+    mc_style: str = "text"
+    batch_size: int = 16
+    max_length: int = DEFAULT_MAX_LENGTH
+    mc_mode: str = "rank"
+    dtype: str = "float32"
+    compute_dtype: str = "auto"
+    optimize_budget: int = 20
+    min_own_gain: float | None = DEFAULT_MIN_OWN_GAIN
+    include_derived: bool = False
+    shortlist: int = 8
+    halving_rows: int = 8
+    prerank_rows: int = 16
+
+    def errors(self) -> list[str]:
+        errs = []
+        for name, check in (("metric", metric_key), ("weights", parse_weights)):
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                errs.append(f"{name} must be a name, got {v!r}")
+                continue
+            try:
+                check(v)
+            except ConfigError as e:
+                errs.append(f"{name}: {e.message}" + (f" ({e.hint})" if e.hint else ""))
+        errs += filter(None, [
+            one_of("scorer", self.scorer, SCORERS),
+            positive_int("n", self.n, none_ok=True), positive_int("seed", self.seed, zero_ok=True),
+            *(positive_int(f, getattr(self, f)) for f in ("k", "batch_size", "max_length", "optimize_budget",
+                                                            "shortlist", "halving_rows", "prerank_rows")),
+            number("margin", self.margin, none_ok=True), number("penalty", self.penalty),
+            number("min_own_gain", self.min_own_gain, none_ok=True),
+            one_of("format", self.format, FORMATS, none_ok=True), one_of("mc_style", self.mc_style, MC_STYLES),
+            one_of("mc_mode", self.mc_mode, MC_MODES),
+            None if self.dtype in DTYPES else f"unknown dtype {self.dtype!r} (dtype: float32, bfloat16 or float16)",
+            None if self.compute_dtype in COMPUTE_DTYPES else
+            f"unknown compute dtype {self.compute_dtype!r} (compute_dtype: auto, float32 or bfloat16)",
+            None if self.split is None or isinstance(self.split, str) else f"split must be a name, got {self.split!r}",
+            boolean("include_derived", self.include_derived)])
+        if self.scorer == "grad" and isinstance(self.metric, str) and self.metric.replace("_", "-") != "loss":
+            errs.append("scorer grad predicts the loss: use metric loss (--metric loss) with it")
+        return errs
+
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # the base model's dtype while scoring
+
+
+def _config_of(config: SelectConfig | None, settings: dict) -> SelectConfig:
+    """``config`` with the deprecated keyword settings applied (``select(t, b, k=3)``, until 0.3)."""
+    if settings:
+        import warnings
+
+        warnings.warn("select(target, base, k=..., ...) is deprecated: pass config=SelectConfig(k=...)",
+                      DeprecationWarning, stacklevel=3)
+        errs = SelectConfig.unknown_errors(settings)
+        if errs:
+            raise ConfigError(f"invalid select config: {errs[0]}")
+        config = (config or SelectConfig()).replace(**settings)
+    return (config or SelectConfig()).validate()
+
+
+def sample_target(target: str | Path | TargetData, cfg: SelectConfig) -> TargetData:
+    """The target rows a selection scores (and the weight search evaluates): loaded, then sampled."""
     data = target if isinstance(target, TargetData) else load_target(
-        target, split=split, format=format, mc_style=mc_style)
-    data = data.sample(n, seed)
+        target, split=cfg.split, format=cfg.format, mc_style=cfg.mc_style)
+    return data.sample(cfg.n, cfg.seed)
+
+
+def select(target: str | Path | TargetData, base: str | Path, config: SelectConfig | None = None, *,
+           library: Library | None = None, model=None, tokenizer=None, rank: int | None = None,
+           world_size: int | None = None, progress: Callable[[str, Any], None] | None = None,
+           **settings) -> Selection | None:
+    """Load and sample the target, score the base and every compatible entry, choose donors.
+
+    Every setting is in ``config`` (:class:`SelectConfig`), checked whole before the target is read;
+    ``k`` is also checked against the candidates before the first one is scored. Returns None on
+    ranks other than 0 of a multi-process run (they only score). ``weights="optimized"`` returns
+    uniform weights: :func:`warmstart.optimize.optimize_selection` searches them.
+    """
+    cfg = _config_of(config, settings)
+    data = sample_target(target, cfg)
     if rank is None or world_size is None:
         rank, world_size = dist_env()
-    cands = candidates_for(base, library, include_derived=include_derived)
-    halving = scorer == "halving"
-    cfg = ScoreConfig(metric=metric, scorer="loss" if halving else scorer, batch_size=batch_size,
-                      max_length=max_length, mc_mode=mc_mode, dtype=dtype, compute_dtype=compute_dtype)
+    cands = candidates_for(base, library, include_derived=cfg.include_derived)
+    n_donors = sum(c.kind != "base" for c in cands)
+    if cfg.k > n_donors:
+        raise ConfigError(f"k is {cfg.k} but only {n_donors} candidate(s) fit the base "
+                          f"{cands[0].ref if cands else base}", hint=f"use --k {max(n_donors, 1)} or fewer, "
+                          "or add checkpoints to the library")
+    halving = cfg.scorer == "halving"
+    score_cfg = ScoreConfig(metric=cfg.metric, scorer="loss" if halving else cfg.scorer, batch_size=cfg.batch_size,
+                            max_length=cfg.max_length, mc_mode=cfg.mc_mode, dtype=cfg.dtype,
+                            compute_dtype=cfg.compute_dtype)
     entries = {c.id: c.entry for c in cands if c.entry is not None}
     info = None
     if halving:
-        rows, info = _select_halving(data, base, cands, library, cfg, k=k, shortlist=shortlist,
-                                     halving_rows=halving_rows, prerank_rows=prerank_rows, seed=seed,
-                                     world_size=world_size, min_own_gain=min_own_gain,
+        rows, info = _select_halving(data, base, cands, library, score_cfg, k=cfg.k, shortlist=cfg.shortlist,
+                                     halving_rows=cfg.halving_rows, prerank_rows=cfg.prerank_rows, seed=cfg.seed,
+                                     world_size=world_size, min_own_gain=cfg.min_own_gain,
                                      model=model, tokenizer=tokenizer, progress=progress)
     else:
-        rows = score_candidates(data, base, cands, library=library, config=cfg, model=model, tokenizer=tokenizer,
-                                rank=rank, world_size=world_size, progress=progress)
+        rows = score_candidates(data, base, cands, library=library, config=score_cfg, model=model,
+                                tokenizer=tokenizer, rank=rank, world_size=world_size, progress=progress)
     if rank != 0:
         return None
-    optimized = parse_weights(weights)[0] == "optimized"
-    sel = build_selection(data, cands[0].ref, rows, metric=metric, scorer=scorer, k=k, margin=margin,
-                          weights="uniform" if optimized else weights, penalty=penalty, entries=entries,
-                          min_own_gain=min_own_gain, ordered=halving)
+    optimized = parse_weights(cfg.weights)[0] == "optimized"
+    sel = build_selection(data, cands[0].ref, rows, metric=cfg.metric, scorer=cfg.scorer, k=cfg.k,
+                          margin=cfg.margin, weights="uniform" if optimized else cfg.weights, penalty=cfg.penalty,
+                          entries=entries, min_own_gain=cfg.min_own_gain, ordered=halving)
     sel.halving = info
-    if optimized:
-        optimize_weights(sel, data, {c.id: c.path for c in cands}, budget=optimize_budget, seed=seed,
-                         batch_size=batch_size, max_length=max_length)
+    if optimized:  # the search is the next step's (optimize_selection), which reads these paths
+        sel.weighting = {**sel.weighting, "pending": "optimized"}
     return sel
 
 
@@ -655,37 +744,8 @@ def _select_halving(data, base, cands, library, cfg, *, k, shortlist, halving_ro
                         seed=seed, exclude=set(never), model=model, tokenizer=tokenizer, progress=progress)
 
 
-def optimize_weights(sel: Selection, data: TargetData, paths: dict, *, budget: int = 20, seed: int = 0,
-                     batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH) -> Selection:
-    """Replace the donors' uniform weights by CMA-ES-searched ones (:func:`warmstart.optimize.optimize`).
-
-    The weights are task-arithmetic coefficients (base + Σ wᵢ·ΔWᵢ, not normalized), so the
-    selection records ``method: task_arithmetic``; the search starts at uniform (1/k each,
-    the same model as the uniform linear merge) and only moves if the sample's cost drops.
-    With fewer than two donors there is nothing to weigh and the selection is unchanged.
-    """
-    from .optimize import METRICS as OPT_METRICS
-    from .optimize import optimize
-
-    metric = sel.metric.replace("_", "-")
-    metric = metric if metric in OPT_METRICS else "loss"  # e.g. exact-match: search on the loss
-    if len(sel.donors) < 2:
-        sel.weighting = {"scheme": "uniform", "note": "optimized weights need at least two donors"}
-        return sel
-    res = optimize([paths[d["id"]] for d in sel.donors], sel.base, [data], metric=metric, budget=budget,
-                   method="task_arithmetic", sample=None, seed=seed, batch_size=batch_size, max_length=max_length)
-    s = res.search
-    for d, w in zip(sel.donors, s.best.weights):
-        d["weight"] = round(float(w), 6)
-    sel.method, sel.params = "task_arithmetic", {}
-    sel.weighting = {"scheme": "optimized", "metric": metric, "budget": budget, "evaluations": len(s.evaluations),
-                     "cost_uniform": s.uniform.costs[0], "cost_chosen": s.best.costs[0],
-                     "seconds": round(res.seconds, 2)}
-    return sel
-
-
 __all__ = [
     "DEFAULT_MIN_OWN_GAIN", "METRICS", "SCORERS", "Candidate", "ScoreConfig", "ScoreRow", "Selection",
-    "build_selection", "candidates_for", "choose_donors", "dist_env", "load_base", "load_full_into",
-    "optimize_weights", "own_training", "rank_rows", "score_candidates", "select", "shard",
+    "SelectConfig", "build_selection", "candidates_for", "choose_donors", "dist_env", "load_base",
+    "load_full_into", "own_training", "rank_rows", "sample_target", "score_candidates", "select", "shard",
 ]
