@@ -295,7 +295,7 @@ def test_mc_and_chat_targets(models, lib, tmp_path):
 
 def test_scores_are_cached_as_they_come(zoo, models, lib, monkeypatch):
     """A run that dies on the third candidate keeps the first two scores; the rerun scores the rest."""
-    import warmstart.select as S
+    import warmstart._scoring as S  # the scorer lives there (select re-exports it)
 
     model, tok, calls = counted(models)
     real = S.evaluate

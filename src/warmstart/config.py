@@ -22,39 +22,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._section import Section, section
+from ._io import read_config
+from ._section import Section, positive_int, section
 from .errors import ConfigError
-from .merge.plan import MergePlan, ModelSpec
 from .select import SelectConfig
 from .train import TrainConfig
 
 # ----------------------------------------------------------------------------
 # Merge: what to merge (MergeConfig) apart from how to run it (MergeOptions), as mergekit's
-# MergeConfiguration / MergeOptions. Both are MergePlan's own fields (models excepted: a run's
-# donors come from its selection), generated from it so a default and a type live in MergePlan
-# alone; the stage joins them back into a MergePlan at the boundary (:func:`merge_plan_options`).
-# mergekit keeps the dtypes with the configuration (they change the result); so do we.
-
-MERGE_OPTIONS = ("shard_size", "device", "threads")  # how: the merged weights are the same whatever they are
-_RUN_OWNED_MERGE = ("models", "source")  # the run's: donors from the selection file
-
-
-def _plan_fields(keep) -> list[tuple]:
-    out = []
-    for f in dataclasses.fields(MergePlan):
-        if keep(f.name):
-            dflt = (field(default_factory=f.default_factory) if f.default is dataclasses.MISSING
-                    else field(default=f.default))
-            out.append((f.name, f.type, dflt))
-    return out
+# MergeConfiguration / MergeOptions. The stage joins them back into a MergePlan at the boundary
+# (:func:`merge_plan_options`). mergekit keeps the dtypes with the configuration (they change the
+# result); so do we.
 
 
 class _MergeSection(Section):
-    """Checks by MergePlan's own rules: a plan with one stand-in donor and these fields."""
+    """Checked by MergePlan's own rules: a plan with one stand-in donor and the fields given."""
 
     def errors(self) -> list[str]:
+        given = self.given()
+        if not given:  # nothing to check, and no reason to import warmstart.merge (and torch) yet
+            return []
+        from .merge.plan import MergePlan, ModelSpec  # lazy: merge/__init__ imports torch; user errors must not
+
         probe = MergePlan(models=[ModelSpec("donor")], base="base")
-        for k, v in self.given().items():
+        for k, v in given.items():
             setattr(probe, k, v)
         try:
             return probe.problems()
@@ -62,20 +53,64 @@ class _MergeSection(Section):
             return [f"a value has the wrong type ({e})"]
 
 
-MergeConfig = section(dataclasses.make_dataclass(
-    "MergeConfig", _plan_fields(lambda n: n not in MERGE_OPTIONS + _RUN_OWNED_MERGE), bases=(_MergeSection,),
-    namespace={"label": "merge", "__doc__": "What a run merges: MergePlan's fields but the models and the "
-               "run options (method, params, weighting, lora_mode, rank, lora_scaling, dtypes, ...)."}))
-MergeOptions = section(dataclasses.make_dataclass(
-    "MergeOptions", _plan_fields(lambda n: n in MERGE_OPTIONS), bases=(_MergeSection,),
-    namespace={"label": "merge_options", "__doc__": "How a run's merge runs: shard_size, device, threads."}))
+# The fields are MergePlan's (tests/test_config.py checks names and defaults agree); only the fields
+# given reach the plan, so where they are left out MergePlan's own defaults apply.
+@section
+class MergeConfig(_MergeSection):
+    """What a run merges: the method and its parameters, the weighting, the LoRA mode, rank and
+    scaling, the dtypes and the tokenizer (mergekit's MergeConfiguration). The donors and their
+    weights come from the selection."""
+
+    label = "merge"
+
+    method: str = "linear"
+    params: dict[str, Any] = field(default_factory=dict)
+    weighting: str | None = None
+    penalty: float = 1.0
+    temperature: float = 1.0
+    higher_is_better: bool = False
+    base: str | None = None
+    include_base: bool = False
+    base_weight: float | None = None
+    lora_mode: str = "cat"  # a run: svd for LoRA donors unless given (merge_plan_options)
+    rank: int | None = None
+    lora_scaling: float | None = None
+    lora_a_norm: float | None = None
+    dtype: str | None = None
+    input_dtype: str | None = None
+    compute_dtype: str = "float32"
+    slices: list[dict] | None = None
+    tokenizer_source: str | None = None
+    tokenizer: dict | None = None
+    chat_template: str | None = None
+    config_from: str | None = None
+    missing: str = "error"
+    vocab: str = "error"
+    library: str | None = None
+
+
+@section
+class MergeOptions(_MergeSection):
+    """How a run's merge runs (mergekit's MergeOptions): the merged weights are the same whatever these are."""
+
+    label = "merge_options"
+
+    shard_size: str = "5GB"
+    device: str = "cpu"
+    threads: int = 2
+
+    def errors(self) -> list[str]:
+        bad = positive_int("threads", self.threads) if self.is_given("threads") else None
+        bad_device = None if isinstance(self.device, str) else f"device must be a name, got {self.device!r}"
+        return [p for p in (bad, bad_device) if p] + super().errors()
+
+
+MERGE_OPTIONS = tuple(MergeOptions.field_names())
+_SECTIONS = {"train": TrainConfig, "select": SelectConfig, "merge": MergeConfig, "merge_options": MergeOptions}
 
 
 # ----------------------------------------------------------------------------
 # The run config
-
-_SECTIONS = {"train": TrainConfig, "select": SelectConfig, "merge": MergeConfig, "merge_options": MergeOptions}
-
 
 @dataclass
 class RunConfig:
@@ -185,8 +220,6 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        from ._io import read_config  # noqa: PLC0415 - L0 helper, kept beside its one use
-
         path = Path(path)
         d = read_config(path, "run config") or {}
         if not isinstance(d, dict):

@@ -31,6 +31,7 @@ from pathlib import Path
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from .checkpoints import load_causal_lm, load_tokenizer, open_checkpoint
 from .errors import ConfigError, IncompatibleError
+from .select import parse_weights, sample_target
 
 METRICS = {"loss": "loss", "accuracy": "token_accuracy", "mc-accuracy": "mc_accuracy"}
 WEIGHT_BOUND = 1.5  # LoraHub's search box is [-1.5, 1.5]; without negatives, [0, 1.5]
@@ -478,8 +479,6 @@ def optimize_selection(sel, target, config, *, library=None, paths: dict | None 
     uniform (1/k each, the same model as the uniform linear merge) and only moves if the
     sample's cost drops. With fewer than two donors there is nothing to weigh.
     """
-    from .select import parse_weights, sample_target
-
     if sel is None or parse_weights(config.weights)[0] != "optimized":
         return sel
     metric = sel.metric.replace("_", "-")

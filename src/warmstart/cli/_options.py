@@ -51,7 +51,9 @@ def opt(section: str, name: str, *decls: str, help: str, panel: str | None = Non
     """A flag for field ``name`` of a section (train, select, run); ``show`` words a default that is
     a rule rather than a value (e.g. ``eval_limit``: all rows)."""
     text = show if show is not None else shown(default_of(section, name))
-    return typer.Option(None, *decls, help=_help(help, text), show_default=False, rich_help_panel=panel, **kw)
+    info = typer.Option(None, *decls, help=_help(help, text), show_default=False, rich_help_panel=panel, **kw)
+    info.config_field = (section, name, show)  # what tests/test_config.py checks the shown default against
+    return info
 
 
 def switch(section: str, name: str, decl: str, *, help: str, panel: str | None = None,

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import typer
 
-from ..config import RunConfig
+from .._io import read_config
+from ..config import RunConfig, apply_overrides
+from ..errors import ConfigError
+from ..pipeline import run
+from ..select import dist_env
 from ._common import JsonOpt, LibraryOpt, ThreadsOpt, err, library_path, print_json, use_threads
 from ._options import given, opt, own_gate_opt, select_opt, switch
 
@@ -109,7 +113,6 @@ def run_cmd(
 ) -> None:
     """Select donors, merge, train from the merge and from the base, and report the difference."""
     use_threads(threads)
-    from ..pipeline import run
 
     tr = given(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, scheduler=scheduler,
                warmup_steps=warmup_steps, weight_decay=weight_decay, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
@@ -131,7 +134,6 @@ def run_cmd(
     cfg = run_config(config, tr, sel, given(method=method, lora_mode=lora_mode), top, sets or [])
     res = run(target, library_path(library), base, out_dir, cfg, eval=eval_, force=force, progress=not json_out,
               log=lambda s: err.print(f"[bold]{s.split(':')[0]}[/]:{s.split(':', 1)[1]}" if ":" in s else s))
-    from ..select import dist_env
 
     if dist_env()[0] != 0:  # one answer per launch, from the main process
         return
@@ -145,9 +147,6 @@ def run_cmd(
 
 def run_config(path: Path | None, train: dict, select: dict, merge: dict, top: dict, sets: list[str]) -> RunConfig:
     """--config, then the flags, then --set, checked once at the end: every problem in one error."""
-    from .._io import read_config
-    from ..config import apply_overrides
-    from ..errors import ConfigError
 
     d = (read_config(path, "run config") or {}) if path else {}
     if not isinstance(d, dict):

@@ -7,7 +7,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..select import SelectConfig
+from .._io import atomic_write_text, check_output, read_config
+from ..checkpoints import resolve
+from ..data import load_target
+from ..errors import ConfigError
+from ..library import Library
+from ..optimize import optimize_selection
+from ..select import SelectConfig, dist_env, select
 from ._common import ForceOpt, JsonOpt, LibraryOpt, ThreadsOpt, err, library_path, out, print_json, use_threads
 from ._options import SELECT_HELP, config_error, given, opt, own_gate_opt, select_opt
 
@@ -66,12 +72,6 @@ def select_cmd(
 ) -> None:
     """Score every compatible checkpoint (and the base) on a target sample; write the donors."""
     use_threads(threads)
-    from .._io import check_output
-    from ..checkpoints import resolve
-    from ..data import load_target
-    from ..library import Library
-    from ..optimize import optimize_selection
-    from ..select import dist_env, select
 
     flags = given(metric=metric, n=n, seed=seed, k=k, margin=margin, weights=weights, penalty=penalty,
                   scorer=scorer, split=split, format=format, mc_style=mc_style, batch_size=batch_size,
@@ -110,8 +110,6 @@ FLAGS = {name: SELECT_HELP[name][0][0] for name in SELECT_HELP} | {
 def select_config(path: Path | None, flags: dict, *, own_gate: bool | None = None,
                   include_derived: bool = False):
     """The SelectConfig of ``--config`` and the flags given, every problem in one error, in flag names."""
-    from .._io import read_config
-    from ..errors import ConfigError
 
     d = {}
     if path is not None:
@@ -147,8 +145,6 @@ def _write_selection(sel, out_file: Path, force: bool) -> None:
     import json
 
     import yaml
-
-    from .._io import atomic_write_text
 
     d = sel.to_dict()
     text = (json.dumps(d, indent=2, default=str) + "\n" if out_file.suffix.lower() == ".json"
