@@ -41,7 +41,7 @@ def test_three_bad_sections_are_one_error_and_no_run_dir(tmp_path):
         RunConfig.from_dict(THREE_BAD)
     msg = e.value.message
     assert "3 problems" in msg
-    assert "unknown train option(s) stpes" in msg and "select.k must be a positive integer, got 0" in msg
+    assert "unknown train option(s) stpes" in msg and "select.k must be a positive integer (at least 1), got 0" in msg
     assert "merge: unknown method 'tiez'" in msg
     # the same config handed to run() (sections typed but unchecked): refused before anything exists
     cfg = RunConfig(**THREE_BAD)
@@ -68,8 +68,8 @@ def test_select_cli_errors_are_one_line_in_flag_names(cli, models, tmp_path, sma
     r = cli("select", "--target", target, "--base", models / "base", "--library", small_lib, "--k", 0,
             "--scorer", "lossy", "--batch-size", -1, "--out", tmp_path / "sel.yaml")
     assert r.code == 1 and "Traceback" not in r.err and r.err.count("\n") == 1, r.err
-    for part in ("--k must be a positive integer, got 0", "--scorer must be one of loss, grad, halving",
-                 "--batch-size must be a positive integer, got -1"):
+    for part in ("--k must be a positive integer (at least 1), got 0", "--scorer must be one of loss, grad, halving",
+                 "--batch-size must be a positive integer (at least 1), got -1"):
         assert part in r.err, part
     assert not (tmp_path / "sel.yaml").exists()
     cfg = tmp_path / "sel-config.yaml"
@@ -95,12 +95,13 @@ def scoring_spy(monkeypatch):
 def test_bad_k_is_refused_before_any_scoring(models, tmp_path, small_lib, scoring_spy):
     target = _target(tmp_path / "t.jsonl")
     with Library(small_lib) as lib:
-        with pytest.raises(ConfigError, match="k must be a positive integer, got 0"):
+        with pytest.raises(ConfigError, match=r"k must be a positive integer \(at least 1\), got 0"):
             select(target, models / "base", SelectConfig(k=0), library=lib)
-        with pytest.raises(ConfigError, match=r"k is 3 but only 2 candidate\(s\) fit the base"):
-            select(target, models / "base", SelectConfig(k=3, n=4), library=lib)
+        with pytest.raises(ConfigError, match="k must be a positive integer"):
+            select(target, models / "base", library=lib, k=-1, n=4)  # the deprecated keywords: checked the same
         assert scoring_spy == []  # no model loaded, no candidate evaluated
-        sel = select(target, models / "base", SelectConfig(k=2, n=4), library=lib)
+        sel = select(target, models / "base", SelectConfig(k=3, n=4), library=lib)
+    # k above the candidates is not an error (as before): every candidate that qualifies is a donor
     assert len(sel.donors) == 2 and "evaluate" in scoring_spy  # the spy does see real scoring
 
 

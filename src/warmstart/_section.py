@@ -131,7 +131,7 @@ def positive_int(name: str, v: Any, *, none_ok: bool = False, zero_ok: bool = Fa
     if isinstance(v, int) and not isinstance(v, bool) and v >= low:
         return None
     what = "a non-negative" if zero_ok else "a positive"
-    return f"{name} must be {what} integer{' or null' if none_ok else ''}, got {v!r}"
+    return f"{name} must be {what} integer (at least {low}){' or null' if none_ok else ''}, got {v!r}"
 
 
 def number(name: str, v: Any, *, none_ok: bool = False) -> str | None:

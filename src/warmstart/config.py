@@ -112,6 +112,7 @@ _SECTIONS = {"train": TrainConfig, "select": SelectConfig, "merge": MergeConfig,
 # ----------------------------------------------------------------------------
 # The run config
 
+
 @dataclass
 class RunConfig:
     """Settings of a run (paths are arguments): typed sections plus the held-out split's settings.

@@ -370,8 +370,8 @@ def select(target: str | Path | TargetData, base: str | Path, config: SelectConf
            **settings) -> Selection | None:
     """Load and sample the target, score the base and every compatible entry, choose donors.
 
-    Every setting is in ``config`` (:class:`SelectConfig`), checked whole before the target is read;
-    ``k`` is also checked against the candidates before the first one is scored. Returns None on
+    Every setting is in ``config`` (:class:`SelectConfig`), checked whole before the target is read
+    (so a bad ``k`` is refused before any candidate is scored). Returns None on
     ranks other than 0 of a multi-process run (they only score). ``weights="optimized"`` returns
     uniform weights: :func:`warmstart.optimize.optimize_selection` searches them.
     """
@@ -380,11 +380,6 @@ def select(target: str | Path | TargetData, base: str | Path, config: SelectConf
     if rank is None or world_size is None:
         rank, world_size = dist_env()
     cands = candidates_for(base, library, include_derived=cfg.include_derived)
-    n_donors = sum(c.kind != "base" for c in cands)
-    if cfg.k > n_donors:
-        raise ConfigError(f"k is {cfg.k} but only {n_donors} candidate(s) fit the base "
-                          f"{cands[0].ref if cands else base}", hint=f"use --k {max(n_donors, 1)} or fewer, "
-                          "or add checkpoints to the library")
     halving = cfg.scorer == "halving"
     score_cfg = ScoreConfig(metric=cfg.metric, scorer="loss" if halving else cfg.scorer, batch_size=cfg.batch_size,
                             max_length=cfg.max_length, mc_mode=cfg.mc_mode, dtype=cfg.dtype,
