@@ -295,7 +295,7 @@ def test_mc_and_chat_targets(models, lib, tmp_path):
 
 def test_scores_are_cached_as_they_come(zoo, models, lib, monkeypatch):
     """A run that dies on the third candidate keeps the first two scores; the rerun scores the rest."""
-    import warmstart.select as S
+    import warmstart._scoring as S  # the scorer lives there (select re-exports it)
 
     model, tok, calls = counted(models)
     real = S.evaluate
@@ -343,13 +343,16 @@ def _by_hand_loss(models, donors, weights, data):
 
 def test_optimized_weights_are_exact_task_arithmetic(zoo, models, tmp_path):
     from warmstart.merge import MergePlan, merge
-    from warmstart.select import parse_weights
+    from warmstart.optimize import optimize_selection
+    from warmstart.select import SelectConfig, parse_weights
 
     with Library(tmp_path / "lib.db") as lib:
         for ref in (zoo / "lora_target", zoo / "lora_other", models / "lora_a"):
             lib.add(ref, base=str(models / "base"))
-        sel = select(zoo / "target.jsonl", models / "base", library=lib, n=8, k=2, weights="optimized",
-                     optimize_budget=8)
+        cfg = SelectConfig(n=8, k=2, weights="optimized", optimize_budget=8)
+        sel = select(zoo / "target.jsonl", models / "base", cfg, library=lib)
+        assert sel.weighting.get("pending") == "optimized"  # select() only scores; the search is the next step
+        sel = optimize_selection(sel, zoo / "target.jsonl", cfg, library=lib)
     w = sel.weighting
     assert w["scheme"] == "optimized" and w["evaluations"] == 8 and sel.method == "task_arithmetic"
     assert w["cost_chosen"] <= w["cost_uniform"]  # the search starts at uniform and keeps the best point

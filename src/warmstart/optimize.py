@@ -34,6 +34,7 @@ from .checkpoints import load_causal_lm, load_tokenizer, open_checkpoint
 from .errors import ConfigError, IncompatibleError
 from .merge import REGISTRY, MergePlan, get_method, merge, merge_state_dicts
 from .provenance import update_artefact, versions
+from .select import parse_weights, sample_target
 
 # CLI metric name -> the evaluate() metric the search minimises (its cost: loss, or 1 − accuracy)
 METRICS = {m.name: m.evaluate for m in _metrics.TABLE.values() if m.searchable}
@@ -438,5 +439,45 @@ def plot_history(result: OptimizeResult, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["Evaluation", "OptimizeResult", "SearchResult", "choose", "dominates", "optimize", "pareto_front",
-           "plot_history", "search"]
+# ----------------------------------------------------------------------------
+# The step after selection: ``weights: optimized``
+
+
+def optimize_selection(sel, target, config, *, library=None, paths: dict | None = None):
+    """Replace a selection's uniform donor weights by CMA-ES-searched ones, in place, when its
+    config asks for ``weights="optimized"`` (else the selection is returned unchanged).
+
+    The step after :func:`warmstart.select.select` (``warmstart select``, ``warmstart run``):
+    ``target`` is what select() was given (file or TargetData), sampled the same way again by
+    :func:`warmstart.select.sample_target`; the donors' weights come from ``paths`` ({id: path})
+    or their library entries. The weights are task-arithmetic coefficients (base + Σ wᵢ·ΔWᵢ, not
+    normalized), so the selection records ``method: task_arithmetic``; the search starts at
+    uniform (1/k each, the same model as the uniform linear merge) and only moves if the
+    sample's cost drops. With fewer than two donors there is nothing to weigh.
+    """
+    if sel is None or parse_weights(config.weights)[0] != "optimized":
+        return sel
+    m = _metrics.get(sel.metric)
+    metric = m.name if m.searchable else "loss"  # e.g. exact-match: search on the loss
+    sel.weighting.pop("pending", None)
+    if len(sel.donors) < 2:
+        sel.weighting = {"scheme": "uniform", "note": "optimized weights need at least two donors"}
+        return sel
+    if paths is None:
+        paths = {d["id"]: library.get(d["id"]).path for d in sel.donors}
+    budget = config.optimize_budget
+    res = optimize([paths[d["id"]] for d in sel.donors], sel.base, [sample_target(target, config)], metric=metric,
+                   budget=budget, method="task_arithmetic", sample=None, seed=config.seed,
+                   batch_size=config.batch_size, max_length=config.max_length)
+    s = res.search
+    for d, w in zip(sel.donors, s.best.weights):
+        d["weight"] = round(float(w), 6)
+    sel.method, sel.params = "task_arithmetic", {}
+    sel.weighting = {"scheme": "optimized", "metric": metric, "budget": budget, "evaluations": len(s.evaluations),
+                     "cost_uniform": s.uniform.costs[0], "cost_chosen": s.best.costs[0],
+                     "seconds": round(res.seconds, 2)}
+    return sel
+
+
+__all__ = ["Evaluation", "OptimizeResult", "SearchResult", "choose", "dominates", "optimize", "optimize_selection",
+           "pareto_front", "plot_history", "search"]
