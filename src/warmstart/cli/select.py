@@ -12,7 +12,6 @@ from ..checkpoints import resolve
 from ..data import load_target
 from ..errors import ConfigError
 from ..library import Library
-from ..optimize import optimize_selection
 from ..select import SelectConfig, dist_env, select
 from ._common import ForceOpt, JsonOpt, LibraryOpt, ThreadsOpt, err, library_path, out, print_json, use_threads
 from ._options import SELECT_HELP, config_error, given, opt, own_gate_opt, select_opt
@@ -89,6 +88,7 @@ def select_cmd(
         if out_file is not None and rank == 0:  # nor over a library entry (a file in a checkpoint dir)
             check_output(out_file, force=force, inputs=[e.path for e in lib.list()])
         sel = select(data, base, cfg, library=lib, progress=progress)
+        from ..optimize import optimize_selection  # lazy: keeps --help fast (merge imports torch)
         sel = optimize_selection(sel, data, cfg, library=lib)  # weights: optimized (the step after selection)
     if sel is None:  # another rank writes the result
         return
