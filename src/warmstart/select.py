@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _gradproxy
+from . import _dist, _gradproxy
 from .checkpoints import load_causal_lm, load_tokenizer, open_checkpoint
 from .data import TargetData, load_target
 from .errors import CheckpointError, ConfigError, IncompatibleError, WarmstartError
@@ -116,9 +116,7 @@ def shard(items: Sequence, rank: int, world_size: int) -> list:
     return list(items[rank::world_size])
 
 
-def dist_env() -> tuple[int, int]:
-    """(rank, world size) as set by ``accelerate launch`` / torchrun; (0, 1) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+dist_env = _dist.rank_world  # (rank, world size) of an ``accelerate launch`` / torchrun; (0, 1) otherwise
 
 
 def _cache_metric(key: str, scorer: str, max_length: int, mc_mode: str, compute_dtype: str = "float32") -> str:
@@ -227,14 +225,8 @@ def _wait_for_all(candidates, cached, timeout: float = 24 * 3600) -> None:
     A torch.distributed barrier is used when one is initialised (``accelerate launch``);
     polling the cache covers processes started some other way.
     """
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            return
-    except ImportError:
-        pass
+    if _dist.barrier():
+        return
     deadline = time.time() + timeout
     while any(cached(c) is None for c in candidates):
         if time.time() > deadline:
@@ -388,35 +380,6 @@ class Selection:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def to_file(self, path: str | Path) -> Path:
-        from ._io import atomic_write_json, atomic_write_text
-
-        path = Path(path)
-        if path.suffix.lower() == ".json":
-            atomic_write_json(path, self.to_dict())
-        else:
-            import yaml
-
-            atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
-        return path
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Selection:
-        from ._io import read_config
-
-        path = Path(path)
-        data = read_config(path, "selection file")
-        if not isinstance(data, dict):
-            raise ConfigError("selection file must hold a mapping", path=path)
-        names = {f for f in cls.__dataclass_fields__}
-        missing = {"target", "base", "metric", "ranking", "donors"} - set(data)
-        if missing:
-            raise ConfigError(f"selection file lacks {sorted(missing)}", path=path)
-        data.setdefault("scorer", "loss")
-        data.setdefault("higher_is_better", metric_key(data["metric"])[1])
-        data.setdefault("weighting", {})
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def rank_rows(rows: Sequence[ScoreRow], higher_is_better: bool) -> list[ScoreRow]:
