@@ -12,11 +12,11 @@ from warmstart.data import collate, load_target, pad_id_of, tokenize
 from warmstart.errors import ConfigError
 from warmstart.evaluate import evaluate
 from warmstart.library import Library
+from warmstart.rundir import read_selection, write_selection
 from warmstart.select import (
     Candidate,
     ScoreConfig,
     ScoreRow,
-    Selection,
     candidates_for,
     choose_donors,
     load_base,
@@ -223,18 +223,18 @@ def test_weights_and_selection_file_roundtrip(zoo, models, lib, tmp_path):
     assert [d["weight"] for d in sel.donors] == pytest.approx(w)
     assert sel.weighting == {"scheme": "softmax", "temperature": 0.5}
     for ext in ("yaml", "json"):
-        path = sel.to_file(tmp_path / f"sel.{ext}")
-        back = Selection.from_file(path)
+        path = write_selection(sel, tmp_path / f"sel.{ext}")
+        back = read_selection(path).selection()
         assert back == sel
         assert set(back.to_dict()) >= {"target", "base", "metric", "ranking", "donors", "weighting"}
         assert back.target["fingerprint"] == load_target(zoo / "target.jsonl").sample(8).fingerprint()
-        plan = MergePlan.from_selection(path)
+        plan = MergePlan.from_dict(read_selection(path).plan_dict())
         assert [m.ref for m in plan.models] == [d["ref"] for d in sel.donors]
     mwa = select(zoo / "target.jsonl", models / "base", library=lib, n=8, k=2, weights="mwa:loss",
                  model=model, tokenizer=tok)
     assert mwa.weighting["losses_from"] == "target sample"  # these donors carry no trainer_state.json
     with pytest.raises(ConfigError):
-        Selection.from_file(tmp_path / "missing.yaml")
+        read_selection(tmp_path / "missing.yaml")
 
 
 # -- several processes -------------------------------------------------------------------------
@@ -362,8 +362,8 @@ def test_optimized_weights_are_exact_task_arithmetic(zoo, models, tmp_path):
     assert _by_hand_loss(models, refs, weights, data) == pytest.approx(w["cost_chosen"], rel=1e-4)
     assert _by_hand_loss(models, refs, [0.5, 0.5], data) == pytest.approx(w["cost_uniform"], rel=1e-4)
     # the selection file carries the method, so the merge applies the weights unnormalized (exact with cat)
-    path = sel.to_file(tmp_path / "sel.yaml")
-    plan = MergePlan.from_selection(path, lora_mode="cat")
+    path = write_selection(sel, tmp_path / "sel.yaml")
+    plan = MergePlan.from_dict(read_selection(path).plan_dict(lora_mode="cat"))
     assert plan.method == "task_arithmetic" and [m.weight for m in plan.models] == weights
     res = merge(plan, tmp_path / "merged")
     from peft import PeftModel

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _gradproxy
+from . import _dist, _gradproxy
 from . import metrics as _metrics
 from .checkpoints import Checkpoint, load_causal_lm, load_tokenizer, open_checkpoint
 from .data import TargetData
@@ -93,9 +93,7 @@ def shard(items: Sequence, rank: int, world_size: int) -> list:
     return list(items[rank::world_size])
 
 
-def dist_env() -> tuple[int, int]:
-    """(rank, world size) as set by ``accelerate launch`` / torchrun; (0, 1) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+dist_env = _dist.rank_world  # (rank, world size) of an ``accelerate launch`` / torchrun; (0, 1) otherwise
 
 
 def _cache_metric(key: str, scorer: str, max_length: int, mc_mode: str, compute_dtype: str = "float32") -> str:
@@ -204,14 +202,8 @@ def _wait_for_all(candidates, cached, timeout: float = 24 * 3600) -> None:
     A torch.distributed barrier is used when one is initialised (``accelerate launch``);
     polling the cache covers processes started some other way.
     """
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            return
-    except ImportError:
-        pass
+    if _dist.barrier():
+        return
     deadline = time.time() + timeout
     while any(cached(c) is None for c in candidates):
         if time.time() > deadline:

@@ -81,35 +81,6 @@ class Selection:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def to_file(self, path: str | Path) -> Path:
-        from ._io import atomic_write_json, atomic_write_text
-
-        path = Path(path)
-        if path.suffix.lower() == ".json":
-            atomic_write_json(path, self.to_dict())
-        else:
-            import yaml
-
-            atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
-        return path
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Selection:
-        from ._io import read_config
-
-        path = Path(path)
-        data = read_config(path, "selection file")
-        if not isinstance(data, dict):
-            raise ConfigError("selection file must hold a mapping", path=path)
-        names = {f for f in cls.__dataclass_fields__}
-        missing = {"target", "base", "metric", "ranking", "donors"} - set(data)
-        if missing:
-            raise ConfigError(f"selection file lacks {sorted(missing)}", path=path)
-        data.setdefault("scorer", "loss")
-        data.setdefault("higher_is_better", metric_key(data["metric"])[1])
-        data.setdefault("weighting", {})
-        return cls(**{k: v for k, v in data.items() if k in names})
-
 
 def choose_donors(ranked: Sequence[ScoreRow], *, k: int, margin: float | None,
                   higher_is_better: bool, exclude: Sequence[int | str] = ()) -> list[ScoreRow]:

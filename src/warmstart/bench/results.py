@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ..rundir import Curve, RunDir
+
 # Issue #7's targets, to beat Mashup Learning (LoRA: +0.7 to +1.8 points, 41-46% fewer steps, ≥63% wall).
 TARGET_GAIN, TARGET_STEPS_PCT, TARGET_WALL_PCT = 2.0, 50.0, 60.0
 
@@ -204,14 +206,12 @@ def _ok(flag: bool) -> str:
 
 def write_plots(cfg, bd, summary: list[dict]) -> list[str]:
     """One panel per target: scratch vs. warm accuracy over steps (seed 0, main variant)."""
-    from ..pipeline import RunDir
-    from ..report import Curve
     METRIC = getattr(cfg, "metric", "eval_mc_accuracy")  # configs written before the field existed
     panels = []
     for t in cfg.targets:
         wd, sd = RunDir(bd.run(t, "main", cfg.seeds[0])), bd.source(t, cfg.seeds[0])
         if wd.done("warm") and (sd / "curve.json").is_file():
-            panels.append((t, Curve.from_file(wd.stage("warm")), Curve.from_file(sd)))
+            panels.append((t, wd.curve("warm"), Curve.from_file(sd)))
     if not panels:
         return []
     import matplotlib

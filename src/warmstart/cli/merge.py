@@ -117,8 +117,11 @@ def merge_cmd(
     if config:
         data = MergePlan.from_yaml(config).to_dict()
     elif selection:
-        data = MergePlan.from_selection(selection, method=flags.get("method")).to_dict()
-        data["higher_is_better"] = MergePlan.from_selection(selection).higher_is_better
+        from ..rundir import read_selection  # lazy: keeps --help fast
+
+        sel = read_selection(selection)
+        data = MergePlan.from_dict(sel.plan_dict(method=flags.get("method")), source=str(selection)).to_dict()
+        data["higher_is_better"] = sel.higher_is_better
     else:
         data = {"models": []}
     if models:

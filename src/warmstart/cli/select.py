@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .._io import atomic_write_text, check_output, read_config
+from .._io import check_output, read_config
 from ..checkpoints import resolve
 from ..data import load_target
 from ..errors import ConfigError
@@ -140,16 +140,11 @@ def _local(ref: str) -> list[Path]:
 
 
 def _write_selection(sel, out_file: Path, force: bool) -> None:
-    """Like Selection.to_file, but without --force a file that appeared meanwhile (another writer that
-    finished first) is kept and this command fails, instead of silently replacing it."""
-    import json
+    """Without --force a file that appeared meanwhile (another writer that finished first) is kept and
+    this command fails, instead of silently replacing it."""
+    from ..rundir import write_selection  # lazy: keeps --help fast
 
-    import yaml
-
-    d = sel.to_dict()
-    text = (json.dumps(d, indent=2, default=str) + "\n" if out_file.suffix.lower() == ".json"
-            else yaml.safe_dump(d, sort_keys=False, allow_unicode=True))
-    atomic_write_text(out_file, text, force=force)
+    write_selection(sel, out_file, force=force)
 
 
 class _progress:
