@@ -108,7 +108,7 @@ def test_bad_k_is_refused_before_any_scoring(models, tmp_path, small_lib, scorin
 def test_select_config_lists_every_bad_field():
     errs = SelectConfig(k=0, n=-1, metric="acc", weights="softmax:x", scorer="grad", dtype="int8",
                         mc_mode="letters", min_own_gain=float("nan")).errors()
-    for part in ("k must be", "n must be", "metric: unknown metric 'acc'", "weights: bad softmax temperature",
+    for part in ("k must be", "n must be", "metric: unknown metric 'acc'", "weights: bad temperature",
                  "unknown dtype 'int8'", "mc_mode must be one of", "min_own_gain must be a number",
                  "scorer grad predicts the loss"):
         assert sum(e.startswith(part) for e in errs) == 1, (part, errs)

@@ -86,7 +86,6 @@ class MergeConfig(_MergeSection):
     config_from: str | None = None
     missing: str = "error"
     vocab: str = "error"
-    library: str | None = None
 
 
 @section

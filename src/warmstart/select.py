@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _halving
+from . import weighting as _weighting
 from ._precision import COMPUTE_DTYPES
 from ._scoring import (  # re-exported: select's public names since before the move
     DEFAULT_MAX_LENGTH,
@@ -155,30 +156,25 @@ def unlearned(cands_entries: dict, min_gain: float | None) -> dict:
     return out
 
 
-def _weights_registry():
-    from .merge import weights  # late: the merge package imports torch; select's option checks run without it
-
-    return weights
 
 
 def parse_weights(spec: str) -> tuple[str, float | None]:
     """A ``--weights`` spec of the weighting registry ('softmax:0.5', 'mwa:loss', 'optimized', ...) ->
     (scheme, temperature or None)."""
-    scheme, args = _weights_registry().parse(spec, where="select", what="weights")
+    scheme, args = _weighting.parse(spec, where="select", what="weights")
     return scheme.name, args.get("temperature", 1.0 if scheme.arg == "temperature" else None)
 
 
 def donor_weights(donors: Sequence[ScoreRow], entries: dict, spec: str, *, higher_is_better: bool,
                   penalty: float = 1.0) -> tuple[list[float], dict]:
     """Weights from the weighting registry; MWA uses each donor's training loss or step, and
-    :func:`warmstart.merge.weights.mwa_losses`'s fallback (recorded in the weighting info)."""
+    :func:`warmstart.weighting.mwa_losses`'s fallback (recorded in the weighting info)."""
     scheme, temp = parse_weights(spec)
     info: dict[str, Any] = {"scheme": scheme}
     kw: dict[str, Any] = {"scores": [d.score for d in donors], "higher_is_better": higher_is_better,
                           "penalty": penalty}
     if temp is not None:
         kw["temperature"] = info["temperature"] = temp
-    _weighting = _weights_registry()
     needs = _weighting.SCHEMES[scheme].needs
     if "losses" in needs or "steps" in needs:
         info["penalty"] = penalty
@@ -365,7 +361,7 @@ def select(target: str | Path | TargetData, base: str | Path | Checkpoint, confi
                                 tokenizer=tokenizer, rank=rank, world_size=world_size, progress=progress)
     if rank != 0:
         return None
-    optimized = _weights_registry().SCHEMES[parse_weights(cfg.weights)[0]].fn is None  # searched, not computed
+    optimized = _weighting.SCHEMES[parse_weights(cfg.weights)[0]].fn is None  # searched, not computed
     sel = build_selection(data, cands[0].ref, rows, metric=cfg.metric, scorer=cfg.scorer, k=cfg.k,
                           margin=cfg.margin, weights="uniform" if optimized else cfg.weights, penalty=cfg.penalty,
                           entries=entries, min_own_gain=cfg.min_own_gain, ordered=halving)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from warmstart.errors import ConfigError
 from warmstart.merge import MergePlan, merge
-from warmstart.merge.settings import check, evaluate
+from warmstart.params import check, evaluate
 
 M = Path(__file__).resolve().parent.parent / "fixtures" / "mergekit" / "models"
 

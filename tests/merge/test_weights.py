@@ -1,4 +1,4 @@
-"""The weighting-scheme registry (merge/weights.py): formulas, specs, the MWA fallback, the CLI path."""
+"""The weighting-scheme registry (warmstart/weighting.py): formulas, specs, the MWA fallback, the CLI path."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from warmstart.errors import ConfigError
-from warmstart.merge import weights as W
+from warmstart import weighting as W
 from warmstart.merge.plan import MergePlan
 
 

@@ -176,7 +176,7 @@ def _catalog_metrics(plan, library: Path | None) -> dict:
     opens the catalog. Only for MWA plans, and only when the catalog exists."""
     from ..checkpoints import resolve  # lazy: keeps --help fast
     from ..library import Library, default_library_path  # lazy: keeps --help fast
-    from ..merge.weights import parse  # lazy: keeps --help fast
+    from ..weighting import parse
 
     needs = parse(plan.weighting)[0].needs if plan.weighting else ()
     path = Path(library) if library else default_library_path()

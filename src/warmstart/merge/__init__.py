@@ -21,7 +21,7 @@ from .dispatch import merge
 from .methods import REGISTRY, Method, get_method, merge_state_dicts, merge_tensors
 from .plan import MergePlan, ModelSpec
 from .results import MergeResult, TensorReport
-from .weights import SCHEMES, compute_weights
+from ..weighting import SCHEMES, compute_weights
 
 __all__ = [
     "REGISTRY",

@@ -21,7 +21,7 @@ from .lora_apply import applied_loras
 from .plan import MergePlan
 from .results import MergeResult
 from .slices import open_slice_models
-from .weights import Metrics, resolve_weights
+from ..weighting import Metrics, resolve_weights
 
 
 def merge(plan: MergePlan, out: str | Path, *, force: bool = False,

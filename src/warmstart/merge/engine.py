@@ -38,7 +38,7 @@ from .plan import MergePlan
 from .results import Item as _Item
 from .results import MergeResult, TensorReport
 from .results import torch_dtype as _dtype
-from .settings import resolve
+from ..params import resolve
 from .slices import plan_slices, set_num_layers
 
 # Files copied from the config source; weights, optimizer state and training logs are not.

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .methods import REGISTRY
-from .settings import DTYPES, check
+from ..params import DTYPES, check
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template"}

@@ -29,10 +29,10 @@ from ..errors import ConfigError
 from ..provenance import parse_size  # the one size parser; re-exported for plan.parse_size callers
 from .mergekit_yaml import plan_kwargs
 from .methods import REGISTRY
-from .settings import DTYPES
-from .settings import check as check_setting
+from ..params import DTYPES
+from ..params import check as check_setting
 from .tokenizer import tokenizer_problems
-from .weights import parse as parse_weighting
+from ..weighting import parse as parse_weighting
 
 COMPUTE_DTYPES = DTYPES + ("auto",)  # auto: the inputs' dtype (after input_dtype rounding), as mergekit
 POLICIES = ("error", "reference")

@@ -28,8 +28,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from .settings import as_number, is_plain
+from .errors import ConfigError
+from .params import as_number, is_plain
 
 Metrics = tuple  # (final training loss or None, global step or None) of one checkpoint
 
