@@ -18,6 +18,7 @@ from typing import Any
 
 from . import _dist, _gradproxy
 from . import metrics as _metrics
+from ._precision import COMPUTE_DTYPES, resolve
 from .checkpoints import Checkpoint, load_causal_lm, load_tokenizer, open_checkpoint
 from .data import TargetData
 from .errors import CheckpointError, ConfigError, IncompatibleError, WarmstartError
@@ -124,8 +125,6 @@ class ScoreConfig:
     compute_dtype: str = "auto"  # matmuls of the loss scorer: auto | float32 | bfloat16 (warmstart._precision)
 
     def resolved_compute_dtype(self) -> str:
-        from ._precision import COMPUTE_DTYPES, resolve
-
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"unknown compute dtype {self.compute_dtype!r}", hint="auto, float32 or bfloat16")
         if self.dtype != "float32":  # a model loaded in half precision computes in it whatever we ask

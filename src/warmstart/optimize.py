@@ -31,7 +31,9 @@ from pathlib import Path
 from . import metrics as _metrics
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from .checkpoints import load_causal_lm, load_tokenizer, open_checkpoint
+from .data import TargetData, load_target
 from .errors import ConfigError, IncompatibleError
+from .evaluate import evaluate
 from .merge import REGISTRY, MergePlan, get_method, merge, merge_state_dicts
 from .provenance import update_artefact, versions
 from .select import parse_weights, sample_target
@@ -279,9 +281,6 @@ def optimize(candidates: Sequence[str | Path], base: str | Path, targets: Sequen
     the Pareto front), ``objective.png`` and the merged model in ``model/``.
     """
     import torch
-
-    from .data import TargetData, load_target
-    from .evaluate import evaluate
 
     t0 = time.time()
     key = _metric_key(metric)

@@ -38,7 +38,9 @@ from typing import Any
 
 from ._io import atomic_dir, atomic_write_json, check_output
 from .checkpoints import Checkpoint, check_adapter_fits, open_checkpoint
+from .checkpoints import check_finite as _check_finite
 from .checkpoints.dtypes import FLOAT_DTYPES, st_to_torch, torch_float
+from .checkpoints.streaming import PreadReader, ShardWriter, shard_layout
 from .errors import CheckpointError, ConfigError, IncompatibleError
 from .provenance import front_matter, parse_size, versions, write_artefact
 
@@ -253,8 +255,6 @@ def _open_writers(dirs: list[Path], report: TransferReport, new: Checkpoint, out
     ``save_file`` a whole shard would sit in memory, and with ``safe_open``'s memory maps
     every page read stays resident — three models' worth for a transfer.
     """
-    from .checkpoints.streaming import ShardWriter, shard_layout
-
     st, mn = st_to_torch(), new.weights().meta
     entries = []
     for t in report.tensors:
@@ -537,8 +537,6 @@ class _Vocabs:
 def _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tensor) -> None:
     import torch
 
-    from .checkpoints.streaming import PreadReader
-
     cdt, reader = opts["cdt"], PreadReader()
 
     def get(ck: Checkpoint, name: str, dtype=None):
@@ -582,8 +580,6 @@ def _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tens
 def _raise_nonfinite(name: str, old: Checkpoint, fin: _Finetuned, new: Checkpoint, get) -> None:
     """The result is not finite: re-read this tensor's inputs to name the file that holds the NaN/Inf
     (only on this failure path; the per-output check above is the fast path)."""
-    from .checkpoints import check_finite as _check_finite
-
     keys = [(ck, name) for ck in (old, new) if name in ck.weights().meta]
     keys += [(fin.ck, k) for k in fin.lora_modules.get(name, {}).values()] if fin.is_lora else \
         [(fin.ck, name)] if name in fin.ck.weights().meta else []
