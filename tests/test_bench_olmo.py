@@ -245,3 +245,26 @@ def test_cli_lists_the_olmo_suite(cli):
     assert {x["task"]: x["heldout"] for x in rows}["openbookqa"] == "test"
     bad = cli("bench", "tasks", "--suite", "nope", "--list")
     assert bad.code != 0 and "unknown suite 'nope'" in bad.err
+
+
+def test_every_start_builds(models, tmp_path):
+    """Each baseline and merge variant yields a start that trains (the run reaches them hours in)."""
+    from warmstart.bench import olmo_protocol as P
+    from warmstart.bench.olmo_starts import STARTS, start_init
+
+    root = make_tree(tmp_path / "oe")
+    cfg = _tiny_cfg(tasks=TINY, targets=["csqa"], source_lrs=[1e-3], margin=None).resolved()
+    d = P.Dirs(tmp_path / "results", tmp_path / "work")
+    P.claim(cfg, d)
+    P.prepare(cfg, d, lambda s: None, root)
+    for t in TINY:
+        P.source_unit(cfg, d, models / "base", t, lambda s: None)
+    for start in STARTS:
+        _, adapter, info = start_init(cfg, d, models / "base", "csqa", start, lambda s: None)
+        assert (adapter / "adapter_config.json").is_file(), start
+        n = {"best1": 1, "all": 2, "random": 2}.get(start, 2)
+        assert len(info["donors"]) == n and "csqa" not in [x["task"] for x in info["donors"]], start
+    cat = json.loads((d.start_dir("csqa", "cat") / "model" / "adapter_config.json").read_text())
+    assert cat["r"] == 4  # exact concatenation of two rank-2 donors
+    opt = json.loads(d.start_json("csqa", "optimized").read_text())
+    assert opt["selection"]["method"] == "task_arithmetic"
