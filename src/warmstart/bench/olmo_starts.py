@@ -48,18 +48,24 @@ STARTS: dict[str, tuple[str, dict, dict]] = {
 
 
 
+LORA_ONLY = ("randlora", "cat", "factors")  # starts that exist only in adapter space
+
+
 def start_init(cfg, d, base: Path, target: str, start: str, log: Callable[[str], None]):
-    """(init, adapter or None, info) of ``start`` for ``target``; builds what is missing."""
+    """(init, adapter or None, info) of ``start`` for ``target``; builds what is missing.
+    LoRA: (base, merged adapter); full fine-tuning: (merged model, None)."""
     if start == "base":
         return base, None, {"start": "base"}
     info_path = d.start_json(target, start)
     info = read_json(info_path) if info_path.is_file() else None
-    adapter = d.start_dir(target, start) / "model"
-    if info is not None and (not info["donors"] or (adapter / "adapter_config.json").is_file()):
-        return base, (adapter if info["donors"] else None), info
-    info = build_start(cfg, d, base, target, start, log, selection=(info or {}).get("selection"))
-    atomic_write_json(info_path, info)
-    return base, (adapter if info["donors"] else None), info
+    merged = d.start_dir(target, start) / "model"
+    marker = "config.json" if cfg.full else "adapter_config.json"
+    if info is None or (info["donors"] and not (merged / marker).is_file()):
+        info = build_start(cfg, d, base, target, start, log, selection=(info or {}).get("selection"))
+        atomic_write_json(info_path, info)
+    if not info["donors"]:
+        return base, None, info
+    return (merged, None, info) if cfg.full else (base, merged, info)
 
 
 def library_for(cfg, d, target: str) -> Path:
@@ -91,7 +97,7 @@ def build_start(cfg, d, base: Path, target: str, start: str, log, selection: dic
     sel_file = work / "selection.json"
     atomic_write_json(sel_file, {**selection, "donors": donors, "base": str(base)})
     t1 = time.perf_counter()
-    plan = MergePlan.from_selection(sel_file, **_merge_options(cfg, merge_opts))
+    plan = MergePlan.from_selection(sel_file, **({} if cfg.full else _merge_options(cfg, merge_opts)))
     if (work / "model").exists():
         shutil.rmtree(work / "model")
     merge(plan, work / "model")
@@ -124,7 +130,8 @@ def _choose(cfg, d, base: Path, target: str, start: str, how: str, sel_opts: dic
         if how == "random":
             rng = random.Random(f"warmstart-olmo-random:{target}")
             entries = rng.sample(entries, cfg.k_random)
-        donors = [{"ref": e.ref, "task": e.task, "kind": "lora", "weight": 1.0 / len(entries)} for e in entries]
+        donors = [{"ref": e.ref, "task": e.task, "kind": "full" if cfg.full else "lora", "weight": 1.0 / len(entries)}
+                  for e in entries]
         return {"donors": donors, "metric": "loss", "select_s": 0.0}
     if how == "randlora":  # the donors main chose, their weights, random directions
         main = start_init(cfg, d, base, target, "main", lambda s: None)[2]
