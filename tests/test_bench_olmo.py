@@ -247,6 +247,7 @@ def test_cli_lists_the_olmo_suite(cli):
     assert bad.code != 0 and "unknown suite 'nope'" in bad.err
 
 
+@pytest.mark.slow
 def test_every_start_builds(models, tmp_path):
     """Each baseline and merge variant yields a start that trains (the run reaches them hours in)."""
     from warmstart.bench import olmo_protocol as P
@@ -270,6 +271,7 @@ def test_every_start_builds(models, tmp_path):
     assert opt["selection"]["method"] == "task_arithmetic"
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_units(models, tmp_path):
     """Full FT: sources stay in work (only their catalogue is in results), starts are merged models."""
     from warmstart.bench import olmo_protocol as P
