@@ -288,3 +288,16 @@ def test_full_fine_tuning_units(models, tmp_path):
     assert set(run["test"]) == {"0", "1"}
     with pytest.raises(ConfigError, match="LoRA-only"):
         _tiny_cfg(tasks=TINY, starts=["base", "cat"], full=True).resolved()
+
+
+def test_cli_olmo_results(cli, tmp_path):
+    import shutil
+
+    src = Path(__file__).resolve().parents[1] / "docs" / "bench-results-olmo"
+    if not (src / "bench.json").is_file():
+        pytest.skip("no committed results")
+    res = tmp_path / "r"
+    shutil.copytree(src, res)
+    r = cli("bench", "olmo-results", "--results", res)
+    assert r.code == 0 and "| task | steps |" in r.out
+    assert cli("bench", "olmo-results", "--results", res, "--metric", "x").code != 0

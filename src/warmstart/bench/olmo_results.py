@@ -161,6 +161,24 @@ def render(cfg: OlmoBenchConfig, s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sources_table(cfg: OlmoBenchConfig, results: Path) -> str:
+    """Each finished source: validation accuracy (zero-shot → end) at each rate, the chosen one."""
+    rows = []
+    for t in cfg.tasks:
+        p = results / "sources" / t / "sweep.json"
+        if not p.is_file():
+            continue
+        sw = read_json(p)
+        cells = [f"{100 * x['validation'][0][1]:.0f} → {100 * x['validation'][-1][1]:.0f} ({x['train_time_s']:.0f} s)"
+                 for x in sw["sweep"]]
+        rows.append(f"| {t} | {sw['steps']} | " + " | ".join(cells) + f" | {sw['chosen_lr']:g} |")
+    if not rows:
+        return ""
+    head = " | ".join(f"lr {lr:g}: val acc % (training s)" for lr in cfg.source_lrs)
+    return "\n".join([f"Sources ({len(rows)} of {len(cfg.tasks)}):", "", f"| task | steps | {head} | chosen |",
+                      "|" + "---|" * (3 + len(cfg.source_lrs)), *rows]) + "\n\n"
+
+
 def write_plots(cfg: OlmoBenchConfig, results: Path, metric: str = "hits") -> list[Path]:
     import matplotlib
 
@@ -203,7 +221,7 @@ def write_results(results: str | Path, metric: str = "hits") -> dict:
     s = summarize(cfg, results, metric)
     atomic_write_json(results / "results.json", s)
     plots = write_plots(cfg, results, metric)
-    md = render(cfg, s) + "".join(f"\n![curves]({p.name})\n" for p in plots)
+    md = sources_table(cfg, results) + render(cfg, s) + "".join(f"\n![curves]({p.name})\n" for p in plots)
     atomic_write_text(results / "results.md", md)
     return s
 

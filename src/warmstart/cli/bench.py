@@ -141,6 +141,29 @@ def olmo_cmd(
     run_olmo_bench(results, work, cfg, base=base, log=_stamp(), units=tuple(unit or ("source", "train")))
 
 
+@app.command("olmo-results", epilog="""
+Examples:
+
+  warmstart bench olmo-results --results docs/bench-results-olmo
+
+  warmstart bench olmo-results --results docs/bench-results-olmo --metric norm
+""")
+def olmo_results_cmd(results: Path = typer.Option(..., "--results", help="Results directory of `bench olmo`."),
+                     metric: str = typer.Option("sum", "--metric", help="sum (lm-eval acc) or norm (acc_norm)."),
+                     json_out: bool = JsonOpt) -> None:
+    """Tables and plots from whatever units of `bench olmo` have finished (results.md, results.json)."""
+    from ..bench.olmo_results import write_results  # lazy: keeps --help fast
+    from ..errors import ConfigError
+
+    if metric not in ("sum", "norm"):
+        raise ConfigError(f"unknown metric {metric!r}", hint="sum or norm")
+    s = write_results(results, "hits" if metric == "sum" else "hits_norm")
+    if json_out:
+        print_json(s)
+    else:
+        print((results / "results.md").read_text())
+
+
 @app.command("run", epilog="""
 Examples:
 
