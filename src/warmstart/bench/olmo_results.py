@@ -143,16 +143,18 @@ def render(cfg: OlmoBenchConfig, s: dict) -> str:
               f"held-out questions per target: {cfg.n_test}; accuracies in %; Δ vs scratch with paired-bootstrap "
               "95 % interval over questions."), ""]
     lines += ["| target | start | seeds | zero-shot | " + " | ".join(f"acc@{x}" for x in b) + " | " +
-              " | ".join(f"Δ@{x}" for x in b) + " | parity steps % | parity wall % | donors |",
-              "|" + "---|" * (7 + 2 * len(b))]
+              " | ".join(f"Δ@{x}" for x in b) + " | parity steps % | parity wall % | select s | merge s | donors |",
+              "|" + "---|" * (9 + 2 * len(b))]
     for r in s["rows"]:
         lines.append(f"| {r['target']} | {r['start']}{' (gate)' if r['gate'] else ''} | {len(r['seeds'])} | "
                      f"{_pct(r['zero_shot'])} | " + " | ".join(_pct(r.get(f'acc_{x}')) for x in b) + " | " +
                      " | ".join(_delta(r.get(f'delta_{x}')) for x in b) + " | " +
                      ("–" if r.get("parity_steps_pct") is None else f"{r['parity_steps_pct']:.0f}") + " | " +
                      ("–" if r.get("parity_wall_pct") is None else f"{r['parity_wall_pct']:.0f}") + " | " +
-                     ", ".join(x or "?" for x in r["donors"]) + " |")
-    lines += ["", "Mean over targets (Δ vs scratch, paired bootstrap resampling each target's questions):", "",
+                     f"{r['select_s'] or 0:.0f} | {r['merge_s'] or 0:.1f} | " + ", ".join(x or "?" for x in r["donors"]) + " |")
+    lines += ["", ("Parity: steps (and wall clock: selection + merge + training up to that step) to reach scratch's "
+                  f"accuracy at {b[-1]} steps, in % of scratch's {b[-1]} steps (its training time)."), "",
+              "Mean over targets (Δ vs scratch, paired bootstrap resampling each target's questions):", "",
               "| start | budget | targets | mean Δ [95 %] |", "|---|---|---|---|"]
     lines += [f"| {m['start']} | {m['budget']} | {m['targets']} | {_delta(m['delta'])} |" for m in s["means"]]
     g = s["gate"]
