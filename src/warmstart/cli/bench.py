@@ -84,7 +84,7 @@ def tasks_cmd(
 def _olmo_tasks(out, task, seed, list_only, force, json_out) -> None:
     from ..bench.olmo import OLMO_TASKS, write_olmo_tasks  # lazy: keeps --help fast
     from ..bench.olmo_protocol import OlmoBenchConfig  # lazy: keeps --help fast
-    from ..errors import ConfigError
+    from ..errors import ConfigError  # lazy: keeps --help fast
 
     if list_only:
         rows = [{"task": t.name, "description": t.title, "heldout": t.heldout, "license": t.license}
@@ -153,7 +153,7 @@ def olmo_results_cmd(results: Path = typer.Option(..., "--results", help="Result
                      json_out: bool = JsonOpt) -> None:
     """Tables and plots from whatever units of `bench olmo` have finished (results.md, results.json)."""
     from ..bench.olmo_results import write_results  # lazy: keeps --help fast
-    from ..errors import ConfigError
+    from ..errors import ConfigError  # lazy: keeps --help fast
 
     if metric not in ("sum", "norm"):
         raise ConfigError(f"unknown metric {metric!r}", hint="sum or norm")
