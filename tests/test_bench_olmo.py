@@ -191,6 +191,8 @@ def test_protocol_units_and_resume(models, tmp_path):
     assert row["delta_2"][0] == pytest.approx((sum(w) - sum(b)) / 6)
     assert row["zero_shot"] == pytest.approx(sum(int(c) for c in run["test"]["0"]["hits"]) / 6)
     assert (results / "results.md").is_file() and (results / "curves-hits.png").is_file()
+    best = [max({int(s): v for s, v in r["validation"]}[b] for r in base["runs"]) for b in (1, 2)]
+    assert next(r for r in summary["rows"] if r["start"] == "base")["plateau"] == pytest.approx(best[1] - best[0])
     # a second session (fresh work dir): nothing is retrained, the committed JSON is read back
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*.json") if p.name != "bench.json"}
     P.run_olmo_bench(results, tmp_path / "work2", cfg, base=models / "base", log=lambda s: None, data_root=root)

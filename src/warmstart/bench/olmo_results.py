@@ -93,7 +93,7 @@ def summarize(cfg: OlmoBenchConfig, results: Path, metric: str = "hits") -> dict
                 if start != "base" and w and s and len(w) == len(s):
                     row[f"delta_{b}"] = paired_bootstrap(w, s)
             row.update(_parity(rs, scratch, budgets, metric, row["select_s"] + row["merge_s"]) if start != "base"
-                       else {})
+                       else {"plateau": _plateau(rs, budgets)})
             rows.append(row)
     for start in starts:
         for b in budgets:
@@ -111,6 +111,20 @@ def summarize(cfg: OlmoBenchConfig, results: Path, metric: str = "hits") -> dict
             "gate": {"triggered": len(gate), "of": sum(r["start"] == "main" for r in rows),
                      "targets": [r["target"] for r in gate]},
             "last_budget": last}
+
+
+def _plateau(rs: dict[int, dict], budgets: list[int]) -> float | None:
+    """Scratch's validation gain over the last budget interval (best rate at each, first seed):
+    near zero where the last budget is where training from the base has converged."""
+    if len(budgets) < 2:
+        return None
+    r = rs[min(rs)]
+    best = [max(_at(x["validation"], b) for x in r["runs"]) for b in budgets[-2:]]
+    return best[1] - best[0]
+
+
+def _at(series, step: int) -> float:
+    return next((v for s, v in series if int(s) == step), float("nan"))
 
 
 def _parity(rs, scratch, budgets, metric, overhead_s) -> dict:
@@ -158,6 +172,10 @@ def render(cfg: OlmoBenchConfig, s: dict) -> str:
               "| start | budget | targets | mean Δ [95 %] |", "|---|---|---|---|"]
     lines += [f"| {m['start']} | {m['budget']} | {m['targets']} | {_delta(m['delta'])} |" for m in s["means"]]
     g = s["gate"]
+    plateau = [f"{r['target']} {100 * r['plateau']:+.0f}" for r in s["rows"] if r.get("plateau") is not None]
+    if plateau:
+        lines += ["", f"Scratch's validation gain from {b[-2]} to {b[-1]} steps (points; ≈ 0 = plateau): "
+                  + ", ".join(plateau) + "."]
     which = f" ({', '.join(g['targets'])})" if g["targets"] else ""
     lines += ["", f"Do-no-harm gate (margin {cfg.margin}): triggered on {g['triggered']} of {g['of']} targets{which}."]
     return "\n".join(lines) + "\n"
