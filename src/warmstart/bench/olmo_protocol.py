@@ -43,8 +43,9 @@ from ..checkpoints import load_causal_lm, load_tokenizer
 from ..data import load_target
 from ..errors import ConfigError
 from ..evaluate import option_loglikelihoods
-from ..report import Curve
-from ..train import TrainConfig, finetune, versions
+from ..provenance import versions
+from ..rundir import Curve
+from ..train import TrainConfig, finetune
 from .model import prepare_model
 from .olmo import OLMO_TASKS, write_olmo_tasks
 from .olmo_starts import LORA_ONLY, STARTS, start_init
