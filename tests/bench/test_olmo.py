@@ -295,7 +295,7 @@ def test_full_fine_tuning_units(models, tmp_path):
 def test_cli_olmo_results(cli, tmp_path):
     import shutil
 
-    src = Path(__file__).resolve().parents[1] / "docs" / "bench-results-olmo"
+    src = Path(__file__).resolve().parents[2] / "docs" / "bench-results-olmo"
     if not (src / "bench.json").is_file():
         pytest.skip("no committed results")
     res = tmp_path / "r"

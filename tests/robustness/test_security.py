@@ -14,7 +14,7 @@ import torch
 from _robustness import assert_user_error, write_mc
 from safetensors.torch import load_file, save_file
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "warmstart"
+SRC = Path(__file__).resolve().parents[2] / "src" / "warmstart"
 
 
 # -- pickle -----------------------------------------------------------------------------------------
