@@ -12,8 +12,14 @@ from safetensors.torch import load_file, save_file
 from warmstart import testing
 from warmstart.errors import ConfigError, IncompatibleError, OutputExistsError
 from warmstart.merge import MergePlan, merge, merge_state_dicts
+from warmstart.rundir import read_selection
 
 ATOL = 1e-6
+
+def from_selection(f, **kw):
+    """A merge plan from a selection file, as `warmstart merge --selection` and `run` build it."""
+    return MergePlan.from_dict(read_selection(f).plan_dict(**kw), source=str(f))
+
 
 
 def _sd(d: Path) -> dict:
@@ -236,7 +242,7 @@ def test_from_selection(models, tmp_path):
     f.write_text(json.dumps({"base": str(models / "base"), "metric": "loss", "weighting": "given", "ranking": [],
                              "donors": [{"ref": str(models / "ft_a"), "kind": "full", "score": 1.0, "weight": 0.7},
                                         {"ref": str(models / "ft_b"), "kind": "full", "score": 2.0, "weight": 0.3}]}))
-    plan = MergePlan.from_selection(f, method="task_arithmetic")
+    plan = from_selection(f, method="task_arithmetic")
     assert plan.base == str(models / "base") and [m.weight for m in plan.models] == [0.7, 0.3]
     res = merge(plan, tmp_path / "out")
     assert res.weights == [0.7, 0.3]
@@ -341,8 +347,8 @@ def test_from_selection_uses_method_and_params_named_in_file(models, tmp_path):
               {"ref": str(models / "ft_b"), "kind": "full", "weight": 0.4}]
     f.write_text(json.dumps({"base": str(models / "base"), "method": "ties", "params": {"density": 0.3},
                              "donors": donors}))
-    plan = MergePlan.from_selection(f)
+    plan = from_selection(f)
     assert plan.method == "ties" and plan.params == {"density": 0.3}
-    assert MergePlan.from_selection(f, method="linear").method == "linear"
+    assert from_selection(f, method="linear").method == "linear"
     f.write_text(json.dumps({"base": str(models / "base"), "donors": donors}))
-    assert MergePlan.from_selection(f).method == "linear"
+    assert from_selection(f).method == "linear"

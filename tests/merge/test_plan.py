@@ -7,6 +7,13 @@ import yaml
 
 from warmstart.errors import ConfigError
 from warmstart.merge.plan import MergePlan, ModelSpec, parse_size
+from warmstart.rundir import read_selection
+
+
+def from_selection(f, **kw):
+    """A merge plan from a selection file, as `warmstart merge --selection` and `run` build it."""
+    return MergePlan.from_dict(read_selection(f).plan_dict(**kw), source=str(f))
+
 
 
 def test_every_problem_listed_in_one_error():
@@ -61,14 +68,14 @@ def test_selection_direction_from_the_metric_table(tmp_path, metric, field, want
         sel["higher_is_better"] = field  # select writes it; optimize's files name the metric only
     f = tmp_path / "sel.yaml"
     f.write_text(yaml.safe_dump(sel))
-    assert MergePlan.from_selection(f).higher_is_better is want
+    assert from_selection(f).higher_is_better is want
 
 
 def test_selection_with_an_unknown_metric_names_the_file(tmp_path):
     f = tmp_path / "sel.yaml"
     f.write_text(yaml.safe_dump({"base": "b0", "metric": "bleu", "donors": [{"ref": "a"}]}))
     with pytest.raises(ConfigError, match="unknown metric 'bleu'") as e:
-        MergePlan.from_selection(f)
+        from_selection(f)
     assert str(e.value.path) == str(f)
 
 

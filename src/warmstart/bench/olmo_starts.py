@@ -8,7 +8,7 @@ sources (merging LoRA adapters takes seconds; the selection's scores are what co
 they are in the JSON).
 
 Every merge goes through the public API: :func:`warmstart.select.select` for the
-donors, then :meth:`warmstart.merge.MergePlan.from_selection` and
+donors, then :func:`warmstart.rundir.read_selection` (a merge plan) and
 :func:`warmstart.merge.merge`, with the options ``warmstart run`` uses for LoRA donors
 (SVD to the scratch LoRA's rank, its scaling, A at a fresh LoRA's row norm) unless the
 start names another ``lora_mode``.
@@ -25,6 +25,7 @@ from pathlib import Path
 from .._io import atomic_dir, atomic_write_json, read_json
 from ..library import Library
 from ..merge import MergePlan, merge
+from ..rundir import read_selection
 from ..select import select
 
 # The starts a target run can train from. "base": the fresh LoRA of training from scratch.
@@ -97,7 +98,8 @@ def build_start(cfg, d, base: Path, target: str, start: str, log, selection: dic
     sel_file = work / "selection.json"
     atomic_write_json(sel_file, {**selection, "donors": donors, "base": str(base)})
     t1 = time.perf_counter()
-    plan = MergePlan.from_selection(sel_file, **({} if cfg.full else _merge_options(cfg, merge_opts)))
+    plan = MergePlan.from_dict(read_selection(sel_file).plan_dict(**({} if cfg.full else _merge_options(cfg, merge_opts))),
+                              source=str(sel_file))
     if (work / "model").exists():
         shutil.rmtree(work / "model")
     merge(plan, work / "model")

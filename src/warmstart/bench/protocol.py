@@ -39,9 +39,10 @@ from ..provenance import versions
 from ..report import compute_parity
 from ..rundir import Curve, RunDir
 from ..train import TrainConfig, finetune
+from . import tasks as _tasks  # module, not names: tests swap tasks.TASKS for a tiny pool
 from .model import prepare_model
 from .results import render_markdown, write_plots
-from .tasks import TASKS, write_tasks
+from .tasks import write_tasks
 
 METRIC = "eval_mc_accuracy"
 # rank classification by summed log-likelihood (lm-eval "acc") or per byte of option text ("acc_norm")
@@ -115,10 +116,10 @@ class BenchConfig:
         return self.steps if variant == "main" or not self.ablation_steps else self.ablation_steps
 
     def resolved(self) -> BenchConfig:
-        tasks = list(self.tasks or TASKS)
+        tasks = list(self.tasks or _tasks.TASKS)
         targets = list(self.targets or tasks)
-        errs = [f"unknown task {t!r}" for t in {*tasks, *targets} if t not in TASKS]
-        errs += [f"target {t!r} is not in the task pool" for t in targets if t in TASKS and t not in tasks]
+        errs = [f"unknown task {t!r}" for t in {*tasks, *targets} if t not in _tasks.TASKS]
+        errs += [f"target {t!r} is not in the task pool" for t in targets if t in _tasks.TASKS and t not in tasks]
         errs += [f"unknown variant {v!r} (known: {', '.join(VARIANTS)})" for v in self.variants if v not in VARIANTS]
         if self.metric not in METRICS.values():
             errs.append(f"metric must be one of {', '.join(METRICS.values())}, got {self.metric!r}")

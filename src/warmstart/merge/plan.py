@@ -23,16 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import metrics as _metrics
 from .._io import read_config
 from ..errors import ConfigError
-from ..provenance import parse_size  # the one size parser; re-exported for plan.parse_size callers
-from .mergekit_yaml import plan_kwargs
-from .methods import REGISTRY
 from ..params import DTYPES
 from ..params import check as check_setting
-from .tokenizer import tokenizer_problems
+from ..provenance import parse_size  # the one size parser; re-exported for plan.parse_size callers
 from ..weighting import parse as parse_weighting
+from .mergekit_yaml import plan_kwargs
+from .methods import REGISTRY
+from .tokenizer import tokenizer_problems
 
 COMPUTE_DTYPES = DTYPES + ("auto",)  # auto: the inputs' dtype (after input_dtype rounding), as mergekit
 POLICIES = ("error", "reference")
@@ -233,36 +232,6 @@ class MergePlan:
         """A mergekit YAML, read with mergekit 0.1.5's semantics (see :mod:`.mergekit_yaml`)."""
         return cls(source=source, **plan_kwargs(data, source))
 
-    @classmethod
-    def from_selection(cls, path: str | Path, *, method: str | None = None, **overrides) -> MergePlan:
-        """A plan from a selection file (``warmstart select`` or ``optimize``): ``base`` and
-        ``donors[].ref/.weight`` are used, and ``method``/``params`` when the file names them
-        (optimize does: its weights were searched for that method). ``method=`` overrides."""
-        path = Path(path)
-        data = _load_file(path)
-        if not isinstance(data, dict) or not isinstance(data.get("donors"), list) or not data["donors"]:
-            raise ConfigError("selection file needs a non-empty 'donors' list", path=path)
-        models = []
-        for d in data["donors"]:
-            if not isinstance(d, dict) or not isinstance(d.get("ref"), str) or not d["ref"]:
-                raise ConfigError(f"selection donor without a 'ref' path: {d!r}", path=path)
-            _check_selection_types(d, path)
-            models.append(ModelSpec(str(d["ref"]), d.get("weight"), score=d.get("score")))
-        _check_selection_types({k: data.get(k) for k in ("base", "method", "metric", "params")}, path)
-        metric = str(data.get("metric") or "loss")
-        if method is None:
-            method = str(data.get("method") or "linear")
-            if isinstance(data.get("params"), dict) and "params" not in overrides:
-                overrides["params"] = dict(data["params"])
-        hib = data.get("higher_is_better")
-        if not isinstance(hib, bool):  # optimize's files name the metric only: the metric table says
-            try:
-                hib = _metrics.get(metric).higher_is_better
-            except ConfigError as e:
-                raise ConfigError(e.message, path=path, hint=e.hint) from None
-        kw = {"method": method, "base": data.get("base"), "source": str(path), "higher_is_better": hib, **overrides}
-        return cls(models=models, **kw)
-
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source")
@@ -275,23 +244,6 @@ class MergePlan:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-
-
-def _check_selection_types(d: dict, path: Path) -> None:
-    """A selection file is written by `select`/`optimize` but may be edited by hand: a string where a
-    weight belongs would fail deep in the merge with a TypeError instead of naming the field."""
-    def num(v):
-        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-                             and abs(v) != float("inf"))
-
-    want = {"weight": (num, "a finite number"), "score": (num, "a finite number"),
-            "base": (lambda v: v is None or (isinstance(v, str) and v), "a path or hub id"),
-            "method": (lambda v: v is None or isinstance(v, str), "a method name"),
-            "metric": (lambda v: v is None or isinstance(v, str), "a metric name"),
-            "params": (lambda v: v is None or isinstance(v, dict), "a mapping")}
-    for k, (ok, what) in want.items():
-        if k in d and not ok(d[k]):
-            raise ConfigError(f"selection field {k!r} must be {what}, got {d[k]!r}", path=path)
 
 
 def _model_spec(m, problems: list[str]) -> ModelSpec:
