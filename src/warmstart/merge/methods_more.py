@@ -340,7 +340,7 @@ def della_linear(tensors, base, weights, *, density=1.0, epsilon=0.15, normalize
 
 # The dtype a kernel returns for 16-bit inputs, where it is not the inputs' own: mergekit 0.1.5 writes a kernel's
 # result as it is when the config has no out_dtype, so a mergekit-parity engine needs it before the first tensor
-# (the shard layout is fixed up front). Checked against the kernels in tests/test_merge_methods_more.py.
+# (the shard layout is fixed up front). Checked against the kernels in tests/merge/test_methods_more.py.
 # arcee_fusion: its mask is .float(); ramplus_tl: rho = int counts / float clamp → float32. Read from the
 # registry (Method.result_dtype), the one place it is declared.
 RESULT_DTYPE = {name: (lambda d, _r=getattr(torch, m.result_dtype): torch.promote_types(d, _r))
