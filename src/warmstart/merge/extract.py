@@ -185,7 +185,7 @@ def _extract(plan, fw, bw, result: ExtractResult, rank, distribute_scale, sv_eps
 
 
 def _check_shapes(plan, fw, bw, ft, bs) -> None:
-    for name, how, src in plan:
+    for _name, how, src in plan:
         w = f"{src}.weight"
         if w not in bw:
             raise IncompatibleError(f"tensor {w!r} is in the model but not in the base", path=bs.path)
