@@ -29,13 +29,19 @@ def _cycles(graph) -> list[list[str]]:
         if root in index:
             continue
         work = [(root, iter(sorted(graph.find_modules_directly_imported_by(root))))]
-        index[root] = low[root] = counter[0]; counter[0] += 1; stack.append(root); on.add(root)
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on.add(root)
         while work:
             v, it = work[-1]
             w = next(it, None)
             if w is not None:
                 if w not in index:
-                    index[w] = low[w] = counter[0]; counter[0] += 1; stack.append(w); on.add(w)
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w)
+                    on.add(w)
                     work.append((w, iter(sorted(graph.find_modules_directly_imported_by(w)))))
                 elif w in on:
                     low[v] = min(low[v], index[w])
@@ -46,7 +52,9 @@ def _cycles(graph) -> list[list[str]]:
             if low[v] == index[v]:
                 comp = []
                 while True:
-                    w = stack.pop(); on.discard(w); comp.append(w)
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
                     if w == v:
                         break
                 if len(comp) > 1:

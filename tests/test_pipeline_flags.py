@@ -54,8 +54,8 @@ def test_run_help_shows_defaults_that_match_the_configs():
 def test_with_overrides_reaches_every_section():
     cfg = RunConfig(select={"k": 3})
     new = cfg.with_overrides(["train.lr=2e-4", "train.lora_targets=[q_proj, v_proj]", "select.scorer=grad",
-                              "select.n=null", "merge.method=ties", "merge.params.density=0.5", "merge.lora_a_norm=null",
-                              "eval_max=null", "baseline=false"])
+                              "select.n=null", "merge.method=ties", "merge.params.density=0.5",
+                              "merge.lora_a_norm=null", "eval_max=null", "baseline=false"])
     assert new.train.lr == 2e-4 and new.train.lora_targets == ["q_proj", "v_proj"]
     assert new.select.to_dict() == {"k": 3, "scorer": "grad", "n": None}
     assert new.merge.to_dict() == {"method": "ties", "params": {"density": 0.5}, "lora_a_norm": None}

@@ -187,7 +187,7 @@ def test_lora_dot_equals_explicit_delta(zoo, models):
     assert got == pytest.approx(ref, rel=1e-4)
     # first order: a small step along the adapter changes the loss by ≈ ε·⟨g, δ⟩
     eps = 1e-3
-    for name, mod in pm.named_modules():
+    for _name, mod in pm.named_modules():
         if hasattr(mod, "scaling") and isinstance(mod.scaling, dict) and "default" in mod.scaling:
             mod.scaling["default"] *= eps
     assert evaluate(pm, tok, data)["loss"] - loss0 == pytest.approx(eps * got, rel=0.05)

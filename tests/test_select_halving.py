@@ -179,7 +179,8 @@ def test_select_cli_halving_and_a_bad_shortlist(models, big_library, tmp_path, c
     assert out["scorer"] == "halving" and out["halving"]["prescored"] == 12 and out["donors"][0]["ref"].endswith(
         "planted")
     r = cli(*args, "--shortlist", "0")
-    assert r.code == 1 and r.err.strip() == "error: invalid select settings: --shortlist must be a positive integer (at least 1), got 0"
+    assert r.code == 1 and r.err.strip() == ("error: invalid select settings: --shortlist must be a positive integer "
+                                             "(at least 1), got 0")
 
 
 def test_run_takes_the_halving_options():

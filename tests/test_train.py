@@ -19,7 +19,8 @@ def write_mc(path, n=12, seed=0):
     with open(path, "w") as f:
         for _ in range(n):
             c, a = rng.choice(CAPITALS)
-            f.write(json.dumps({"question": f"capital of {c}?", "choices": [x for _, x in CAPITALS], "answer": a}) + "\n")
+            f.write(json.dumps({"question": f"capital of {c}?", "choices": [x for _, x in CAPITALS],
+                                "answer": a}) + "\n")
     return path
 
 

@@ -157,4 +157,5 @@ def _flatten(summary: dict):
             torch.cat([v.float().reshape(-1) for _, v in summary.values()]))
 
 
-__all__ = ["METHOD", "PRERANK_RANK", "load", "load_flat", "modules_of", "prescore", "prescore_many", "summarise", "top_directions"]
+__all__ = ["METHOD", "PRERANK_RANK", "load", "load_flat", "modules_of", "prescore", "prescore_many", "summarise",
+           "top_directions"]

@@ -30,7 +30,8 @@ from typing import Any
 from . import _dist
 from ._io import atomic_dir, atomic_write_json, check_not_input, read_json
 from .checkpoints import resolve
-from .config import RunConfig, merge_plan_options  # RunConfig re-exported: `from warmstart.pipeline import RunConfig` keeps working
+# RunConfig re-exported: `from warmstart.pipeline import RunConfig` keeps working
+from .config import RunConfig, merge_plan_options
 from .data import load_target, split_target, write_rows
 from .errors import ConfigError
 from .library import Library, task_name_from_path

@@ -299,7 +299,8 @@ def render_markdown(rep: dict, plots: list[str] = ()) -> str:
     lines.append(f"| final {m} | {_f(b and b['final'])} | {_f(w['final'])} | {_f(rep.get('delta'), '+.4f')} |")
     dl = None if not b or w["final_eval_loss"] is None or b["final_eval_loss"] is None \
         else w["final_eval_loss"] - b["final_eval_loss"]
-    lines.append(f"| final eval loss | {_f(b and b['final_eval_loss'])} | {_f(w['final_eval_loss'])} | {_f(dl, '+.4f')} |")
+    lines.append(f"| final eval loss | {_f(b and b['final_eval_loss'])} | {_f(w['final_eval_loss'])} "
+                 f"| {_f(dl, '+.4f')} |")
     lines.append(f"| {m} at step 0 (zero-shot init) | {_f(b and b['zero_shot'])} | {_f(w['zero_shot'])} | |")
     lines.append(f"| steps | {b['steps'] if b else '–'} | {w['steps']} | |")
     lines.append(f"| training time (s, eval excluded) | {_f(b and b['train_time_s'], '.1f')} | "

@@ -308,7 +308,8 @@ def _precision_flags(precision: str) -> dict:
     import torch
 
     if precision == "auto":  # bf16 autocast (float32 master weights, optimizer and loss) where it is fast
-        precision = "bf16" if resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu") == "bfloat16" else "fp32"
+        precision = ("bf16" if resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu") == "bfloat16"
+                     else "fp32")
     flags = {"bf16": precision == "bf16", "fp16": precision == "fp16"}
     if flags["bf16"] and not torch.cuda.is_available():
         flags["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told it runs on the CPU

@@ -344,7 +344,8 @@ class _Stats:
         out = []
         for key in sorted(k for k in self.by_layer if k != "all"):
             r = _ratios(self.by_layer[key])
-            out.append(LayerStats(key, r["cos_drift_diff"], r["rel_diff"], r["rel_drift"], int(self.by_layer[key]["n"])))
+            out.append(LayerStats(key, r["cos_drift_diff"], r["rel_diff"], r["rel_drift"],
+                                  int(self.by_layer[key]["n"])))
         return out
 
     def overall(self) -> dict[str, float | None]:
@@ -516,7 +517,8 @@ class _Vocabs:
     def _same_files(self) -> bool:
         # Byte-identical tokenizer files mean identical vocabularies: skip loading three tokenizers.
         def blob(p: Path) -> bytes | None:
-            fs = [p / f for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "added_tokens.json") if (p / f).exists()]
+            fs = [p / f for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "added_tokens.json")
+                  if (p / f).exists()]
             return b"".join(f.read_bytes() for f in fs) if fs else None
 
         old, ft, new = (blob(p) for p in self.paths)

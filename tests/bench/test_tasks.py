@@ -84,7 +84,8 @@ def test_rhyme_distractors_do_not_rhyme(generated):
     def tail(word):  # independent of the generator: last vowel with primary stress onwards
         out = set()
         for ph in pron[word]:
-            i = max(j for j, p in enumerate(ph) if p.endswith("1") or (p[-1].isdigit() and not any(q.endswith("1") for q in ph)))
+            i = max(j for j, p in enumerate(ph)
+                    if p.endswith("1") or (p[-1].isdigit() and not any(q.endswith("1") for q in ph)))
             out.add(tuple(p.rstrip("012") for p in ph[i:]))
         return out
 

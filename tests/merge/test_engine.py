@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from warmstart import testing
-from warmstart.errors import ConfigError, IncompatibleError, OutputExistsError
+from warmstart.errors import CheckpointError, ConfigError, IncompatibleError, OutputExistsError
 from warmstart.merge import MergePlan, merge, merge_state_dicts
 from warmstart.rundir import read_selection
 
@@ -109,7 +109,7 @@ def test_failure_leaves_no_output(models, copy_of, tmp_path):
     bad = copy_of(models / "ft_b")
     f = bad / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])  # truncated
-    with pytest.raises(Exception):
+    with pytest.raises(CheckpointError, match="truncated"):
         merge(MergePlan(models=[str(models / "ft_a"), str(bad)]), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
 

@@ -140,7 +140,8 @@ def test_linear_biases_ride_on_lora_b(tmp_path):
 
 
 def test_tied_embeddings_keep_the_fine_tuned_head(tmp_path):
-    """A tied lm_head is saved whole from the embedding (as mergekit): PEFT unties it, the head follows the fine-tune."""
+    """A tied lm_head is saved whole from the embedding (as mergekit): PEFT unties it, the head follows the
+    fine-tune."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from _robustness import assert_nothing_written, assert_user_error, tree_state
+from _robustness import assert_user_error, tree_state
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -239,4 +239,3 @@ def test_fuzz_budget_is_fixed():
 
     src = inspect.getsource(inspect.getmodule(test_fuzz_budget_is_fixed))
     assert src.count("@budget(") == 6 and "derandomize=True" in src
-    assert_nothing_written  # imported for the CLI checks above

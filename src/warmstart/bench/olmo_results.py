@@ -165,7 +165,8 @@ def render(cfg: OlmoBenchConfig, s: dict) -> str:
                      " | ".join(_delta(r.get(f'delta_{x}')) for x in b) + " | " +
                      ("–" if r.get("parity_steps_pct") is None else f"{r['parity_steps_pct']:.0f}") + " | " +
                      ("–" if r.get("parity_wall_pct") is None else f"{r['parity_wall_pct']:.0f}") + " | " +
-                     f"{r['select_s'] or 0:.0f} | {r['merge_s'] or 0:.1f} | " + ", ".join(x or "?" for x in r["donors"]) + " |")
+                     f"{r['select_s'] or 0:.0f} | {r['merge_s'] or 0:.1f} | " +
+                     ", ".join(x or "?" for x in r["donors"]) + " |")
     lines += ["", ("Parity: steps (and wall clock: selection + merge + training up to that step) to reach scratch's "
                   f"accuracy at {b[-1]} steps, in % of scratch's {b[-1]} steps (its training time)."), "",
               "Mean over targets (Δ vs scratch, paired bootstrap resampling each target's questions):", "",

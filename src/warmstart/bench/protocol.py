@@ -128,7 +128,8 @@ class BenchConfig:
         if self.steps % self.eval_every:
             errs.append(f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every})")
         budgets = self.budgets or list(range(self.eval_every, self.steps + 1, self.eval_every))
-        errs += [f"budget {b} is not an evaluation step" for b in budgets if b % self.eval_every or not 0 < b <= self.steps]
+        errs += [f"budget {b} is not an evaluation step" for b in budgets
+                 if b % self.eval_every or not 0 < b <= self.steps]
         if self.order not in ("variant", "target"):
             errs.append(f"order must be 'variant' or 'target', got {self.order!r}")
         a = self.ablation_steps
@@ -232,8 +233,8 @@ def warm_run(cfg: BenchConfig, bd: BenchDir, base: Path, target: str, variant: s
              progress: bool = False):
     """select → merge → train from the merge, through :func:`warmstart.pipeline.run`."""
     sel, mrg = VARIANTS[variant]
-    rc = RunConfig(train=cfg.train_config(seed, cfg.steps_of(variant)), select={"n": cfg.select_n, **sel}, merge=dict(mrg),
-                   eval_max=None, baseline=False)
+    rc = RunConfig(train=cfg.train_config(seed, cfg.steps_of(variant)), select={"n": cfg.select_n, **sel},
+                   merge=dict(mrg), eval_max=None, baseline=False)
     lib = build_library(cfg, bd, target)
     out = bd.run(target, variant, seed)
     log(f"warm start {target} [{variant}] seed {seed}")

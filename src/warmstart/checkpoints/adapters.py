@@ -97,7 +97,8 @@ def _lora_info(cfg: dict, cfg_path: Path, peft_type: str) -> LoraInfo:
 
 
 # A PEFT LoRA tensor name (as saved or inside a PeftModel): the module, and A or B (gradient proxy, pre-rank).
-PEFT_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+PEFT_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)"
+                           r"\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.weight)?$")
 _PEFT_PREFIX = "base_model.model."
 

@@ -245,7 +245,8 @@ def _pickle_or_fail(d: Path, allow_pickle: bool, what: str) -> list[Path]:
         raise CheckpointError(f"{what}: no weights found (*.safetensors)", path=d)
     if not allow_pickle:
         raise CheckpointError(f"pickle weights ({pk[0].name}) refused: loading them can run arbitrary code",
-                              path=d, hint="convert it to safetensors; `library add`/`scan` accept --allow-pickle for files you trust")
+                              path=d, hint="convert it to safetensors; `library add`/`scan` accept --allow-pickle "
+                              "for files you trust")
     return [p for p in pk if p.suffix == ".bin"]
 
 

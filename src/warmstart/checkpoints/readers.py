@@ -28,7 +28,8 @@ class WeightReader:
             tensors, _ = read_header(f)
             for name, m in tensors.items():
                 if name in self.meta:
-                    raise CheckpointError(f"tensor {name!r} appears in two shards ({self.meta[name].file.name})", path=f)
+                    raise CheckpointError(f"tensor {name!r} appears in two shards ({self.meta[name].file.name})",
+                                          path=f)
                 self.meta[name] = m
         self._handles: dict[Path, Any] = {}
         self._lock = threading.Lock()

@@ -128,7 +128,7 @@ class ShardWriter:
     def _run(self):
         f, cur = None, -1
         try:
-            for si, name in self.order:
+            for si, _name in self.order:
                 t = self.q.get()
                 if t is None:
                     return

@@ -45,7 +45,8 @@ Examples:
   warmstart bench tasks --list
 """)
 def tasks_cmd(
-    out: Path = typer.Option(None, "--out", "-o", help="Directory; each task goes to OUT/<task>/{train,validation,test}.jsonl."),
+    out: Path = typer.Option(None, "--out", "-o", help="Directory; each task goes to "
+                             "OUT/<task>/{train,validation,test}.jsonl."),
     task: list[str] = typer.Option(None, "--task", "-t", help="Task name, repeatable (default: all)."),
     seed: int = typer.Option(0, "--seed", help="Generation seed (splits, distractors, option order)."),
     list_only: bool = typer.Option(False, "--list", help="List the tasks and their sources, write nothing."),

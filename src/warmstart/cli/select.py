@@ -21,13 +21,16 @@ Examples:
 
   warmstart select --target data/country_de/train.jsonl --base models/SmolLM2-135M-Instruct --out selection.yaml
 
-  warmstart select --target data/arc --split validation --base models/base --metric mc-accuracy --k 3 --weights softmax:0.1 --json
+  warmstart select --target data/arc --split validation --base models/base --metric mc-accuracy --k 3 \
+--weights softmax:0.1 --json
 
   warmstart select --target data.jsonl --base models/base --scorer grad --n 128 --margin 0.05 --out sel.yaml --force
 
-  accelerate launch --multi_gpu --num_processes 4 -m warmstart select --target data.jsonl --base models/base --out sel.yaml
+  accelerate launch --multi_gpu --num_processes 4 -m warmstart select --target data.jsonl --base models/base \
+--out sel.yaml
 
-  torchrun --nproc_per_node 2 -m warmstart select --target data.jsonl --base models/base --sample-size 128 --out sel.yaml
+  torchrun --nproc_per_node 2 -m warmstart select --target data.jsonl --base models/base --sample-size 128 \
+--out sel.yaml
 """
 
 

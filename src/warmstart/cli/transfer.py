@@ -13,9 +13,11 @@ from ._common import AllowPickleOpt, ForceOpt, JsonOpt, ThreadsOpt, err, out, pr
 EPILOG = """
 Examples:
 
-  warmstart transfer --base-old models/llama-3.0-8b --finetuned runs/fr-full/final --base-new models/llama-3.1-8b --out transferred/fr
+  warmstart transfer --base-old models/llama-3.0-8b --finetuned runs/fr-full/final --base-new models/llama-3.1-8b \
+--out transferred/fr
 
-  warmstart transfer --base-old models/smol-v1 --finetuned runs/fr-lora/checkpoint-500 --base-new models/smol-v2 --out transferred/fr-alphas --alpha 0.5,0.75,1.0 --dtype bfloat16
+  warmstart transfer --base-old models/smol-v1 --finetuned runs/fr-lora/checkpoint-500 --base-new models/smol-v2 \
+--out transferred/fr-alphas --alpha 0.5,0.75,1.0 --dtype bfloat16
 
   warmstart transfer --base-old models/smol-v1 --finetuned runs/fr-lora --base-new models/smol-v2 --dry-run --json
 """
@@ -51,19 +53,26 @@ def _layer_table(report) -> Table:
 
 def transfer_cmd(
     base_old: str = typer.Option(..., "--base-old", help="The base the fine-tune was trained from (path or hub id)."),
-    finetuned: str = typer.Option(..., "--finetuned", help="The fine-tune of --base-old: a full model or a LoRA adapter."),
+    finetuned: str = typer.Option(..., "--finetuned", help="The fine-tune of --base-old: a full model or a LoRA "
+                                  "adapter."),
     base_new: str = typer.Option(..., "--base-new", help="The new base version to carry the fine-tune to."),
-    out_dir: Path = typer.Option(None, "--out", "-o", help="Output directory (with several alphas: one alpha-<a>/ each)."),
-    alpha: str = typer.Option("1.0", "--alpha", "-a", help="Scale of the diff; a comma-separated list writes one model each."),
-    dtype: str = typer.Option(None, "--dtype", help="Output dtype (float32, bfloat16, float16); default the new base's."),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="Output directory (with several alphas: one alpha-<a>/ "
+                                 "each)."),
+    alpha: str = typer.Option("1.0", "--alpha", "-a", help="Scale of the diff; a comma-separated list writes one "
+                              "model each."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype (float32, bfloat16, float16); default the new "
+                              "base's."),
     compute_dtype: str = typer.Option("float32", "--compute-dtype", help="float32 or float64 for the differences."),
     vocab_new_rows: str = typer.Option("base", "--vocab-new-rows",
-                                       help="Rows of tokens the old base lacks: from the new 'base' or the 'finetuned' model."),
-    config_from: str = typer.Option("new", "--config-from", help="Config and chat template from the 'new' base or the 'finetuned' model."),
+                                       help="Rows of tokens the old base lacks: from the new 'base' or the "
+                                       "'finetuned' model."),
+    config_from: str = typer.Option("new", "--config-from", help="Config and chat template from the 'new' base or "
+                                    "the 'finetuned' model."),
     shard_size: str = typer.Option("2GB", "--shard-size", help="Largest output shard, e.g. 2GB (= 2·10⁹ bytes)."),
     max_shard_size: str = typer.Option(None, "--max-shard-size", hidden=True,
                                        help="Deprecated alias of --shard-size (now decimal units too)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print the compatibility report only; write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print the compatibility report only; write "
+                                 "nothing."),
     allow_pickle: bool = AllowPickleOpt,
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Use inputs that hold NaN/Inf values (refused by default)."),

@@ -129,7 +129,8 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
     out = Path(out)
     check_output(out, force=force, inputs=[ft.path, bs.path])
     fw, bw = ft.weights(), bs.weights()
-    plan, skipped = _plan_modules(ft.path, ft.config, set(fw.keys()), include, exclude, save_modules, skip_undecomposable)
+    plan, skipped = _plan_modules(ft.path, ft.config, set(fw.keys()), include, exclude, save_modules,
+                                  skip_undecomposable)
     _check_shapes(plan, fw, bw, ft, bs)
     result = ExtractResult(out, rank, skipped=skipped)
     tensors, bias = _extract(plan, fw, bw, result, rank, distribute_scale, sv_epsilon, device)
@@ -175,7 +176,8 @@ def _extract(plan, fw, bw, result: ExtractResult, rank, distribute_scale, sv_eps
         if f"{name}.bias" in fw:  # PEFT's lora_bias: the bias change rides on lora_B
             tensors[f"{key}.lora_B.bias"] = (fw.get(f"{name}.bias") - bw.get(f"{name}.bias")).contiguous()
             bias = True
-        err = torch.linalg.norm(delta.float() - b.float() @ a.float()) / torch.linalg.norm(delta.float()).clamp(min=1e-30)
+        err = (torch.linalg.norm(delta.float() - b.float() @ a.float())
+               / torch.linalg.norm(delta.float()).clamp(min=1e-30))
         result.modules[name] = {"rank": a.shape[0], "rel_error": float(err), "shape": list(delta.shape)}
     if bias:  # PEFT's lora_bias gives every target a lora_B bias: zeros where the layer has none (no missing keys)
         for name in result.modules:
@@ -185,7 +187,7 @@ def _extract(plan, fw, bw, result: ExtractResult, rank, distribute_scale, sv_eps
 
 
 def _check_shapes(plan, fw, bw, ft, bs) -> None:
-    for name, how, src in plan:
+    for _name, how, src in plan:
         w = f"{src}.weight"
         if w not in bw:
             raise IncompatibleError(f"tensor {w!r} is in the model but not in the base", path=bs.path)
