@@ -98,8 +98,8 @@ def build_start(cfg, d, base: Path, target: str, start: str, log, selection: dic
     sel_file = work / "selection.json"
     atomic_write_json(sel_file, {**selection, "donors": donors, "base": str(base)})
     t1 = time.perf_counter()
-    plan = MergePlan.from_dict(read_selection(sel_file).plan_dict(**({} if cfg.full else _merge_options(cfg, merge_opts))),
-                              source=str(sel_file))
+    opts = {} if cfg.full else _merge_options(cfg, merge_opts)
+    plan = MergePlan.from_dict(read_selection(sel_file).plan_dict(**opts), source=str(sel_file))
     if (work / "model").exists():
         shutil.rmtree(work / "model")
     merge(plan, work / "model")
