@@ -103,7 +103,8 @@ def run(cmd: list[str]) -> tuple[float, float]:
 
 def io_floor(inputs: list[Path], out: Path) -> tuple[float, float]:
     script = ("import sys\nfrom safetensors.torch import load_file, save_file\nsd=None\n"
-              "for d in sys.argv[2:]:\n    sd = {k: v.clone() for k, v in load_file(d + '/model.safetensors').items()}\n"
+              "for d in sys.argv[2:]:\n"
+              "    sd = {k: v.clone() for k, v in load_file(d + '/model.safetensors').items()}\n"
               "save_file(sd, sys.argv[1])\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     return run([sys.executable, "-c", script, str(out), *map(str, inputs)])

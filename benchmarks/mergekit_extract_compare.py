@@ -1,6 +1,7 @@
 """warmstart extract-lora vs mergekit-extract-lora 0.1.5 on a tiny Llama (built here, nothing downloaded).
 
-    PYTHONPATH=src python benchmarks/mergekit_extract_compare.py [--mergekit /work/venv-mergekit/bin/mergekit-extract-lora]
+    PYTHONPATH=src python benchmarks/mergekit_extract_compare.py \
+[--mergekit /work/venv-mergekit/bin/mergekit-extract-lora]
 
 Prints, per rank: tensor keys equal, tensors bitwise equal, max |B·A − B'·A'|, worst ‖ΔW − BA‖/‖ΔW‖,
 and whether the two adapter_config.json agree (paths aside).
@@ -50,7 +51,8 @@ def main() -> None:
                             .abs().max()) for k in a if "lora_A" in k), default=0.0)
             worst = max(m["rel_error"] for m in res.modules.values())
             extra = {k: v for k, v in _cfg(ws).items() if _cfg(mk).get(k) != v}
-            print(f"{'tied' if tied else 'untied'} rank {rank:3d}: keys equal {set(a) == set(b)} ({len(a)}), bitwise {same}, "
+            print(f"{'tied' if tied else 'untied'} rank {rank:3d}: keys equal {set(a) == set(b)} ({len(a)}), "
+                  f"bitwise {same}, "
                   f"max|ΔBA| {ba:.3g}, worst rel. error {worst:.3g}, config differs only in {extra or 'nothing'}")
 
 

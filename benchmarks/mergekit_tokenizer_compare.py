@@ -84,7 +84,8 @@ def ours(case, root: Path, out: Path) -> None:
     extra = fill(extra, root)
     listed_base = any(m == base for m, _ in models)
     inc = method == "linear" and listed_base
-    ms = [{"ref": str(root / m), "weight": float(w)} for m, w in models if not (m == base and (inc or method != "linear"))]
+    ms = [{"ref": str(root / m), "weight": float(w)} for m, w in models
+          if not (m == base and (inc or method != "linear"))]
     if not ms:  # the base is the only model: a plain one-model "merge" (warmstart needs a model, not a base)
         ms, inc, base = [{"ref": str(root / base), "weight": 1.0}], False, None
     plan = MergePlan(models=ms, method=method, base=str(root / base) if base else None, include_base=inc,
@@ -103,7 +104,8 @@ def compare(a: Path, b: Path) -> str:
     diff = {k: ("shape" if A[k].shape != B[k].shape else float((A[k] - B[k]).abs().max())) for k in A
             if A[k].shape != B[k].shape or not torch.equal(A[k], B[k])}
     ta, tb = AutoTokenizer.from_pretrained(a), AutoTokenizer.from_pretrained(b)
-    va, vb = json.loads((a / "config.json").read_text())["vocab_size"], json.loads((b / "config.json").read_text())["vocab_size"]
+    va, vb = (json.loads((a / "config.json").read_text())["vocab_size"],
+              json.loads((b / "config.json").read_text())["vocab_size"])
     worst = max(diff.items(), key=lambda kv: -1 if kv[1] == "shape" else kv[1]) if diff else None
     return (f"tensors {'bitwise' if not diff else f'{len(diff)} differ, worst {worst}'}; vocab "
             f"{'equal' if ta.get_vocab() == tb.get_vocab() else 'DIFFERENT'} ({len(ta.get_vocab())}); vocab_size "

@@ -120,7 +120,8 @@ def main() -> None:
     print(f"donor training {t_train:.0f}s; optimize {t_opt:.0f}s for {len(res.search.evaluations)} evaluations "
           f"on {args.sample} validation rows")
     print()
-    print("| weights | " + " | ".join(Path(d).name for d, _ in donors) + " | test loss | ratio vs uniform | mc accuracy |")
+    print("| weights | " + " | ".join(Path(d).name for d, _ in donors)
+          + " | test loss | ratio vs uniform | mc accuracy |")
     print("|---|" + "---|" * n + "---|---|---|")
     for name, w, r in rows:
         print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in w) +

@@ -99,7 +99,7 @@ def derive(real: list[Path], root: Path, n: int, seed: int) -> list[Path]:
         scale = rng.uniform(0.3, 1.2)
         pick = {}
         tensors = {}
-        for k, t in parents[a].items():
+        for k, _t in parents[a].items():
             li = layer.search(k).group(1)
             src = pick.setdefault(li, rng.choice((a, b)))
             x = parents[src][k]

@@ -276,8 +276,8 @@ def main() -> None:
         (tl, sl), (tg, sg) = res["loss"], res["grad"]
         keys = sorted(sl)
         quality.append({"target": t, "t_loss": tl, "t_grad": tg, "spearman": spearman([sl[k] for k in keys],
-                        [sg[k] for k in keys]), "top2": top_overlap(sl, sg), "top1_loss": Path(min(sl, key=sl.get)).name,
-                        "top1_grad": Path(min(sg, key=sg.get)).name})
+                        [sg[k] for k in keys]), "top2": top_overlap(sl, sg),
+                        "top1_loss": Path(min(sl, key=sl.get)).name, "top1_grad": Path(min(sg, key=sg.get)).name})
         log(f"  {quality[-1]}")
         (work / "results.json").write_text(json.dumps({"rows": rows, "quality": quality}, indent=2))
     sweep = None
@@ -297,7 +297,8 @@ def main() -> None:
     print("| measurement | seconds | ratio |\n|---|---:|---:|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")
-    print(f"| loss scorer, N={len(adapters)} (base loaded, mean over {len(quality)} targets) | {mean('t_loss'):.1f} | |")
+    print(f"| loss scorer, N={len(adapters)} (base loaded, mean over {len(quality)} targets) "
+          f"| {mean('t_loss'):.1f} | |")
     print(f"| grad proxy, N={len(adapters)} | {mean('t_grad'):.1f} | {mean('t_loss') / mean('t_grad'):.1f}x faster |")
     if sweep:
         print(f"| loss scorer, N={sweep[0]} | {sweep[1]:.1f} | |")

@@ -201,7 +201,8 @@ def test_real_finetune_output_is_catalogued_with_task_step_and_loss(cli, lib, mo
     e, _ = lib.add(tmp_path / "a")
     fin = json.loads((tmp_path / "a" / "warmstart.json").read_text())["final"]
     assert e.task == "english_plurals" and e.global_step == 2
-    assert e.final_loss == pytest.approx(fin["train_loss"]) and e.eval_metrics["eval_loss"] == pytest.approx(fin["eval_loss"])
+    assert (e.final_loss == pytest.approx(fin["train_loss"])
+            and e.eval_metrics["eval_loss"] == pytest.approx(fin["eval_loss"]))
     assert not e.derived and e.provenance["from"] == [str((models / "base").resolve())]
     finetune(models / "base", train, ev, tmp_path / "b", TrainConfig(steps=1, batch_size=2, eval_every=1))
     assert lib.add(tmp_path / "b")[0].task == "plurals"  # from plurals/train.jsonl

@@ -41,7 +41,8 @@ def setup(models, tmp_path, monkeypatch):
     with open(target, "w") as f:
         for _ in range(20):
             c, a = rng.choice(CAPITALS)
-            f.write(json.dumps({"question": f"capital of {c}?", "choices": [x for _, x in CAPITALS], "answer": a}) + "\n")
+            f.write(json.dumps({"question": f"capital of {c}?", "choices": [x for _, x in CAPITALS],
+                                "answer": a}) + "\n")
     lib = tmp_path / "lib.db"
     with Library(lib) as L:
         L.add(models / "lora_a")

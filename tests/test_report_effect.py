@@ -61,7 +61,8 @@ def test_curves_within_noise_claim_no_speedup_and_a_real_gap_does():
     assert small["parity"]["status"] == "no_effect" and small["parity"]["reason"] == "within_noise"
     assert "no measurable difference" in render_markdown(small)
     big = build_report(curve(warm_vals, n_rows=20000), curve(base_vals, n_rows=20000))
-    assert big["parity"]["status"] == "reached" and big["parity"]["percent_steps"] == pytest.approx(100 * 15 / 20)  # 0.38 at 10, 0.42 at 20
+    # 0.38 at 10, 0.42 at 20
+    assert big["parity"]["status"] == "reached" and big["parity"]["percent_steps"] == pytest.approx(100 * 15 / 20)
 
 
 def test_headline_carries_rows_and_interval():
@@ -86,4 +87,5 @@ def test_compare_shows_no_effect_and_leaves_it_out_of_the_mean():
     rows = compare_rows([real, flat])
     assert rows[-1]["parity_status"] == "1/2 reached"
     assert rows[-1]["parity_steps_pct"] == pytest.approx(real["parity"]["percent_steps"])
-    assert "| flat | exact_match | 0.0000 | 0.0000 | +0.0000 | 0.0000 | no effect | no effect |" in compare_markdown(rows)
+    assert ("| flat | exact_match | 0.0000 | 0.0000 | +0.0000 | 0.0000 | no effect | no effect |"
+            in compare_markdown(rows))

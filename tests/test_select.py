@@ -12,11 +12,11 @@ from warmstart.data import collate, load_target, pad_id_of, tokenize
 from warmstart.errors import ConfigError
 from warmstart.evaluate import evaluate
 from warmstart.library import Library
+from warmstart.rundir import read_selection, write_selection
 from warmstart.select import (
     Candidate,
     ScoreConfig,
     ScoreRow,
-    Selection,
     candidates_for,
     choose_donors,
     load_base,
@@ -187,7 +187,7 @@ def test_lora_dot_equals_explicit_delta(zoo, models):
     assert got == pytest.approx(ref, rel=1e-4)
     # first order: a small step along the adapter changes the loss by ≈ ε·⟨g, δ⟩
     eps = 1e-3
-    for name, mod in pm.named_modules():
+    for _name, mod in pm.named_modules():
         if hasattr(mod, "scaling") and isinstance(mod.scaling, dict) and "default" in mod.scaling:
             mod.scaling["default"] *= eps
     assert evaluate(pm, tok, data)["loss"] - loss0 == pytest.approx(eps * got, rel=0.05)
@@ -223,18 +223,18 @@ def test_weights_and_selection_file_roundtrip(zoo, models, lib, tmp_path):
     assert [d["weight"] for d in sel.donors] == pytest.approx(w)
     assert sel.weighting == {"scheme": "softmax", "temperature": 0.5}
     for ext in ("yaml", "json"):
-        path = sel.to_file(tmp_path / f"sel.{ext}")
-        back = Selection.from_file(path)
+        path = write_selection(sel, tmp_path / f"sel.{ext}")
+        back = read_selection(path).selection()
         assert back == sel
         assert set(back.to_dict()) >= {"target", "base", "metric", "ranking", "donors", "weighting"}
         assert back.target["fingerprint"] == load_target(zoo / "target.jsonl").sample(8).fingerprint()
-        plan = MergePlan.from_selection(path)
+        plan = MergePlan.from_dict(read_selection(path).plan_dict())
         assert [m.ref for m in plan.models] == [d["ref"] for d in sel.donors]
     mwa = select(zoo / "target.jsonl", models / "base", library=lib, n=8, k=2, weights="mwa:loss",
                  model=model, tokenizer=tok)
     assert mwa.weighting["losses_from"] == "target sample"  # these donors carry no trainer_state.json
     with pytest.raises(ConfigError):
-        Selection.from_file(tmp_path / "missing.yaml")
+        read_selection(tmp_path / "missing.yaml")
 
 
 # -- several processes -------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_mc_and_chat_targets(models, lib, tmp_path):
 
 def test_scores_are_cached_as_they_come(zoo, models, lib, monkeypatch):
     """A run that dies on the third candidate keeps the first two scores; the rerun scores the rest."""
-    import warmstart.select as S
+    import warmstart._scoring as S  # the scorer lives there (select re-exports it)
 
     model, tok, calls = counted(models)
     real = S.evaluate
@@ -343,13 +343,16 @@ def _by_hand_loss(models, donors, weights, data):
 
 def test_optimized_weights_are_exact_task_arithmetic(zoo, models, tmp_path):
     from warmstart.merge import MergePlan, merge
-    from warmstart.select import parse_weights
+    from warmstart.optimize import optimize_selection
+    from warmstart.select import SelectConfig, parse_weights
 
     with Library(tmp_path / "lib.db") as lib:
         for ref in (zoo / "lora_target", zoo / "lora_other", models / "lora_a"):
             lib.add(ref, base=str(models / "base"))
-        sel = select(zoo / "target.jsonl", models / "base", library=lib, n=8, k=2, weights="optimized",
-                     optimize_budget=8)
+        cfg = SelectConfig(n=8, k=2, weights="optimized", optimize_budget=8)
+        sel = select(zoo / "target.jsonl", models / "base", cfg, library=lib)
+        assert sel.weighting.get("pending") == "optimized"  # select() only scores; the search is the next step
+        sel = optimize_selection(sel, zoo / "target.jsonl", cfg, library=lib)
     w = sel.weighting
     assert w["scheme"] == "optimized" and w["evaluations"] == 8 and sel.method == "task_arithmetic"
     assert w["cost_chosen"] <= w["cost_uniform"]  # the search starts at uniform and keeps the best point
@@ -359,8 +362,8 @@ def test_optimized_weights_are_exact_task_arithmetic(zoo, models, tmp_path):
     assert _by_hand_loss(models, refs, weights, data) == pytest.approx(w["cost_chosen"], rel=1e-4)
     assert _by_hand_loss(models, refs, [0.5, 0.5], data) == pytest.approx(w["cost_uniform"], rel=1e-4)
     # the selection file carries the method, so the merge applies the weights unnormalized (exact with cat)
-    path = sel.to_file(tmp_path / "sel.yaml")
-    plan = MergePlan.from_selection(path, lora_mode="cat")
+    path = write_selection(sel, tmp_path / "sel.yaml")
+    plan = MergePlan.from_dict(read_selection(path).plan_dict(lora_mode="cat"))
     assert plan.method == "task_arithmetic" and [m.weight for m in plan.models] == weights
     res = merge(plan, tmp_path / "merged")
     from peft import PeftModel
@@ -390,3 +393,22 @@ def test_compute_dtype_is_part_of_the_cache_key(zoo, models, lib):
     with pytest.raises(ConfigError, match="compute dtype"):
         select(zoo / "target.jsonl", models / "base", library=lib, n=8, model=model, tokenizer=tok,
                compute_dtype="int8")
+
+
+def test_select_opens_the_base_once(zoo, models, lib, monkeypatch):
+    """#12: candidates, the catalog query, the model load and the restore after full candidates share
+    one opened base (before: opened and fingerprinted three times, four with a model to load)."""
+    import warmstart.checkpoints.checkpoint as ckmod
+
+    base = (models / "base").resolve()
+    real, opened = ckmod._open_full, []
+
+    def counting(ref, d, allow_pickle):
+        if d == base:
+            opened.append(ref)
+        return real(ref, d, allow_pickle)
+
+    monkeypatch.setattr(ckmod, "_open_full", counting)
+    sel = select(zoo / "target.jsonl", models / "base", library=lib, n=4, k=1)
+    assert any(r["kind"] == "full" for r in sel.ranking)  # the restore after a full candidate ran too
+    assert len(opened) == 1

@@ -9,6 +9,7 @@ import pytest
 
 from warmstart.errors import ConfigError
 from warmstart.library import Library
+from warmstart.rundir import read_selection, write_selection
 from warmstart.select import DEFAULT_MIN_OWN_GAIN, own_training, select
 from warmstart.testing import write_jsonl
 
@@ -81,12 +82,10 @@ def test_gate_threshold_and_everyone_excluded(models, two_adapters, tmp_path):
         assert {d["id"] for d in select(target, models / "base", min_own_gain=0.005, **kw).donors} == set(ids.values())
         sel = select(target, models / "base", min_own_gain=0.1, **kw)
         assert sel.donors == [] and len(sel.own_gate["excluded"]) == 2
-        sel.to_file(tmp_path / "sel.yaml")
+        write_selection(sel, tmp_path / "sel.yaml")
         with pytest.raises(ConfigError, match="min_own_gain"):
             select(target, models / "base", min_own_gain="big", **kw)
-    from warmstart.select import Selection
-
-    assert Selection.from_file(tmp_path / "sel.yaml").own_gate["min_gain"] == 0.1
+    assert read_selection(tmp_path / "sel.yaml").selection().own_gate["min_gain"] == 0.1
 
 
 def test_select_cli_reports_the_excluded_donor(models, two_adapters, cli, tmp_path):

@@ -179,7 +179,8 @@ def test_select_cli_halving_and_a_bad_shortlist(models, big_library, tmp_path, c
     assert out["scorer"] == "halving" and out["halving"]["prescored"] == 12 and out["donors"][0]["ref"].endswith(
         "planted")
     r = cli(*args, "--shortlist", "0")
-    assert r.code == 1 and r.err.strip() == "error: --shortlist must be at least 1, got 0"
+    assert r.code == 1 and r.err.strip() == ("error: invalid select settings: --shortlist must be a positive integer "
+                                             "(at least 1), got 0")
 
 
 def test_run_takes_the_halving_options():
@@ -189,7 +190,7 @@ def test_run_takes_the_halving_options():
     from warmstart.pipeline import RunConfig
 
     cfg = RunConfig().with_overrides(["select.scorer=halving", "select.shortlist=16", "select.prerank_rows=8"])
-    assert cfg.select == {"scorer": "halving", "shortlist": 16, "prerank_rows": 8}
+    assert cfg.select.to_dict() == {"scorer": "halving", "shortlist": 16, "prerank_rows": 8}
     with pytest.raises(ConfigError, match=re.escape("select.shortlist must be a positive integer")):
         RunConfig().with_overrides(["select.shortlist=0"])
     r = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})

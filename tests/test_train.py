@@ -19,7 +19,8 @@ def write_mc(path, n=12, seed=0):
     with open(path, "w") as f:
         for _ in range(n):
             c, a = rng.choice(CAPITALS)
-            f.write(json.dumps({"question": f"capital of {c}?", "choices": [x for _, x in CAPITALS], "answer": a}) + "\n")
+            f.write(json.dumps({"question": f"capital of {c}?", "choices": [x for _, x in CAPITALS],
+                                "answer": a}) + "\n")
     return path
 
 
@@ -179,6 +180,7 @@ def test_training_with_labelled_logits_matches_full_logits(models, data, tmp_pat
 
 def test_group_by_length_batches_carry_less_padding(models, tmp_path, monkeypatch):
     import warmstart.data as wd
+    import warmstart.train
 
     d = tmp_path / "d.jsonl"
     with open(d, "w") as f:
@@ -193,12 +195,12 @@ def test_group_by_length_batches_carry_less_padding(models, tmp_path, monkeypatc
         widths.append(1 - float(out["attention_mask"].float().mean()))
         return out
 
-    monkeypatch.setattr(wd, "collate", spy)
+    monkeypatch.setattr(warmstart.train, "collate", spy)  # train's training batches; evaluate has its own
     pads = {}
     for g in (False, True):
         widths.clear()
         finetune(models / "base", d, d, tmp_path / f"o{g}", TrainConfig(**{**FAST, "group_by_length": g}))
-        pads[g] = sum(widths) / len(widths)  # training batches only: evaluate.py bound collate at import
+        pads[g] = sum(widths) / len(widths)
     assert pads[True] < pads[False]
 
 

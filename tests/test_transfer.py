@@ -64,7 +64,7 @@ def test_full_finetune_matches_formula_for_each_alpha(zoo, tmp_path):
 
 
 def test_output_dtype_and_sharding(zoo, tmp_path):
-    transfer(zoo / "old", zoo / "ft", zoo / "new", tmp_path / "bf", dtype="bfloat16", max_shard_size="20KB",
+    transfer(zoo / "old", zoo / "ft", zoo / "new", tmp_path / "bf", dtype="bfloat16", shard_size="20KB",
              compute_dtype="float64")
     idx = json.loads((tmp_path / "bf" / "model.safetensors.index.json").read_text())
     assert len(set(idx["weight_map"].values())) > 1

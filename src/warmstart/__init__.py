@@ -9,11 +9,7 @@ the names below are the ones most scripts need.
 
 import warnings as _warnings
 
-# PEFT reads transformers' deprecated `is_gradient_checkpointing` on every adapter load; the
-# FutureWarning is about those two libraries, not about anything a warmstart user can change.
-_warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-from .checkpoints import Checkpoint  # noqa: E402, LoraInfo, TrainingMetrics, WeightReader, discover, open_checkpoint
+from .checkpoints import Checkpoint, LoraInfo, TrainingMetrics, WeightReader, discover, open_checkpoint
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -24,8 +20,12 @@ from .errors import (
     WarmstartError,
 )
 from .library import Entry, Library
+from .provenance import __version__
 
-__version__ = "0.1.0"
+# PEFT reads transformers' deprecated `is_gradient_checkpointing` on every adapter load; the
+# FutureWarning is about those two libraries, not about anything a warmstart user can change.
+# (Set after the imports above: none of them imports torch/transformers/peft or warns.)
+_warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 __all__ = [
     "Checkpoint",

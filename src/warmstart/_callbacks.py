@@ -8,14 +8,12 @@ importable without it so that a mistake is reported in about a second (issue 15)
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transformers import ProgressCallback, TrainerCallback
 
-from .report import Curve
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
+from .evaluate import evaluate
+from .rundir import Curve
 
 
 class QuietProgress(ProgressCallback):
@@ -33,7 +31,7 @@ class EvalCurve(TrainerCallback):
     on what training costs, not on how often we chose to measure it.
     """
 
-    def __init__(self, tokenizer, eval_data, cfg: TrainConfig, label: str | None = None):
+    def __init__(self, tokenizer, eval_data, cfg, label: str | None = None):  # cfg: a train.TrainConfig
         self.tokenizer, self.data, self.cfg, self.label = tokenizer, eval_data, cfg, label
         self.metrics = list(cfg.metrics) if cfg.metrics else (
             ["loss", "token_accuracy", "exact_match", "mc_accuracy"] if eval_data.format == "mc"
@@ -58,8 +56,6 @@ class EvalCurve(TrainerCallback):
                                  "train_loss": sum(self._losses) / len(self._losses) if self._losses else None}
         self._losses = []
         if is_main:  # other ranks wait at the next collective; evaluating twice would add nothing
-            from .evaluate import evaluate
-
             t = time.perf_counter()
             res = evaluate(model, self.tokenizer, self.data, metrics=self.metrics,
                            batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,

@@ -15,16 +15,15 @@ the shapes tell which. ``modules_to_save`` tensors are full replacements:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from .checkpoints import open_checkpoint
+from .checkpoints.adapters import PEFT_LORA_KEY as _LORA_KEY
 from .data import IGNORE_INDEX, collate, pad_id_of, tokenize
 from .errors import ConfigError, IncompatibleError
 from .evaluate import target_logits
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _PEFT_PREFIX = "base_model.model."
 
 

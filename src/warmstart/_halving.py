@@ -24,6 +24,8 @@ from dataclasses import replace
 
 from . import _prerank
 from ._gradproxy import base_gradient
+from ._precision import compute
+from ._scoring import ScoreRow, load_base, rank_rows, score_candidates
 from .errors import ConfigError
 
 
@@ -47,8 +49,6 @@ def prescores(model, tokenizer, data, pool, library, *, rows: int, seed: int, cf
             need |= _prerank.modules_of(blob)
     if not have:
         return {}
-    from ._precision import compute
-
     dtype = cfg.resolved_compute_dtype()  # bf16 autocast where the scorer uses it: same ranking, ~4x cheaper
     with compute(model, dtype if dtype == "bfloat16" else None):
         _, grads = base_gradient(model, tokenizer, nested_subset(data, rows, seed), params=need,
@@ -66,8 +66,6 @@ def run(data, base, cands, *, library, cfg, hib: bool, keep: int, shortlist: int
     """(rows best first, info): final rows (whole sample) ranked, then the eliminated (later rounds
     first, each with ``rows`` = the rows it was scored on), then the pre-ranked-out (``rows`` = 0,
     score None, ``metrics["prescore"]``), then the excluded (never scored)."""
-    from .select import ScoreRow, load_base, rank_rows, score_candidates
-
     for name, v in (("shortlist", shortlist), ("halving_rows", min_rows), ("prerank_rows", prerank_rows)):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")

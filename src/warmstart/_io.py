@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, OutputExistsError, WarmstartError
+from .errors import CheckpointError, ConfigError, OutputExistsError, WarmstartError
 
 TMP_MARK = ".tmp-"
 
@@ -205,8 +205,6 @@ def write_errors(out: str | Path) -> Iterator[None]:
 def open_regular(path: str | Path, what: str = "file", error: type[WarmstartError] | None = None):
     """Open ``path`` for reading only if it is a regular file: a named pipe or a device would block
     forever or never end. O_NONBLOCK makes the open itself return at once; it is cleared after."""
-    from .errors import CheckpointError
-
     error = error or CheckpointError
     path = Path(path)
     try:
@@ -225,8 +223,6 @@ def open_regular(path: str | Path, what: str = "file", error: type[WarmstartErro
 
 def read_json(path: str | Path, what: str = "JSON file") -> Any:
     """Read JSON, turning a parse failure into a one-line error naming the file."""
-    from .errors import CheckpointError
-
     path = Path(path)
     try:
         with open_regular(path, what) as f:

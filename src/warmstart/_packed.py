@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ._precision import compute
 from .data import IGNORE_INDEX
 
 _MASKABLE = ("sdpa", "eager")
@@ -110,8 +111,6 @@ def score_packed(model, groups: list[list[dict]], *, pad_id: int, batch_size: in
     options (the per-option path's unit), one row per forward.
     """
     import torch
-
-    from ._precision import compute
 
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     packed = [pack(g) if impl in _MASKABLE else None for g in groups]

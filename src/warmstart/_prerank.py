@@ -20,6 +20,7 @@ import json
 from typing import Any
 
 from .checkpoints import open_checkpoint
+from .checkpoints.adapters import PEFT_LORA_KEY as _LORA_KEY
 from .errors import IncompatibleError
 
 # Singular triplets kept per module. Measured on SmolLM2 with 100 real-shaped adapters (docs/select.md):
@@ -35,8 +36,6 @@ def summarise(path, rank: int = PRERANK_RANK) -> bytes | None:
     pre-rank)."""
     import torch
     from safetensors.torch import save
-
-    from ._gradproxy import _LORA_KEY
 
     ck = open_checkpoint(path)
     if ck.kind != "lora" or ck.lora is None:
@@ -158,4 +157,5 @@ def _flatten(summary: dict):
             torch.cat([v.float().reshape(-1) for _, v in summary.values()]))
 
 
-__all__ = ["METHOD", "PRERANK_RANK", "load", "load_flat", "modules_of", "prescore", "prescore_many", "summarise", "top_directions"]
+__all__ = ["METHOD", "PRERANK_RANK", "load", "load_flat", "modules_of", "prescore", "prescore_many", "summarise",
+           "top_directions"]

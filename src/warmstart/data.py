@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from ._io import open_regular
+from .errors import ConfigError, DataError
 
 FORMATS = ("prompt_completion", "messages", "mc")
 MC_STYLES = ("text", "letter")
@@ -141,8 +142,6 @@ def _read_rows(path: Path, split: str | None) -> tuple[list[tuple[int, Any]], st
 
 def _read_text(path: Path) -> str:
     """A data file's text (regular files only: a named pipe would block); a bad byte names its line."""
-    from ._io import open_regular
-
     try:
         with open_regular(path, "data file", DataError) as f:
             raw = f.read()
@@ -267,6 +266,41 @@ def load_target(path: str | Path, *, split: str | None = None, format: str | Non
 def _check_style(style: str, where) -> None:
     if style not in MC_STYLES:
         raise DataError(f"unknown mc style {style!r}", path=where, hint="choose text or letter")
+
+
+# ----------------------------------------------------------------------------
+# Splitting a target and writing rows back out
+
+
+def split_target(data: TargetData, *, fraction: float, max_rows: int | None, seed: int) -> tuple[TargetData,
+                                                                                                 TargetData]:
+    """(train, eval): ``fraction`` of the rows (at least one, at most ``max_rows``) held out by a
+    seeded shuffle; both keep the file order."""
+    idx = list(range(len(data)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, round(fraction * len(idx)))
+    if max_rows:
+        n_eval = min(n_eval, max_rows)
+    if len(idx) - n_eval < 1:
+        raise ConfigError(f"target has {len(idx)} rows: too few to carve an eval split", path=data.path,
+                          hint="add rows or pass --eval FILE")
+    held = set(idx[:n_eval])
+    return (replace(data, examples=[e for i, e in enumerate(data.examples) if i not in held]),
+            replace(data, examples=[e for i, e in enumerate(data.examples) if i in held]))
+
+
+def write_rows(path: str | Path, data: TargetData) -> None:
+    """The rows as JSONL in the normalised format (messages, question/choices/answer or
+    prompt/completion), so that :func:`load_target` reads back the same examples."""
+    with open(path, "w") as f:
+        for ex in data.examples:
+            if ex.messages is not None:
+                row = {"messages": ex.messages}
+            elif data.format == "mc":
+                row = {"question": ex.question, "choices": ex.choices, "answer": ex.answer}
+            else:
+                row = {"prompt": ex.prompt, "completion": ex.completion}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _normalise(row: Any, no: int, unit: str, where: Path, format: str, mc_style: str,
@@ -456,5 +490,5 @@ def pad_id_of(tokenizer) -> int:
 
 __all__ = [
     "Example", "TargetData", "FORMATS", "MC_TEMPLATES", "IGNORE_INDEX", "load_target", "detect_format",
-    "tokenize", "encode_pair", "encode_messages", "collate", "pad_id_of",
+    "tokenize", "encode_pair", "encode_messages", "collate", "pad_id_of", "split_target", "write_rows",
 ]

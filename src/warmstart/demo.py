@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .bench.protocol import METRIC, BenchConfig, BenchDir, compare, run_bench
+from .report import build_report, write_report
+from .rundir import Curve, RunDir
 
 DEMO_LIBRARY = ["country_fr", "country_es"]
 DEMO_TARGET = "country_de"
@@ -46,14 +48,11 @@ def run_demo(out: str | Path = "warmstart-demo", *, steps: int = 20, seed: int =
 
 def _write_report(bd: BenchDir, cfg: BenchConfig, target: str) -> Path:
     """The standard warmstart report (report.md/json + plots) with the scratch run as baseline."""
-    from .pipeline import RunDir
-    from .report import Curve, build_report, write_report
-
     rd = RunDir(bd.run(target, "main", cfg.seeds[0]))
-    warm = Curve.from_file(rd.stage("warm"))
+    warm = rd.curve("warm")
     scratch = Curve.from_file(bd.source(target, cfg.seeds[0]))
-    overhead = {k: m["wall_s"] for k in ("select", "merge") if (m := rd.marker(k))}
-    donors = (rd.marker("select") or {}).get("outputs", {}).get("donors")
+    overhead = {k: m.wall_s for k in ("select", "merge") if (m := rd.read_marker(k))}
+    donors = sel.outputs.donors if (sel := rd.read_marker("select")) else None
     rep = build_report(warm, scratch, metric=METRIC, overhead_s=overhead, name=f"demo: {target}",
                        target=str(bd.task(target)), base="SmolLM2-135M-Instruct", donors=donors,
                        stages=rd.stage_times(), run_dir=str(rd.root))

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ._packed import score_packed
+from ._precision import compute, resolve
 from .data import IGNORE_INDEX, TargetData, collate, encode_pair, pad_id_of, tokenize
 from .errors import ConfigError
 
@@ -48,8 +50,6 @@ def score_rows(model, rows: list[dict], *, pad_id: int, batch_size: int = 16,
     (lm-eval's habit), and results come back in the input order. ``compute_dtype``: see
     :func:`warmstart._precision.compute` (None: the model as it is, float32 logits)."""
     import torch
-
-    from ._precision import compute
 
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
     out: list[RowScore | None] = [None] * len(rows)
@@ -123,7 +123,6 @@ def _resolve(model, compute_dtype: str | None) -> str | None:
     """``auto`` decided on the model's device (bfloat16 where it is fast)."""
     if compute_dtype != "auto":
         return compute_dtype
-    from ._precision import resolve
 
     return resolve("auto", str(next(model.parameters()).device))
 
@@ -157,7 +156,6 @@ def mc_option_scores(model, tokenizer, data: TargetData, *, batch_size: int = 16
     pad, cd = pad_id_of(tokenizer), _resolve(model, compute_dtype)
     if not shared_prompt:
         return score_rows(model, rows, pad_id=pad, batch_size=batch_size, progress=progress, compute_dtype=cd)
-    from ._packed import score_packed
 
     groups, k = [], 0
     for ex in data.examples:

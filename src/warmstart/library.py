@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import Checkpoint, discover, open_checkpoint, resolve, signature_hash
+from ._prerank import METHOD, summarise
+from .checkpoints import Checkpoint, TrainingMetrics, discover, open_checkpoint, resolve, signature_hash
 from .errors import CheckpointError, LibraryError, WarmstartError
 
 DEFAULT_NAME = "warmstart.db"
@@ -418,7 +419,7 @@ class Library:
             raise CheckpointError("--compatible-with needs a full base model, got a LoRA adapter", path=base_ck.path)
         sig = base_ck.signature_hash()
         fp = base_ck.fingerprint()
-        names = {str(base_ref), str(base_ck.path), base_ck.ref}
+        names = {str(base_ck.path), base_ck.ref} | (set() if isinstance(base_ref, Checkpoint) else {str(base_ref)})
         ph = ",".join("?" * len(names))
         return (f"((kind='full' AND arch_signature=?) OR "
                 f"(kind='lora' AND (base_fingerprint=? OR base_model IN ({ph}))))", [sig, fp, *names])
@@ -445,15 +446,11 @@ class Library:
 
     # -- pre-rank summaries (selection at scale) --------------------------
     def prerank(self, fingerprint: str, method: str | None = None) -> bytes | None:
-        from ._prerank import METHOD
-
         r = self.db.execute("SELECT data FROM preranks WHERE fingerprint=? AND method=?",
                             (fingerprint, method or METHOD)).fetchone()
         return bytes(r[0]) if r else None
 
     def put_prerank(self, fingerprint: str, data: bytes, method: str | None = None) -> None:
-        from ._prerank import METHOD
-
         self._write("INSERT OR REPLACE INTO preranks VALUES (?,?,?,?)",
                     (fingerprint, method or METHOD, sqlite3.Binary(data), time.time()))
 
@@ -464,8 +461,6 @@ class Library:
             return None
         data = self.prerank(fingerprint)
         if data is None:
-            from ._prerank import summarise
-
             try:
                 data = summarise(path)
             except WarmstartError:  # e.g. NaN factors: scoring the candidate reports it, with its path
@@ -503,8 +498,6 @@ def task_name_from_path(path: str | Path | None) -> str | None:
 def _metrics(ck: Checkpoint):
     """trainer_state.json when there is one, else a ``warmstart finetune`` output's own record
     (its ``final`` curve point and curve.json): finetune removes the Trainer's state files."""
-    from .checkpoints import TrainingMetrics
-
     if ck.metrics is not None:
         return ck.metrics
     meta = ck.meta

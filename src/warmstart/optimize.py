@@ -28,14 +28,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import metrics as _metrics
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from .checkpoints import load_causal_lm, load_tokenizer, open_checkpoint
+from .data import TargetData, load_target
 from .errors import ConfigError, IncompatibleError
+from .evaluate import evaluate
+from .merge import REGISTRY, MergePlan, get_method, merge, merge_state_dicts
+from .provenance import update_artefact, versions
+from .select import parse_weights, sample_target
 
-METRICS = {"loss": "loss", "accuracy": "token_accuracy", "mc-accuracy": "mc_accuracy"}
+# CLI metric name -> the evaluate() metric the search minimises (its cost: loss, or 1 − accuracy)
+METRICS = {m.name: m.evaluate for m in _metrics.TABLE.values() if m.searchable}
 WEIGHT_BOUND = 1.5  # LoraHub's search box is [-1.5, 1.5]; without negatives, [0, 1.5]
 DENSITY_BOUNDS = (0.05, 1.0)
-DENSITY_METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
 
 
 # ----------------------------------------------------------------------------
@@ -169,8 +175,6 @@ class _FullMixer:
     def __init__(self, base, donors, method: str, params: dict):
         import torch
 
-        from .merge import get_method
-
         sig = base.signature()
         for d in donors:
             if d.signature() != sig:
@@ -183,8 +187,6 @@ class _FullMixer:
         self.use_base = get_method(method).needs_base
 
     def apply(self, weights: list[float], density: float | None) -> None:
-        from .merge import merge_state_dicts
-
         params = dict(self.params, **({"density": density} if density is not None else {}))
         sd = merge_state_dicts(self.method, self.donor_sds, self.base_sd if self.use_base else None, weights, **params)
         _, unexpected = self.model.load_state_dict(sd, strict=False)
@@ -258,10 +260,7 @@ class OptimizeResult:
 
 
 def _metric_key(metric: str) -> str:
-    key = METRICS.get(metric) or (metric if metric in METRICS.values() else None)
-    if key is None:
-        raise ConfigError(f"unknown metric {metric!r}", hint=f"choose one of {', '.join(METRICS)}")
-    return key
+    return _metrics.searchable(metric).evaluate
 
 
 def _cost(scores: dict, key: str) -> float:
@@ -282,9 +281,6 @@ def optimize(candidates: Sequence[str | Path], base: str | Path, targets: Sequen
     the Pareto front), ``objective.png`` and the merged model in ``model/``.
     """
     import torch
-
-    from .data import TargetData, load_target
-    from .evaluate import evaluate
 
     t0 = time.time()
     key = _metric_key(metric)
@@ -326,17 +322,16 @@ def optimize(candidates: Sequence[str | Path], base: str | Path, targets: Sequen
 
 
 def _check_method(kind: str, method: str, search_density: bool, params: dict) -> None:
-    from .merge import get_method
-
-    get_method(method)  # unknown names raise ConfigError
-    if kind == "lora" and method not in ("task_arithmetic", "linear"):
+    m = get_method(method)  # unknown names raise ConfigError
+    if kind == "lora" and not m.factor_space:
         raise ConfigError(f"LoRA candidates are mixed exactly in adapter space (base + Σ wᵢ·ΔWᵢ); "
                           f"method {method!r} needs full models", hint="drop --method or merge the adapters first")
-    if search_density and (kind == "lora" or method not in DENSITY_METHODS):
-        raise ConfigError(f"--search-density applies to {', '.join(DENSITY_METHODS)} on full models")
-    if method == "linear" and params.get("normalize", True):
+    if search_density and (kind == "lora" or not m.sparsifies):
+        names = ", ".join(n for n, x in REGISTRY.items() if x.sparsifies)
+        raise ConfigError(f"--search-density applies to {names} on full models")
+    if m.weighted_average and params.get("normalize", True):
         params["normalize"] = False  # with normalization every scaled copy of w is the same point
-    if method in DENSITY_METHODS:
+    if m.sparsifies:
         params.setdefault("normalize", False)  # the search owns the scale of the weights
 
 
@@ -389,32 +384,13 @@ def _save_model(d: Path, result: OptimizeResult) -> None:
     evaluated in memory; LoRA: an adapter-space ``cat`` merge, exact like the search's
     scaled mixture (rank Σrᵢ).
     """
-    import json
-
-    from .merge import MergePlan, merge
 
     merge(MergePlan.from_dict(_plan_dict(result)), d)
     best = result.search.best
     extra = {"optimize": {"metric": result.metric, "targets": result.targets,
                           "costs_uniform": result.search.uniform.costs, "costs": best.costs,
-                          "n_evaluations": len(result.search.evaluations), "cma": _versions()["cma"]}}
-    meta_path = d / "warmstart.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    atomic_write_json(meta_path, {**meta, **extra})
-    with open(d / "README.md", "a") as f:
-        f.write(_card_section(result))
-
-
-def _versions() -> dict[str, str]:
-    import cma
-    import peft
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"warmstart": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "cma": cma.__version__}
+                          "n_evaluations": len(result.search.evaluations), "cma": versions().get("cma")}}
+    update_artefact(d, extra, _card_section(result))
 
 
 def _card_section(result: OptimizeResult) -> str:
@@ -462,5 +438,45 @@ def plot_history(result: OptimizeResult, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["Evaluation", "OptimizeResult", "SearchResult", "choose", "dominates", "optimize", "pareto_front",
-           "plot_history", "search"]
+# ----------------------------------------------------------------------------
+# The step after selection: ``weights: optimized``
+
+
+def optimize_selection(sel, target, config, *, library=None, paths: dict | None = None):
+    """Replace a selection's uniform donor weights by CMA-ES-searched ones, in place, when its
+    config asks for ``weights="optimized"`` (else the selection is returned unchanged).
+
+    The step after :func:`warmstart.select.select` (``warmstart select``, ``warmstart run``):
+    ``target`` is what select() was given (file or TargetData), sampled the same way again by
+    :func:`warmstart.select.sample_target`; the donors' weights come from ``paths`` ({id: path})
+    or their library entries. The weights are task-arithmetic coefficients (base + Σ wᵢ·ΔWᵢ, not
+    normalized), so the selection records ``method: task_arithmetic``; the search starts at
+    uniform (1/k each, the same model as the uniform linear merge) and only moves if the
+    sample's cost drops. With fewer than two donors there is nothing to weigh.
+    """
+    if sel is None or parse_weights(config.weights)[0] != "optimized":
+        return sel
+    m = _metrics.get(sel.metric)
+    metric = m.name if m.searchable else "loss"  # e.g. exact-match: search on the loss
+    sel.weighting.pop("pending", None)
+    if len(sel.donors) < 2:
+        sel.weighting = {"scheme": "uniform", "note": "optimized weights need at least two donors"}
+        return sel
+    if paths is None:
+        paths = {d["id"]: library.get(d["id"]).path for d in sel.donors}
+    budget = config.optimize_budget
+    res = optimize([paths[d["id"]] for d in sel.donors], sel.base, [sample_target(target, config)], metric=metric,
+                   budget=budget, method="task_arithmetic", sample=None, seed=config.seed,
+                   batch_size=config.batch_size, max_length=config.max_length)
+    s = res.search
+    for d, w in zip(sel.donors, s.best.weights):
+        d["weight"] = round(float(w), 6)
+    sel.method, sel.params = "task_arithmetic", {}
+    sel.weighting = {"scheme": "optimized", "metric": metric, "budget": budget, "evaluations": len(s.evaluations),
+                     "cost_uniform": s.uniform.costs[0], "cost_chosen": s.best.costs[0],
+                     "seconds": round(res.seconds, 2)}
+    return sel
+
+
+__all__ = ["Evaluation", "OptimizeResult", "SearchResult", "choose", "dominates", "optimize", "optimize_selection",
+           "pareto_front", "plot_history", "search"]

@@ -6,6 +6,8 @@ only trusted with its marker. Re-running the same command skips every marked
 stage and resumes at the first unmarked one, so a crash or Ctrl-C costs at
 most the stage that was running. The run's settings are recorded in
 ``run.json``; a re-run with different settings is refused rather than mixed in.
+The files and their format are :mod:`warmstart.rundir`'s; this module decides
+when each is written.
 
 The held-out eval split is carved from the target once (seeded) or given with
 ``eval``; selection samples only the train split, so nothing that picks a donor,
@@ -15,233 +17,45 @@ Warm start and baseline train with the same TrainConfig (budget, lr, seed).
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import os
-import random
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_dir, atomic_write_json, output_root, read_json
+from . import _dist
+from ._io import atomic_dir, atomic_write_json, check_not_input, read_json
+from .checkpoints import resolve
+# RunConfig re-exported: `from warmstart.pipeline import RunConfig` keeps working
+from .config import RunConfig, merge_plan_options
+from .data import load_target, split_target, write_rows
 from .errors import ConfigError
+from .library import Library, task_name_from_path
+from .report import report_run
+from .rundir import (MARKER, STAGES, Marker, MergeOutputs, ReportOutputs, RunDir, SelectOutputs, SplitOutputs,
+                     TrainOutputs, read_selection, write_selection)
+from .select import select
+from .provenance import versions
+from .train import finetune
 
-STAGES = ("split", "select", "merge", "warm", "baseline", "report")
 ALL_RANKS = ("select", "warm", "baseline")  # stages every process of a multi-process launch takes part in
-MARKER = "stage.done.json"
 FAIL_ENV = "WARMSTART_FAIL_AT"  # tests: raise inside that stage, after its work, before its marker
 
 
 # ----------------------------------------------------------------------------
-# Config
+# Markers
 
 
-@dataclass
-class RunConfig:
-    """Settings of a run (paths are arguments). ``select`` and ``merge`` are passed through
-    to :func:`warmstart.select.select` and :meth:`MergePlan.from_selection`."""
-
-    train: Any = None  # TrainConfig; default TrainConfig()
-    select: dict[str, Any] = field(default_factory=dict)
-    merge: dict[str, Any] = field(default_factory=dict)
-    eval_fraction: float = 0.2
-    eval_max: int | None = 200  # most rows carved from the target (no effect on a given eval file)
-    split_seed: int = 0
-    baseline: bool = True
-
-    def __post_init__(self):
-        from .train import TrainConfig
-
-        if self.train is None:
-            self.train = TrainConfig()
-        elif isinstance(self.train, dict):
-            self.train = TrainConfig.from_dict(self.train, validate=False)  # validate() reports all at once
-
-    def validate(self) -> RunConfig:
-        errs = self.train.errors()
-        if not (isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1):
-            errs.append(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
-        if self.eval_max is not None and (not isinstance(self.eval_max, int) or self.eval_max < 1):
-            errs.append(f"eval_max must be a positive integer or null, got {self.eval_max!r}")
-        for name in ("select", "merge"):
-            opts = getattr(self, name)
-            if not isinstance(opts, dict):
-                errs.append(f"{name} must be a mapping of options")
-            elif opts:
-                unknown = sorted(set(opts) - _known_options(name))
-                if unknown:
-                    errs.append(f"unknown {name} option(s) {', '.join(unknown)} (known: "
-                                f"{', '.join(sorted(_known_options(name)))})")
-                if name == "select":
-                    errs += _select_errors(opts)
-        if errs:
-            raise ConfigError("invalid run config: " + "; ".join(errs))
-        return self
-
-    def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> RunConfig:
-        """A copy with ``section.key=value`` assignments applied (the CLI's ``--set``).
-
-        ``section`` is ``train``, ``select`` or ``merge`` (``merge.params.density=0.5`` reaches a
-        nested key) or absent for a top-level field (``eval_max=null``); ``value`` is read as YAML
-        (``null``, ``true``, ``[q_proj, v_proj]``, ``2e-4``). Every key is checked, all at once.
-        """
-        import copy
-
-        d = copy.deepcopy(self.to_dict())  # to_dict shares the select/merge mappings with self
-        for a in assignments:
-            key, eq, raw = a.partition("=")
-            path = key.strip().split(".")
-            if not eq or not all(path):
-                raise ConfigError(f"bad override {a!r}", hint="write section.key=value, e.g. train.warmup_steps=5")
-            if path[0] not in d:
-                raise ConfigError(f"bad override {a!r}: no setting {path[0]!r}",
-                                  hint=f"sections and settings: {', '.join(d)}")
-            node = d
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"bad override {a!r}: {part!r} holds a single value, not settings")
-            node[path[-1]] = _yaml_value(raw)
-        return RunConfig.from_dict(d)
-
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["train"] = self.train.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str | Path | None = None) -> RunConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown run config keys: {', '.join(unknown)}", path=where,
-                              hint=f"known keys: {', '.join(sorted(known))}")
-        try:
-            return cls(**d).validate()
-        except ConfigError as e:
-            raise ConfigError(e.message, path=where, hint=e.hint) from None
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> RunConfig:
-        from ._io import read_config
-
-        path = Path(path)
-        d = read_config(path, "run config") or {}
-        if not isinstance(d, dict):
-            raise ConfigError("run config must be a mapping", path=path)
-        return cls.from_dict(d, where=path)
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def _yaml_value(raw: str) -> Any:
-    """An override's value as YAML, with numbers like 2e-4 that YAML 1.1 reads as text taken as floats."""
-    import yaml
-
-    try:
-        v = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override value {raw!r} is not valid YAML ({e})") from None
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
-
-
-def _select_errors(opts: dict) -> list[str]:
-    """The select options a user mistypes most, checked before any model is loaded."""
-    from .select import SCORERS, metric_key, parse_weights
-
-    errs = []
-    for name, check in (("metric", metric_key), ("weights", parse_weights)):
-        if name in opts:
-            try:
-                check(str(opts[name]))
-            except ConfigError as e:
-                errs.append(f"select.{name}: {e.message}")
-    if opts.get("scorer", "loss") not in SCORERS:
-        errs.append(f"select.scorer must be one of {', '.join(SCORERS)}, got {opts['scorer']!r}")
-    elif opts.get("scorer") == "grad" and str(opts.get("metric", "loss")).replace("_", "-") != "loss":
-        errs.append("select.scorer grad predicts the loss: use select.metric loss (--metric loss) with it")
-    for name, none_ok in (("n", True), ("k", False), ("optimize_budget", False), ("shortlist", False),
-                          ("halving_rows", False), ("prerank_rows", False)):
-        v = opts.get(name, 1)
-        if not (v is None and none_ok) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            errs.append(f"select.{name} must be a positive integer{' or null (all rows)' if none_ok else ''}, "
-                        f"got {v!r}")
-    for name in ("margin", "min_own_gain"):
-        v = opts.get(name)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v != v):
-            errs.append(f"select.{name} must be a number or null, got {v!r}")
-    return errs
-
-
-# Options of select() / MergePlan that a run fixes itself (the data, the model, the process layout).
-_RUN_OWNED = {"select": {"target", "base", "library", "model", "tokenizer", "rank", "world_size", "progress"},
-              "merge": {"models", "source"}}
-
-
-def _known_options(section: str) -> set[str]:
-    """The keys a run's ``select`` / ``merge`` mapping may hold: select()'s parameters, MergePlan's fields."""
-    if section == "select":
-        import inspect
-
-        from .select import select
-
-        names = set(inspect.signature(select).parameters)
-    else:
-        from .merge.plan import MergePlan
-
-        names = {f.name for f in dataclasses.fields(MergePlan)}
-    return names - _RUN_OWNED[section]
-
-
-# ----------------------------------------------------------------------------
-# The run directory
-
-
-class RunDir:
-    """Paths of a run and its completion markers."""
-
-    def __init__(self, root: str | Path):
-        self.root = output_root(root)
-
-    def stage(self, name: str) -> Path:
-        return self.root / name
-
-    def marker(self, name: str) -> dict | None:
-        p = self.stage(name) / MARKER
-        if not p.is_file():
-            return None
-        try:
-            return json.loads(p.read_text())
-        except (json.JSONDecodeError, OSError):
-            return None  # a torn marker means an unfinished stage
-
-    def done(self, name: str) -> bool:
-        return self.marker(name) is not None
-
-    def stage_times(self) -> dict[str, float]:
-        return {s: m["wall_s"] for s in STAGES if (m := self.marker(s))}
-
-    def info(self) -> dict:
-        return read_json(self.root / "run.json", "run file")
-
-
-def _write_marker(stage_dir: Path, name: str, t0: float, outputs: dict) -> dict:
-    fail = os.environ.get(FAIL_ENV)
-    if fail == name:
+def _write_marker(stage_dir: Path, name: str, t0: float, outputs) -> Marker:
+    """Finish a stage: its marker, written last (``FAIL_ENV`` fails the stage just before it)."""
+    if os.environ.get(FAIL_ENV) == name:
         raise RuntimeError(f"injected failure at stage {name!r} ({FAIL_ENV})")
-    m = {"stage": name, "wall_s": round(time.perf_counter() - t0, 3), "outputs": outputs,
-         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write_json(stage_dir / MARKER, m)
+    m = Marker.done(name, t0, outputs)
+    m.write(stage_dir)
     return m
 
 
@@ -284,38 +98,34 @@ def run(target: str | Path, library: str | Path, base: str | Path, out: str | Pa
     across them, and the other stages, every file and the log belong to the
     main process; all processes meet at a barrier after each stage.
     """
-    from .checkpoints import resolve
-
     cfg = (config or RunConfig()).validate()
     rd, base_dir = RunDir(out), resolve(base)
     _check_inputs(rd, cfg, Path(target), Path(eval) if eval else None, Path(library))
     # every process: all of them refuse, none waits at a barrier for the others
     _check_out(rd.root, base_dir, Path(target).resolve(), Path(eval).resolve() if eval else None,
                Path(library).resolve())
-    from accelerate import PartialState  # imports torch: only once every input has been checked
-
-    state = PartialState()  # sets up torch.distributed when launched with several processes
-    main = state.is_main_process
+    _dist.start()  # imports torch: only once every input has been checked
+    main = _dist.is_main()
     ctx = _Ctx(rd, cfg, Path(target).resolve(), Path(eval).resolve() if eval else None,
                base_dir, Path(library).resolve(), log if main else (lambda s: None), progress and main)
     if main:
         _claim_run_dir(ctx, str(base), force)
-    state.wait_for_everyone()
+    _dist.barrier()
     ran, skipped = [], []
     for name in STAGES:
         if name == "baseline" and not cfg.baseline:
             continue
         if ctx.rd.done(name):
             skipped.append(name)
-            ctx.log(f"{name}: done earlier ({ctx.rd.marker(name)['wall_s']:.1f} s), skipped")
+            ctx.log(f"{name}: done earlier ({ctx.rd.read_marker(name).wall_s:.1f} s), skipped")
             continue
         ctx.log(f"{name}: running")
         t0 = time.perf_counter()
         if main or name in ALL_RANKS:
             _STAGE_FNS[name](ctx, t0)
-        state.wait_for_everyone()
+        _dist.barrier()
         ran.append(name)
-        ctx.log(f"{name}: done in {ctx.rd.marker(name)['wall_s']:.1f} s")
+        ctx.log(f"{name}: done in {ctx.rd.read_marker(name).wall_s:.1f} s")
     rep = read_json(ctx.rd.stage("report") / "report.json", "report")
     return RunResult(ctx.rd.root, ran, skipped, rep)
 
@@ -323,9 +133,6 @@ def run(target: str | Path, library: str | Path, base: str | Path, out: str | Pa
 def _check_out(root: Path, base: Path, target: Path, eval: Path | None, library: Path) -> None:
     """Before the first stage: the run directory is not a file, and neither equals, contains nor lies
     inside any input (base, target, eval, catalog, any library entry). Every stage writes below it."""
-    from ._io import check_not_input
-    from .library import Library
-
     if os.path.lexists(root) and not root.is_dir():
         raise ConfigError("--out names an existing file, not a run directory", path=root,
                           hint="choose a new directory")
@@ -339,8 +146,6 @@ def _check_out(root: Path, base: Path, target: Path, eval: Path | None, library:
 def _check_inputs(rd: RunDir, cfg: RunConfig, target: Path, eval: Path | None, library: Path) -> None:
     """Fail in about a second, before torch loads and before --out is created: data files that are
     missing or malformed, a library that is not there (unless selection is already done)."""
-    from .data import load_target
-
     for p, what in ((target, "target data"), (eval, "eval data")):
         if p is not None and not p.exists():
             raise ConfigError(f"{what} not found", path=p.resolve())
@@ -350,8 +155,6 @@ def _check_inputs(rd: RunDir, cfg: RunConfig, target: Path, eval: Path | None, l
         if eval is not None:
             load_target(eval, format=data.format, mc_style=tc.mc_style)
     if not rd.done("select"):
-        from .library import Library
-
         Library(library, create=False).close()
 
 
@@ -360,7 +163,7 @@ def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
     info = {"target": str(ctx.target), "target_sha256": _file_hash(ctx.target),
             "eval": str(ctx.eval) if ctx.eval else None, "eval_sha256": _file_hash(ctx.eval),
             "base_path": str(ctx.base), "library": str(ctx.library), "config": ctx.cfg.to_dict()}
-    path = ctx.rd.root / "run.json"
+    path = ctx.rd.run_file
     if path.is_file() and not force:
         old = read_json(path, "run file")
         diff = sorted(k for k in info if json.dumps(old.get(k), sort_keys=True, default=str)
@@ -372,13 +175,9 @@ def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
                               "another --out, or pass --force to start over")
         return
     if force and ctx.rd.root.exists():
-        import shutil
-
         for name in STAGES:
             shutil.rmtree(ctx.rd.stage(name), ignore_errors=True)
     ctx.rd.root.mkdir(parents=True, exist_ok=True)
-    from .train import versions
-
     atomic_write_json(path, {**info, "base": base_ref, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "versions": versions()})
 
@@ -402,8 +201,6 @@ def _file_hash(p: Path | None) -> str | None:
     """Content hash of a data file (a directory dataset is identified by its path only)."""
     if p is None or not p.is_file():
         return None
-    import hashlib
-
     h = hashlib.sha256()
     with open(p, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -418,26 +215,13 @@ def _file_hash(p: Path | None) -> str | None:
 def _stage_split(ctx: _Ctx, t0: float) -> None:
     """train.jsonl / eval.jsonl in the normalised row format, so each stage (and a user
     re-running `warmstart finetune` by hand) reads exactly the same rows."""
-    from dataclasses import replace
-
-    from .data import load_target
-
     tc = ctx.cfg.train
     data = load_target(ctx.target, format=tc.format, mc_style=tc.mc_style)
     if ctx.eval is not None:  # used whole: only an explicit train.eval_limit caps it (below)
         train, ev = data, load_target(ctx.eval, format=data.format, mc_style=tc.mc_style)
     else:
-        idx = list(range(len(data)))
-        random.Random(ctx.cfg.split_seed).shuffle(idx)
-        n_eval = max(1, round(ctx.cfg.eval_fraction * len(idx)))
-        if ctx.cfg.eval_max:
-            n_eval = min(n_eval, ctx.cfg.eval_max)
-        if len(idx) - n_eval < 1:
-            raise ConfigError(f"target has {len(idx)} rows: too few to carve an eval split", path=ctx.target,
-                              hint="add rows or pass --eval FILE")
-        held = set(idx[:n_eval])
-        ev = replace(data, examples=[e for i, e in enumerate(data.examples) if i in held])
-        train = replace(data, examples=[e for i, e in enumerate(data.examples) if i not in held])
+        train, ev = split_target(data, fraction=ctx.cfg.eval_fraction, max_rows=ctx.cfg.eval_max,
+                                 seed=ctx.cfg.split_seed)
     given = len(ev)
     if tc.eval_limit and tc.eval_limit < given:
         # the rows finetune's eval_limit picks (seed 0), written out so eval.jsonl is exactly what is scored
@@ -445,43 +229,24 @@ def _stage_split(ctx: _Ctx, t0: float) -> None:
         ctx.log(f"split: evaluating on {len(ev)} of the {given} eval rows {'given' if ctx.eval else 'held out'} "
                 f"(eval_limit {tc.eval_limit})")
     rows = {"used": len(ev), "given": given, "limit": tc.eval_limit, "source": "file" if ctx.eval else "carved"}
-    run_json = ctx.rd.root / "run.json"
-    atomic_write_json(run_json, {**read_json(run_json, "run file"), "eval_rows": rows})
+    ctx.rd.update_info(eval_rows=rows)
     with atomic_dir(ctx.rd.stage("split"), force=True) as tmp:
-        _write_rows(tmp / "train.jsonl", train)
-        _write_rows(tmp / "eval.jsonl", ev)
-        _write_marker(tmp, "split", t0, {"format": data.format, "train_rows": len(train), "eval_rows": len(ev),
-                                         "eval_rows_given": given, "eval_limit": tc.eval_limit,
-                                         "eval_source": rows["source"], "train_fingerprint": train.fingerprint(),
-                                         "eval_fingerprint": ev.fingerprint()})
-
-
-def _write_rows(path: Path, data) -> None:
-    with open(path, "w") as f:
-        for ex in data.examples:
-            if ex.messages is not None:
-                row = {"messages": ex.messages}
-            elif data.format == "mc":
-                row = {"question": ex.question, "choices": ex.choices, "answer": ex.answer}
-            else:
-                row = {"prompt": ex.prompt, "completion": ex.completion}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _split_files(ctx: _Ctx) -> tuple[Path, Path]:
-    d = ctx.rd.stage("split")
-    return d / "train.jsonl", d / "eval.jsonl"
+        write_rows(tmp / "train.jsonl", train)
+        write_rows(tmp / "eval.jsonl", ev)
+        _write_marker(tmp, "split", t0, SplitOutputs(
+            format=data.format, train_rows=len(train), eval_rows=len(ev), eval_rows_given=given,
+            eval_limit=tc.eval_limit, eval_source=rows["source"], train_fingerprint=train.fingerprint(),
+            eval_fingerprint=ev.fingerprint()))
 
 
 def _stage_select(ctx: _Ctx, t0: float) -> None:
-    from .library import Library
-    from .select import select
-
-    train, _ = _split_files(ctx)
-    tc = ctx.cfg.train
-    opts = {"seed": tc.seed, "format": tc.format, "mc_style": tc.mc_style, **ctx.cfg.select}
+    train, _ = ctx.rd.split_files()
+    sc = ctx.cfg.select_config()
     with Library(ctx.library, create=False) as lib:
-        sel = select(train, str(ctx.base), library=lib, **opts)
+        sel = select(train, str(ctx.base), sc, library=lib)
+        from .optimize import optimize_selection  # imports torch (the merge engines), as the merge stage does
+
+        sel = optimize_selection(sel, train, sc, library=lib)  # weights: optimized, the step after selection
     if sel is None:  # another process of a multi-process launch: it scored its share, rank 0 writes
         return
     gate = sel.own_gate or {}
@@ -489,83 +254,52 @@ def _stage_select(ctx: _Ctx, t0: float) -> None:
         ctx.log(f"select: not a donor: {Path(x['ref']).name} never learned its own task ({x['metric']} "
                 f"{x['start']:.4f} → {x['final']:.4f}, min_own_gain {gate['min_gain']})")
     with atomic_dir(ctx.rd.stage("select"), force=True) as tmp:
-        sel.to_file(tmp / "selection.yaml")
+        name = write_selection(sel, tmp / ctx.rd.selection_file().name).name
         # what the selection cost is made of, for the report's wall-clock line
-        _write_marker(tmp, "select", t0, {"selection": "selection.yaml", "donors": sel.donors,
-                                          "ranking": sel.ranking, "metric": sel.metric, "scorer": sel.scorer,
-                                          "sample": sel.target["sample"], "sample_rows": sel.target["n_examples"],
-                                          "candidates": len(sel.ranking),
-                                          "cached": sum(bool(r["cached"]) for r in sel.ranking),
-                                          "excluded": [x["id"] for x in gate.get("excluded", [])]})
-
-
-def _read_selection(path: Path) -> dict:
-    from ._io import read_config
-
-    return read_config(path, "selection file") or {}
+        _write_marker(tmp, "select", t0, SelectOutputs(
+            selection=name, donors=sel.donors, ranking=sel.ranking, metric=sel.metric, scorer=sel.scorer,
+            sample=sel.target["sample"], sample_rows=sel.target["n_examples"], candidates=len(sel.ranking),
+            cached=sum(bool(r["cached"]) for r in sel.ranking),
+            excluded=[x["id"] for x in gate.get("excluded", [])]))
 
 
 def _stage_merge(ctx: _Ctx, t0: float) -> None:
     """Merge the donors; with none selected, the warm start is the base itself (said so)."""
-    sel_path = ctx.rd.stage("select") / "selection.yaml"
-    donors = _read_selection(sel_path).get("donors") or []
+    sel = read_selection(ctx.rd.selection_file())
     with atomic_dir(ctx.rd.stage("merge"), force=True) as tmp:
-        if not donors:
+        if not sel.donors:
             ctx.log("merge: no donors selected; the warm start is the plain base")
-            _write_marker(tmp, "merge", t0, {"init": str(ctx.base), "recipe": None, "note": "no donors"})
+            _write_marker(tmp, "merge", t0, MergeOutputs(init=str(ctx.base), recipe=None, note="no donors"))
             return
-        from .merge import MergePlan, merge
+        from .merge import MergePlan, merge  # imports torch (the merge engines)
 
-        plan = MergePlan.from_selection(sel_path, **_merge_options(ctx, donors))
+        plan = MergePlan.from_dict(sel.plan_dict(**_merge_options(ctx, sel.donors)), source=str(sel.path))
         res = merge(plan, tmp / "model")
         summary = {k: v for k, v in res.to_dict().items() if k in ("method", "weights", "inputs", "notes",
                                                                    "timings", "lora_errors")}
-        _write_marker(tmp, "merge", t0, {"init": "model", "recipe": plan.to_dict(), "result": summary})
+        _write_marker(tmp, "merge", t0, MergeOutputs(init="model", recipe=plan.to_dict(), result=summary))
 
 
 def _merge_options(ctx: _Ctx, donors: list[dict]) -> dict:
-    """LoRA donors merge in adapter space to the baseline's LoRA rank and scaling by default (svd),
-    so the warm start trains as many parameters as the baseline's fresh LoRA, at the same
-    effective step size (with Adam a step moves ΔW by about alpha/r · lr · (|A| + |B|))."""
-    opts = dict(ctx.cfg.merge)
-    if all(d.get("kind") == "lora" for d in donors) and not ctx.cfg.train.full:
-        opts.setdefault("lora_mode", "svd")
-        if opts["lora_mode"] == "svd":
-            tc = ctx.cfg.train
-            opts.setdefault("rank", tc.lora_r)
-            opts.setdefault("lora_scaling", tc.lora_alpha / (tc.lora_r ** 0.5 if tc.rslora else tc.lora_r))
-            # A's rows at a fresh LoRA's norm (PEFT's Kaiming-uniform init: 1/√3), B carrying σ: an even
-            # √σ split leaves both factors small after short donor training and the warm start slow
-            # (recycle-bench: svd_a_init vs train_scaling, docs/results.md)
-            opts.setdefault("lora_a_norm", 3 ** -0.5)
-    return opts
-
-
-def _warm_init(ctx: _Ctx) -> Path:
-    init = Path(ctx.rd.marker("merge")["outputs"]["init"])
-    return init if init.is_absolute() else ctx.rd.stage("merge") / init
+    """The merge section's MergePlan keywords plus the run's LoRA rule (see config.merge_plan_options)."""
+    return merge_plan_options(ctx.cfg, donors)
 
 
 def _train_stage(ctx: _Ctx, t0: float, name: str, init: Path) -> None:
-    from .library import task_name_from_path
-    from .train import finetune
-
-    train, ev = _split_files(ctx)
+    train, ev = ctx.rd.split_files()
     cfg = ctx.cfg.train  # its eval_limit was applied by the split stage: eval.jsonl holds the rows scored
     out = ctx.rd.stage(name)
     # force: an unmarked dir is unfinished
     res = finetune(init, train, ev, out, cfg, force=True, label=name, progress=ctx.progress,
                    task=task_name_from_path(ctx.target))
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    if not _dist.is_main():
         return  # finetune wrote nothing here either
-    _write_marker(out, name, t0, {"init": str(init), "kind": res.kind, "train_time_s": res.train_time_s,
-                                  "final": res.final})
+    _write_marker(out, name, t0, TrainOutputs(init=str(init), kind=res.kind, train_time_s=res.train_time_s,
+                                              final=res.final))
 
 
 def _stage_warm(ctx: _Ctx, t0: float) -> None:
-    _train_stage(ctx, t0, "warm", _warm_init(ctx))
+    _train_stage(ctx, t0, "warm", ctx.rd.read_marker("merge").outputs.init_path(ctx.rd.stage("merge")))
 
 
 def _stage_baseline(ctx: _Ctx, t0: float) -> None:
@@ -578,15 +312,13 @@ def _stage_report(ctx: _Ctx, t0: float) -> None:
 
 def render_report(run_dir: str | Path, *, _t0: float | None = None) -> dict:
     """(Re-)write RUN/report from the logged curves and markers; no model is loaded."""
-    from .report import report_run
-
     rd = RunDir(run_dir)
-    if not (rd.root / "run.json").is_file():
+    if not rd.is_run():
         raise ConfigError("not a warmstart run directory (no run.json)", path=rd.root)
     t0 = time.perf_counter() if _t0 is None else _t0
     with atomic_dir(rd.stage("report"), force=True) as tmp:
         rep = report_run(rd.root, out=tmp)
-        _write_marker(tmp, "report", t0, {"files": sorted(p.name for p in tmp.iterdir())})
+        _write_marker(tmp, "report", t0, ReportOutputs(files=sorted(p.name for p in tmp.iterdir())))
     return rep
 
 

@@ -21,94 +21,20 @@ metrics (the curves store aggregate values only, so no paired bootstrap).
 
 from __future__ import annotations
 
-import csv
-import io
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import metrics as _metrics
 from ._io import atomic_write_json, atomic_write_text, read_json
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, WarmstartError
+from .rundir import STAGES, Curve, RunDir
+from .rundir import finite as _finite
 
 # Preferred headline metrics, best first; the first one a curve logs is used.
 METRIC_PREFERENCE = ("eval_mc_accuracy", "eval_accuracy", "eval_exact_match", "eval_token_accuracy")
-LOWER_IS_BETTER = ("eval_loss",)
-
-
-# ----------------------------------------------------------------------------
-# Curves: one row per evaluation (step, time, train loss, eval metrics)
-
-
-@dataclass
-class Curve:
-    """An evaluation curve. Each point has ``step``, ``time_s`` (training time so far,
-    evaluation excluded), ``wall_s`` (since start, evaluation included), ``train_loss``
-    and ``eval_*`` metrics."""
-
-    points: list[dict[str, Any]] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Curve:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "curve.json"
-        d = read_json(path, "curve file")
-        if not isinstance(d, dict) or not isinstance(d.get("points"), list):
-            raise DataError("curve file has no 'points' list", path=path)
-        if not isinstance(d.get("meta", {}), dict):
-            raise DataError("curve file's 'meta' is not a mapping", path=path)
-        for i, p in enumerate(d["points"]):  # the report does arithmetic on every value
-            num = (int, float, type(None))
-            if not isinstance(p, dict) or not isinstance(p.get("step"), (int, float)) or \
-                    not all(isinstance(v, num) for v in p.values()):
-                raise DataError(f"curve point {i} is not a mapping of numbers with a 'step'", path=path)
-        return cls(points=d["points"], meta=d.get("meta", {}))
-
-    def to_dict(self) -> dict:
-        return {"meta": self.meta, "points": self.points}
-
-    def columns(self) -> list[str]:
-        cols: list[str] = []
-        for p in self.points:
-            cols += [k for k in p if k not in cols]
-        return cols
-
-    def to_csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=self.columns(), lineterminator="\n")
-        w.writeheader()
-        for p in self.points:
-            w.writerow({k: ("" if v is None else v) for k, v in p.items()})
-        return buf.getvalue()
-
-    def write(self, out_dir: str | Path) -> None:
-        out_dir = Path(out_dir)
-        atomic_write_json(out_dir / "curve.json", self.to_dict())
-        atomic_write_text(out_dir / "curve.csv", self.to_csv())
-
-    def series(self, key: str, x: str = "step") -> list[tuple[float, float]]:
-        """(x, value) pairs where ``key`` was logged, in step order."""
-        pts = [p for p in self.points if _finite(p.get(key)) and _finite(p.get(x))]
-        pts.sort(key=lambda p: p["step"])
-        return [(float(p[x]), float(p[key])) for p in pts]
-
-    def final(self, key: str) -> float | None:
-        s = self.series(key)
-        return s[-1][1] if s else None
-
-    @property
-    def steps(self) -> int:
-        return int(self.meta.get("max_steps") or max((p["step"] for p in self.points), default=0))
-
-    @property
-    def train_time_s(self) -> float:
-        return float(self.meta.get("train_time_s") or max((p.get("time_s") or 0 for p in self.points), default=0))
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def pick_metric(*curves: Curve, prefer: str | None = None) -> str:
@@ -184,7 +110,7 @@ def compute_parity(warm: Curve, baseline: Curve, metric: str | None = None,
     target = baseline.final(metric)
     if target is None:
         raise DataError(f"baseline curve has no {metric} values")
-    higher = metric not in LOWER_IS_BETTER
+    higher = _metrics.higher_is_better(metric)
     pts = [(p["step"], p.get("time_s") or 0.0, p[metric]) for p in sorted(warm.points, key=lambda p: p["step"])
            if _finite(p.get(metric))]
     overhead = {k: float(v) for k, v in (overhead_s or {}).items()}
@@ -247,7 +173,7 @@ def assess_effect(warm: Curve, baseline: Curve, metric: str) -> dict:
     no better than its step-0 value: nothing was learned to speed up) or ``"within_noise"`` (at
     every step both curves evaluated, the 95% interval of their difference includes 0 — for
     metrics without an interval, the curves coincide). Also ``eval_rows`` and ``delta_ci95``."""
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    sign = 1.0 if _metrics.higher_is_better(metric) else -1.0
     n_w, n_b = eval_rows(warm), eval_rows(baseline)
     prop = is_row_proportion(metric) and n_w is not None and n_b is not None
     wf, bf = warm.final(metric), baseline.final(metric)
@@ -373,7 +299,8 @@ def render_markdown(rep: dict, plots: list[str] = ()) -> str:
     lines.append(f"| final {m} | {_f(b and b['final'])} | {_f(w['final'])} | {_f(rep.get('delta'), '+.4f')} |")
     dl = None if not b or w["final_eval_loss"] is None or b["final_eval_loss"] is None \
         else w["final_eval_loss"] - b["final_eval_loss"]
-    lines.append(f"| final eval loss | {_f(b and b['final_eval_loss'])} | {_f(w['final_eval_loss'])} | {_f(dl, '+.4f')} |")
+    lines.append(f"| final eval loss | {_f(b and b['final_eval_loss'])} | {_f(w['final_eval_loss'])} "
+                 f"| {_f(dl, '+.4f')} |")
     lines.append(f"| {m} at step 0 (zero-shot init) | {_f(b and b['zero_shot'])} | {_f(w['zero_shot'])} | |")
     lines.append(f"| steps | {b['steps'] if b else '–'} | {w['steps']} | |")
     lines.append(f"| training time (s, eval excluded) | {_f(b and b['train_time_s'], '.1f')} | "
@@ -426,8 +353,6 @@ def _donor_lines(rep: dict) -> list[str]:
                        f"{_f(d.get('weight'), '.3f')} | `{d.get('ref', '')}` |")
         out.append("")
     if rep.get("merge"):
-        import json
-
         out += ["## Merge recipe", "", "```json", json.dumps(rep["merge"], indent=2, default=str), "```", ""]
     return out
 
@@ -535,34 +460,43 @@ def write_report(rep: dict, warm: Curve, baseline: Curve | None, out_dir: str | 
 
 def report_run(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """Build and write the report of a pipeline run directory (into ``out``, default RUN/report)."""
-    from .pipeline import RunDir
-
     rd = RunDir(run_dir)
     if not rd.done("warm"):
         raise DataError("the warm-start training has not finished in this run directory", path=rd.root,
                         hint="run `warmstart run` (same arguments) to finish it")
-    warm = Curve.from_file(rd.stage("warm"))
-    baseline = Curve.from_file(rd.stage("baseline")) if rd.done("baseline") else None
-    info = rd.info() if (rd.root / "run.json").is_file() else {}
-    sel, mrg = rd.marker("select") or {}, rd.marker("merge") or {}
-    overhead = {k: m["wall_s"] for k, m in (("select", sel), ("merge", mrg)) if m}
-    split = (rd.marker("split") or {}).get("outputs", {})
-    so = sel.get("outputs", {})
-    selection = {"wall_s": sel["wall_s"], **{k: so.get(k) for k in ("scorer", "metric", "sample", "sample_rows",
-                                                                   "cached")},
-                 "candidates": so.get("candidates", len(so.get("ranking") or []))} if sel else None
-    eval_rows = info.get("eval_rows") or ({"used": split["eval_rows"], "given": split.get("eval_rows_given",
-                                           split["eval_rows"]), "source": "file" if info.get("eval") else "carved"}
-                                          if "eval_rows" in split else None)
-    metric = ((info.get("config") or {}).get("report") or {}).get("metric")
-    rep = build_report(warm, baseline, metric=metric, overhead_s=overhead, name=Path(info.get("target", "run")).stem,
-                       target=info.get("target"), eval=info.get("eval") or f"carved from target ({split.get('eval_rows')} rows)",
-                       base=info.get("base"), donors=sel.get("outputs", {}).get("donors"),
-                       merge=mrg.get("outputs", {}).get("recipe"), merge_result=mrg.get("outputs", {}).get("result"),
-                       stages=rd.stage_times(), split=split, run_dir=str(rd.root), selection=selection,
-                       eval_rows=eval_rows)
+    warm = rd.curve("warm")
+    baseline = rd.curve("baseline") if rd.done("baseline") else None
+    info = rd.info() if rd.is_run() else {}
+    sel, mrg, spl = rd.read_marker("select"), rd.read_marker("merge"), rd.read_marker("split")
+    overhead = {k: m.wall_s for k, m in (("select", sel), ("merge", mrg)) if m}
+    sp = spl.outputs if spl else None
+    rep = build_report(warm, baseline, metric=((info.get("config") or {}).get("report") or {}).get("metric"),
+                       overhead_s=overhead, name=Path(info.get("target", "run")).stem, target=info.get("target"),
+                       eval=info.get("eval") or f"carved from target ({sp and sp.eval_rows} rows)",
+                       base=info.get("base"), donors=sel.outputs.donors if sel else None,
+                       merge=mrg.outputs.recipe if mrg else None, merge_result=mrg.outputs.result if mrg else None,
+                       stages=rd.stage_times(), split=sp.to_dict() if sp else {}, run_dir=str(rd.root),
+                       selection=_selection_cost(sel), eval_rows=info.get("eval_rows") or _eval_rows(sp, info))
     write_report(rep, warm, baseline, out or rd.stage("report"))
     return rep
+
+
+def _selection_cost(sel) -> dict | None:
+    """The select stage's time and what it was made of (the report's selection sentence)."""
+    if sel is None:
+        return None
+    so = sel.outputs
+    return {"wall_s": sel.wall_s, "scorer": so.scorer, "metric": so.metric, "sample": so.sample,
+            "sample_rows": so.sample_rows, "cached": so.cached,
+            "candidates": so.candidates if so.candidates is not None else len(so.ranking or [])}
+
+
+def _eval_rows(sp, info: dict) -> dict | None:
+    """The eval rows of a run whose run.json predates its ``eval_rows`` record: from the split marker."""
+    if sp is None or sp.eval_rows is None:
+        return None
+    return {"used": sp.eval_rows, "given": sp.eval_rows if sp.eval_rows_given is None else sp.eval_rows_given,
+            "source": "file" if info.get("eval") else "carved"}
 
 
 # ----------------------------------------------------------------------------
@@ -574,9 +508,6 @@ COMPARE_COLUMNS = ("target", "metric", "baseline", "warm", "delta", "zero_shot",
 
 def collect_reports(run_dirs: list[str | Path]) -> tuple[list[dict], list[tuple[str, str]]]:
     """The reports of the finished runs, and (run dir, why it was skipped + what to do) for the others."""
-    from .errors import WarmstartError
-    from .pipeline import STAGES, RunDir
-
     reports, skipped = [], []
     for d in run_dirs:
         rd = RunDir(d)
@@ -588,7 +519,7 @@ def collect_reports(run_dirs: list[str | Path]) -> tuple[list[dict], list[tuple[
             except WarmstartError as e:
                 skipped.append((str(d), f"{e.message}; re-render it with `warmstart report {d}`"))
                 continue
-        if not (rd.root / "run.json").is_file():
+        if not rd.is_run():
             skipped.append((str(d), "not a warmstart run directory (no run.json)"))
             continue
         todo = [s for s in STAGES if not rd.done(s)]

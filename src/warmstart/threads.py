@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from .errors import ConfigError
+
 ENV = "WARMSTART_THREADS"
 
 
@@ -34,8 +36,6 @@ def default_threads() -> int:
 
 def chosen_threads(n: int | None = None) -> tuple[int, str]:
     """The thread count and where it came from: ``n``, $WARMSTART_THREADS, $OMP_NUM_THREADS or the default."""
-    from .errors import ConfigError
-
     for value, source in ((n, "--threads"), (os.environ.get(ENV), ENV), (os.environ.get("OMP_NUM_THREADS"),
                                                                           "OMP_NUM_THREADS")):
         if value is None or value == "":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
 import shutil
 import tempfile
 import time
@@ -31,10 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_dir, atomic_write_json, atomic_write_text, check_output, read_config
-from .checkpoints import load_causal_lm, load_tokenizer
+from . import _dist
+from ._io import atomic_dir, atomic_write_json, check_output, read_config
+from ._precision import resolve as resolve_precision
+from .checkpoints import check_adapter_fits, is_hub_id, load_causal_lm, load_tokenizer, open_checkpoint, resolve
+from .data import IGNORE_INDEX, TargetData, collate, load_target, pad_id_of, tokenize
 from .errors import CheckpointError, ConfigError, IncompatibleError
-from .report import Curve
+from .library import task_name_from_path
+from .provenance import versions, write_artefact  # versions: re-exported (train.versions callers)
+from .rundir import Curve
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -180,8 +184,6 @@ def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: T
     out = Path(out)
     init, adapter = _resolve_init(_local(init), _local(adapter) if adapter else None)
     check_output(out, force=force, inputs=[init] + ([adapter] if adapter else []))
-    from .checkpoints import check_adapter_fits, open_checkpoint
-
     # corrupt weights, bad config or PEFT type: one line naming the file, not a traceback
     opened = [open_checkpoint(ref) for ref in [init] + ([adapter] if adapter else [])]
     if adapter:
@@ -194,11 +196,10 @@ def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: T
     tokenizer = _setup_tokenizer(init, adapter)
     model, kind = _setup_model(init, adapter, cfg)
     _check_finite_params(model, adapter or init)
-    from accelerate import PartialState
-
-    main = PartialState().is_main_process
+    _dist.start()
+    main = _dist.is_main()
     with _output_dir(out, force=force, main=main) as tmp:
-        from ._callbacks import EvalCurve
+        from ._callbacks import EvalCurve  # imports transformers' Trainer: kept out of `warmstart --help`
 
         evaluator = EvalCurve(tokenizer, eval_data, cfg, label=label)
         trainer = _setup_trainer(model, tokenizer, train_data, cfg, tmp / "trainer", evaluator, progress)
@@ -214,8 +215,6 @@ def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: T
 
 def _local(ref: str | Path) -> Path:
     """A directory as is; a hub id (``org/name[@rev]``) through the local cache."""
-    from .checkpoints import is_hub_id, resolve
-
     return Path(ref) if Path(ref).exists() or not is_hub_id(str(ref)) else resolve(str(ref))
 
 
@@ -250,8 +249,6 @@ def _adapter_base(adapter: Path) -> str:
 
 
 def _setup_data(data, cfg: TrainConfig, limit: int | None = None):
-    from .data import TargetData, load_target
-
     if not isinstance(data, TargetData):
         data = load_target(data, format=cfg.format, mc_style=cfg.mc_style)
     # a fixed sample seed: runs that differ only in their training seed are scored on the same rows
@@ -311,9 +308,8 @@ def _precision_flags(precision: str) -> dict:
     import torch
 
     if precision == "auto":  # bf16 autocast (float32 master weights, optimizer and loss) where it is fast
-        from ._precision import resolve
-
-        precision = "bf16" if resolve("auto", "cuda" if torch.cuda.is_available() else "cpu") == "bfloat16" else "fp32"
+        precision = ("bf16" if resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu") == "bfloat16"
+                     else "fp32")
     flags = {"bf16": precision == "bf16", "fp16": precision == "fp16"}
     if flags["bf16"] and not torch.cuda.is_available():
         flags["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told it runs on the CPU
@@ -323,8 +319,7 @@ def _precision_flags(precision: str) -> dict:
 def _setup_trainer(model, tokenizer, train_data, cfg: TrainConfig, workdir: Path, evaluator, progress: bool):
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
-    from ._callbacks import QuietProgress
-    from .data import collate, pad_id_of, tokenize
+    from ._callbacks import QuietProgress  # imports transformers' Trainer: kept out of `warmstart --help`
 
     train_ds = tokenize(train_data, tokenizer, max_length=cfg.max_length)
     pad = pad_id_of(tokenizer)
@@ -355,8 +350,6 @@ def _setup_trainer(model, tokenizer, train_data, cfg: TrainConfig, workdir: Path
 
 def _keep_positions(labels):
     """Positions whose logits predict a label (label p+1 is predicted at position p), any row."""
-    from .data import IGNORE_INDEX
-
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
 
 
@@ -375,8 +368,6 @@ def _labelled_logits_loss(outputs, labels, num_items_in_batch=None):
     tokens and divided by the Trainer's count of them across accumulated batches) on logits
     computed only at the kept positions; the full logits when the model ignored logits_to_keep."""
     import torch
-
-    from .data import IGNORE_INDEX
 
     logits = outputs.logits
     keep = _keep_positions(labels)
@@ -421,17 +412,6 @@ def _describe_init(init: Path, adapter: Path | None, cfg: TrainConfig) -> dict:
             "method": "full" if cfg.full else ("continue-adapter" if adapter else "new-lora")}
 
 
-def versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"warmstart": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
-
-
 def _save(trainer, tokenizer, tmp: Path, *, kind, init, adapter, cfg, curve, train_data, eval_data,
           task=None) -> None:
     trainer.save_model(str(tmp))  # adapter_model.safetensors for PEFT, model.safetensors for full
@@ -445,8 +425,6 @@ def _save(trainer, tokenizer, tmp: Path, *, kind, init, adapter, cfg, curve, tra
     if not cfg.save_checkpoints:
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
     curve.write(tmp)
-    from .library import task_name_from_path
-
     meta = {"kind": "finetune", "task": task or task_name_from_path(train_data.path), "output": kind,
             "init": _describe_init(init, adapter, cfg), "config": cfg.to_dict(),
             "train_data": {"path": _abs(train_data.path), "rows": len(train_data),
@@ -455,8 +433,7 @@ def _save(trainer, tokenizer, tmp: Path, *, kind, init, adapter, cfg, curve, tra
             "final": curve.points[-1] if curve.points else None, "train_time_s": curve.train_time_s,
             "trainable_params": curve.meta.get("trainable_params"),
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write_json(tmp / "warmstart.json", meta)
-    atomic_write_text(tmp / "README.md", _model_card(meta))
+    write_artefact(tmp, meta, _model_card(meta))
 
 
 def _abs(path: str) -> str:

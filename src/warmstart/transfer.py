@@ -30,6 +30,7 @@ import math
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +38,11 @@ from typing import Any
 
 from ._io import atomic_dir, atomic_write_json, check_output
 from .checkpoints import Checkpoint, check_adapter_fits, open_checkpoint
+from .checkpoints import check_finite as _check_finite
+from .checkpoints.dtypes import FLOAT_DTYPES, st_to_torch, torch_float
+from .checkpoints.streaming import PreadReader, ShardWriter, shard_layout
 from .errors import CheckpointError, ConfigError, IncompatibleError
+from .provenance import front_matter, parse_size, versions, write_artefact
 
 # A relative drift ||base_new − base_old|| / ||base_old|| above this, or a cosine
 # between the two bases below FAR_COSINE, means the bases are probably not
@@ -49,8 +54,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Config fields that fix the tensor shapes: a config taken from the fine-tune must agree on them.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "tie_word_embeddings", "head_dim", "model_type")
-_DTYPES = {"float32": "float32", "fp32": "float32", "float64": "float64", "fp64": "float64",
-           "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
 # ----------------------------------------------------------------------------
@@ -58,8 +61,9 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float64": "float64", "fp64"
 
 
 @dataclass
-class TensorReport:
-    """What happened to one tensor of the output (or of an input that has no place in it)."""
+class TransferTensorReport:
+    """What happened to one tensor of the output (or of an input that has no place in it).
+    (Not the merge engine's ``TensorReport``: a transfer reports drift and diff statistics.)"""
 
     name: str
     action: str  # transfer | transfer-vocab | keep-new | dropped
@@ -88,7 +92,7 @@ class TransferReport:
     finetuned_kind: str
     base_new: str
     alphas: list[float]
-    tensors: list[TensorReport] = field(default_factory=list)
+    tensors: list[TransferTensorReport] = field(default_factory=list)
     layers: list[LayerStats] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -244,15 +248,6 @@ def _vocab_map(v_old, v_ft, v_new, n_new: int, n_old: int, n_ft: int) -> _VocabM
 # Output: sharded safetensors with an index, written as tensors arrive
 
 
-def _parse_size(s: str | int) -> int:
-    if isinstance(s, int):
-        return s
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", str(s).upper())
-    if not m:
-        raise ConfigError(f"cannot parse size {s!r}", hint="use e.g. 2GB, 500MB")
-    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
-
-
 def _open_writers(dirs: list[Path], report: TransferReport, new: Checkpoint, out_dtype, max_bytes: int) -> list:
     """One streamed shard writer per output: headers fixed up front from the plan, bytes appended in order.
 
@@ -260,13 +255,11 @@ def _open_writers(dirs: list[Path], report: TransferReport, new: Checkpoint, out
     ``save_file`` a whole shard would sit in memory, and with ``safe_open``'s memory maps
     every page read stays resident — three models' worth for a transfer.
     """
-    from ._tensorio import ST_DTYPES, ShardWriter, shard_layout
-
-    mn = new.weights().meta
+    st, mn = st_to_torch(), new.weights().meta
     entries = []
     for t in report.tensors:
         if t.action != "dropped":
-            dt = ST_DTYPES.get(mn[t.name].dtype, out_dtype)
+            dt = st.get(mn[t.name].dtype, out_dtype)
             entries.append((t.name, out_dtype if out_dtype is not None and dt.is_floating_point else dt,
                             tuple(mn[t.name].shape)))
     return [ShardWriter(d, shard_layout(entries, max_bytes)) for d in dirs]
@@ -281,38 +274,39 @@ def _vocab_size(cfg: dict) -> int | None:
     return int(v) if v else None
 
 
-def _plan(old: Checkpoint, fin: _Finetuned, new: Checkpoint, vmap_for) -> list[TensorReport]:
+def _plan(old: Checkpoint, fin: _Finetuned, new: Checkpoint, vmap_for) -> list[TransferTensorReport]:
     mo, mn = old.weights().meta, new.weights().meta
     v_old, v_new = _vocab_size(old.config), _vocab_size(new.config)
-    plan: list[TensorReport] = []
+    plan: list[TransferTensorReport] = []
     for name, m in mn.items():
         sn = list(m.shape)
         if name not in mo:
-            plan.append(TensorReport(name, "keep-new", "only in the new base", sn))
+            plan.append(TransferTensorReport(name, "keep-new", "only in the new base", sn))
             continue
         so = list(mo[name].shape)
         sf = fin.shape(name, tuple(so))
         if not m.dtype.startswith(("F", "BF")):
-            plan.append(TensorReport(name, "keep-new", f"not floating point ({m.dtype})", sn, so))
+            plan.append(TransferTensorReport(name, "keep-new", f"not floating point ({m.dtype})", sn, so))
         elif fin.is_lora and not fin.touches(name):
-            plan.append(TensorReport(name, "keep-new", "the adapter does not change it (diff is zero)", sn, so))
+            plan.append(TransferTensorReport(name, "keep-new", "the adapter does not change it (diff is zero)", sn, so))
         elif sf is None:
-            plan.append(TensorReport(name, "keep-new", "missing from the fine-tune (diff unknown)", sn, so))
+            plan.append(TransferTensorReport(name, "keep-new", "missing from the fine-tune (diff unknown)", sn, so))
         elif (len(sn) >= 1 and sn[0] == v_new and so[0] == v_old and sf[0] >= 1 and sn[1:] == so[1:] == list(sf[1:])
               and not vmap_for(sn[0], so[0], sf[0]).identity):
-            plan.append(TensorReport(name, "transfer-vocab", "vocabulary rows matched by token string", sn, so))
+            plan.append(TransferTensorReport(name, "transfer-vocab", "vocabulary rows matched by token string", sn, so))
         elif sn != so or list(sf) != so:
             why = f"shape mismatch: old base {so}, fine-tune {list(sf)}, new base {sn}"
-            plan.append(TensorReport(name, "keep-new", why, sn, so))
+            plan.append(TransferTensorReport(name, "keep-new", why, sn, so))
         else:
-            plan.append(TensorReport(name, "transfer", "new + α·(finetuned − old)", sn, so))
+            plan.append(TransferTensorReport(name, "transfer", "new + α·(finetuned − old)", sn, so))
     for name in mo:
         if name not in mn:
             why = "only in the old base: the fine-tune's diff here has no place in the new model"
-            plan.append(TensorReport(name, "dropped", why, None, list(mo[name].shape)))
+            plan.append(TransferTensorReport(name, "dropped", why, None, list(mo[name].shape)))
     for name in fin.names():
         if name not in mo and name not in mn:
-            plan.append(TensorReport(name, "dropped", "only in the fine-tune: no old-base counterpart to diff against"))
+            plan.append(TransferTensorReport(name, "dropped",
+                                             "only in the fine-tune: no old-base counterpart to diff against"))
         # (a fine-tune tensor missing from the old base but present in the new one is reported above, kept)
     return plan
 
@@ -350,7 +344,8 @@ class _Stats:
         out = []
         for key in sorted(k for k in self.by_layer if k != "all"):
             r = _ratios(self.by_layer[key])
-            out.append(LayerStats(key, r["cos_drift_diff"], r["rel_diff"], r["rel_drift"], int(self.by_layer[key]["n"])))
+            out.append(LayerStats(key, r["cos_drift_diff"], r["rel_diff"], r["rel_drift"],
+                                  int(self.by_layer[key]["n"])))
         return out
 
     def overall(self) -> dict[str, float | None]:
@@ -380,7 +375,7 @@ def _ratios(v: dict) -> dict:
             "rel_drift": _safe_div(math.sqrt(v["dd"]), math.sqrt(v["oo"]))}
 
 
-def _warnings(overall: dict, layers: list[LayerStats], plan: list[TensorReport]) -> list[str]:
+def _warnings(overall: dict, layers: list[LayerStats], plan: list[TransferTensorReport]) -> list[str]:
     w = []
     drift, cos_b = overall.get("rel_drift"), overall.get("cos_bases")
     if drift is not None and drift > FAR_DRIFT or cos_b is not None and cos_b < FAR_COSINE:
@@ -404,15 +399,7 @@ def _warnings(overall: dict, layers: list[LayerStats], plan: list[TensorReport])
 # The pass
 
 
-def _torch_dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return None
-    key = _DTYPES.get(str(name).lower().replace("torch.", ""))
-    if key is None:
-        raise ConfigError(f"unknown dtype {name!r}", hint="use float32, bfloat16, float16 or float64")
-    return getattr(torch, key)
+_torch_dtype = torch_float  # the one dtype table's user names (checkpoints.dtypes)
 
 
 def _alphas(alpha: float | str | Sequence[float]) -> list[float]:
@@ -435,8 +422,9 @@ def alpha_dirname(a: float) -> str:
 
 def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, out: str | Path | None = None, *,
              alpha: float | str | Sequence[float] = 1.0, dtype: str | None = None, compute_dtype: str = "float32",
-             vocab_new_rows: str = "base", config_from: str = "new", max_shard_size: str | int = "2GB",
-             dry_run: bool = False, force: bool = False, allow_pickle: bool = False, allow_nonfinite: bool = False,
+             vocab_new_rows: str = "base", config_from: str = "new", shard_size: str | int = "2GB",
+             max_shard_size: str | int | None = None, dry_run: bool = False, force: bool = False,
+             allow_pickle: bool = False, allow_nonfinite: bool = False,
              on_tensor: Callable[[str], None] | None = None,
              on_plan: Callable[[TransferReport], None] | None = None) -> TransferReport:
     """Write ``base_new + α·(finetuned − base_old)`` to ``out`` (one model per α) and return the report.
@@ -447,8 +435,14 @@ def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, 
     ``config_from``: config, generation config and chat template from the new
     base (``"new"``) or the fine-tune (``"finetuned"``). ``on_plan`` sees the
     report before any tensor is read; ``dry_run`` computes the report only. NaN/Inf in any
-    input tensor is refused unless ``allow_nonfinite``.
+    input tensor is refused unless ``allow_nonfinite``. ``shard_size``: the largest output shard, in
+    decimal units as ``warmstart merge`` ("2GB" = 2·10⁹ bytes); ``max_shard_size`` is its old name.
     """
+    if max_shard_size is not None:
+        warnings.warn("transfer(max_shard_size=...) is deprecated; use shard_size (decimal units)",
+                      DeprecationWarning, stacklevel=2)
+        shard_size = max_shard_size
+    max_bytes = parse_size(shard_size)
     alphas = _alphas(alpha)
     out_dtype, cdt = _torch_dtype(dtype), _torch_dtype(compute_dtype)
     if str(cdt).split(".")[-1] not in ("float32", "float64"):
@@ -485,7 +479,7 @@ def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, 
             dirs = [tmp] if len(alphas) == 1 else [tmp / alpha_dirname(a) for a in alphas]
             for d in dirs:
                 d.mkdir(exist_ok=True)
-            writers = _open_writers(dirs, report, new, out_dtype, _parse_size(max_shard_size))
+            writers = _open_writers(dirs, report, new, out_dtype, max_bytes)
             try:
                 _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tensor)
             finally:
@@ -523,7 +517,8 @@ class _Vocabs:
     def _same_files(self) -> bool:
         # Byte-identical tokenizer files mean identical vocabularies: skip loading three tokenizers.
         def blob(p: Path) -> bytes | None:
-            fs = [p / f for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "added_tokens.json") if (p / f).exists()]
+            fs = [p / f for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "added_tokens.json")
+                  if (p / f).exists()]
             return b"".join(f.read_bytes() for f in fs) if fs else None
 
         old, ft, new = (blob(p) for p in self.paths)
@@ -543,8 +538,6 @@ class _Vocabs:
 
 def _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tensor) -> None:
     import torch
-
-    from ._tensorio import PreadReader
 
     cdt, reader = opts["cdt"], PreadReader()
 
@@ -589,8 +582,6 @@ def _stream(report, old, fin, new, vocabs, stats, writers, alphas, opts, on_tens
 def _raise_nonfinite(name: str, old: Checkpoint, fin: _Finetuned, new: Checkpoint, get) -> None:
     """The result is not finite: re-read this tensor's inputs to name the file that holds the NaN/Inf
     (only on this failure path; the per-output check above is the fast path)."""
-    from .checkpoints import _check_finite
-
     keys = [(ck, name) for ck in (old, new) if name in ck.weights().meta]
     keys += [(fin.ck, k) for k in fin.lora_modules.get(name, {}).values()] if fin.is_lora else \
         [(fin.ck, name)] if name in fin.ck.weights().meta else []
@@ -600,7 +591,7 @@ def _raise_nonfinite(name: str, old: Checkpoint, fin: _Finetuned, new: Checkpoin
                           hint="check the three models with `warmstart library add`, or pass --allow-nonfinite")
 
 
-def _set_stats(t: TensorReport, r: dict) -> None:
+def _set_stats(t: TransferTensorReport, r: dict) -> None:
     t.cos_drift_diff, t.rel_diff, t.rel_drift = r["cos_drift_diff"], r["rel_diff"], r["rel_drift"]
 
 
@@ -610,8 +601,7 @@ def _cast(x, out_dtype, st_dtype: str):
     if not x.is_floating_point():
         return x
     if out_dtype is None:
-        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-        out_dtype = names.get(st_dtype, torch.float32)
+        out_dtype = st_to_torch()[st_dtype] if st_dtype in FLOAT_DTYPES else torch.float32
     return x.to(out_dtype)
 
 
@@ -678,12 +668,11 @@ def _write_side_files(d: Path, cfg: dict, old, ft, new, config_from, a, report, 
             "vocab_new_rows": opts["policy"], "compute_dtype": str(opts["cdt"]).split(".")[-1],
             "dtype": str(opts["out_dtype"]).split(".")[-1] if opts["out_dtype"] else "the new base's dtypes",
             "counts": report.counts(), "summary": report.summary, "warnings": report.warnings,
-            "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if ft.meta.get("task"):
         meta["task"] = ft.meta["task"]
-    atomic_write_json(d / "warmstart.json", meta)
     atomic_write_json(d / "transfer_report.json", report.to_dict())
-    (d / "README.md").write_text(_model_card(meta))
+    write_artefact(d, meta, _model_card(meta))
 
 
 def _write_tokenizer(d: Path, new_path: Path, chat_from: Path | None) -> str:
@@ -707,21 +696,10 @@ def _write_tokenizer(d: Path, new_path: Path, chat_from: Path | None) -> str:
     return "new base, chat template from the fine-tune"
 
 
-def _versions() -> dict[str, str]:
-    import safetensors
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"warmstart": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__}
-
-
 def _model_card(meta: dict) -> str:
     s = meta["summary"]
     lines = [
-        "---", f"base_model: {meta['base_new']}", "tags: [warmstart, fine-tuning-transfer]", "---", "",
+        *front_matter(base_model=meta["base_new"], tags=["warmstart", "fine-tuning-transfer"]), "",
         "# Fine-tuning transfer", "",
         f"Made by warmstart {meta['versions']['warmstart']} with fine-tuning transfer "
         "([Lin et al. 2025](https://arxiv.org/abs/2503.20110)):", "",
@@ -742,4 +720,6 @@ def _model_card(meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["LayerStats", "TensorReport", "TransferReport", "alpha_dirname", "transfer"]
+TensorReport = TransferTensorReport  # the name before #12 (deprecated: merge.TensorReport is another class)
+
+__all__ = ["LayerStats", "TensorReport", "TransferReport", "TransferTensorReport", "alpha_dirname", "transfer"]

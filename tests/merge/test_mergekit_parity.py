@@ -35,7 +35,8 @@ def test_case_matches_mergekit(name, tmp_path):
         assert not out.exists()
         return
     harness.run_warmstart(case, out)
-    rep = harness.compare(harness.load_dir(out), harness.load_dir_ref(name), aliases=case.get("expect") in ("superset", "structure"))
+    rep = harness.compare(harness.load_dir(out), harness.load_dir_ref(name),
+                          aliases=case.get("expect") in ("superset", "structure"))
     ok, text = harness.within(case, rep)
     assert ok, text
     cfg = json.loads((out / "config.json").read_text())

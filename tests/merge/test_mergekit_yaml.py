@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from warmstart.errors import ConfigError
 from warmstart.merge import MergePlan, merge
-from warmstart.merge.settings import check, evaluate
+from warmstart.params import check, evaluate
 
 M = Path(__file__).resolve().parent.parent / "fixtures" / "mergekit" / "models"
 
@@ -139,7 +139,8 @@ def test_linear_weight_gradient_per_layer(tmp_path):
 
 def test_task_negation_runs(tmp_path):
     f = _plan(tmp_path, "merge_method: task_arithmetic\nbase_model: {M}/base\nmodels:\n"
-                        "  - {model: {M}/a, parameters: {weight: 0.5}}\n  - {model: {M}/b, parameters: {weight: -0.5}}\n")
+                        "  - {model: {M}/a, parameters: {weight: 0.5}}\n"
+                        "  - {model: {M}/b, parameters: {weight: -0.5}}\n")
     merge(MergePlan.from_yaml(f), tmp_path / "o")
     got, a, b, base = _sd(tmp_path / "o"), _sd(M / "a"), _sd(M / "b"), _sd(M / "base")
     for k in a:

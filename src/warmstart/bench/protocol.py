@@ -31,7 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._io import atomic_write_json, atomic_write_text, output_root, read_json
+from ..data import load_target
 from ..errors import ConfigError
+from ..library import Library
+from ..pipeline import RunConfig, run
+from ..provenance import versions
+from ..report import compute_parity
+from ..rundir import Curve, RunDir
+from ..train import TrainConfig, finetune
+from . import tasks as _tasks  # module, not names: tests swap tasks.TASKS for a tiny pool
+from .model import prepare_model
+from .results import render_markdown, write_plots
+from .tasks import write_tasks
 
 METRIC = "eval_mc_accuracy"
 # rank classification by summed log-likelihood (lm-eval "acc") or per byte of option text ("acc_norm")
@@ -105,12 +116,10 @@ class BenchConfig:
         return self.steps if variant == "main" or not self.ablation_steps else self.ablation_steps
 
     def resolved(self) -> BenchConfig:
-        from .tasks import TASKS
-
-        tasks = list(self.tasks or TASKS)
+        tasks = list(self.tasks or _tasks.TASKS)
         targets = list(self.targets or tasks)
-        errs = [f"unknown task {t!r}" for t in {*tasks, *targets} if t not in TASKS]
-        errs += [f"target {t!r} is not in the task pool" for t in targets if t in TASKS and t not in tasks]
+        errs = [f"unknown task {t!r}" for t in {*tasks, *targets} if t not in _tasks.TASKS]
+        errs += [f"target {t!r} is not in the task pool" for t in targets if t in _tasks.TASKS and t not in tasks]
         errs += [f"unknown variant {v!r} (known: {', '.join(VARIANTS)})" for v in self.variants if v not in VARIANTS]
         if self.metric not in METRICS.values():
             errs.append(f"metric must be one of {', '.join(METRICS.values())}, got {self.metric!r}")
@@ -119,7 +128,8 @@ class BenchConfig:
         if self.steps % self.eval_every:
             errs.append(f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every})")
         budgets = self.budgets or list(range(self.eval_every, self.steps + 1, self.eval_every))
-        errs += [f"budget {b} is not an evaluation step" for b in budgets if b % self.eval_every or not 0 < b <= self.steps]
+        errs += [f"budget {b} is not an evaluation step" for b in budgets
+                 if b % self.eval_every or not 0 < b <= self.steps]
         if self.order not in ("variant", "target"):
             errs.append(f"order must be 'variant' or 'target', got {self.order!r}")
         a = self.ablation_steps
@@ -131,8 +141,6 @@ class BenchConfig:
         return dataclasses.replace(self, tasks=tasks, targets=targets, budgets=sorted(budgets))
 
     def train_config(self, seed: int, steps: int | None = None):
-        from ..train import TrainConfig
-
         return TrainConfig(steps=steps or self.steps, lr=self.lr, batch_size=self.batch_size, scheduler="constant",
                            seed=seed, lora_r=self.lora_r, lora_alpha=self.lora_alpha, eval_every=self.eval_every,
                            eval_batch_size=self.eval_batch_size, metrics=["loss", "mc_accuracy"],
@@ -176,8 +184,6 @@ def _finished(d: Path) -> bool:
 
 def prepare_data(cfg: BenchConfig, bd: BenchDir, log: Callable[[str], None]) -> None:
     """Task files, and each task's fixed evaluation subset (the first ``test_limit`` test rows)."""
-    from .tasks import write_tasks
-
     write_tasks(bd.root / "tasks", cfg.tasks, cfg.task_seed, progress=log)
     for t in cfg.tasks:
         f = bd.eval_file(t)
@@ -188,9 +194,6 @@ def prepare_data(cfg: BenchConfig, bd: BenchDir, log: Callable[[str], None]) -> 
 
 def source_run(cfg: BenchConfig, bd: BenchDir, base: Path, t: str, seed: int, log, progress: bool = False) -> Path:
     """Fresh LoRA from the base on task ``t`` (library adapter for seed 0, scratch baseline for ``t``)."""
-    from ..data import load_target
-    from ..train import finetune
-
     out = bd.source(t, seed)
     if _finished(out):
         return out
@@ -217,8 +220,6 @@ def _tag_task(out: Path, t: str) -> None:
 
 def build_library(cfg: BenchConfig, bd: BenchDir, target: str) -> Path:
     """A catalog holding the seed-0 adapter of every task except ``target`` (leave-one-out)."""
-    from ..library import Library
-
     path = bd.library(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     with Library(path) as lib:
@@ -231,11 +232,9 @@ def build_library(cfg: BenchConfig, bd: BenchDir, target: str) -> Path:
 def warm_run(cfg: BenchConfig, bd: BenchDir, base: Path, target: str, variant: str, seed: int, log,
              progress: bool = False):
     """select → merge → train from the merge, through :func:`warmstart.pipeline.run`."""
-    from ..pipeline import RunConfig, run
-
     sel, mrg = VARIANTS[variant]
-    rc = RunConfig(train=cfg.train_config(seed, cfg.steps_of(variant)), select={"n": cfg.select_n, **sel}, merge=dict(mrg),
-                   eval_max=None, baseline=False)
+    rc = RunConfig(train=cfg.train_config(seed, cfg.steps_of(variant)), select={"n": cfg.select_n, **sel},
+                   merge=dict(mrg), eval_max=None, baseline=False)
     lib = build_library(cfg, bd, target)
     out = bd.run(target, variant, seed)
     log(f"warm start {target} [{variant}] seed {seed}")
@@ -252,8 +251,6 @@ def run_bench(out: str | Path, config: BenchConfig | None = None, *, base: str |
     """Run (or resume) the protocol into ``out``; returns the aggregated results (also written).
 
     ``progress`` shows the Trainer's progress bar during source and warm-start runs."""
-    from .model import prepare_model
-
     cfg = (config or BenchConfig()).resolved()
     bd = BenchDir(out)
     _claim(bd, cfg)
@@ -328,7 +325,6 @@ def _claim(bd: BenchDir, cfg: BenchConfig) -> None:
             raise ConfigError("this bench directory has a different task pool", path=bd.root,
                               hint=f"it used: {', '.join(old.get('tasks') or [])}")
     bd.root.mkdir(parents=True, exist_ok=True)
-    from ..train import versions
 
     atomic_write_json(path, {"config": cfg.to_dict(), "versions": versions(),
                              "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -339,8 +335,6 @@ def _claim(bd: BenchDir, cfg: BenchConfig) -> None:
 
 
 def _truncate(curve, budget: int):
-    from ..report import Curve
-
     pts = [p for p in curve.points if p["step"] <= budget]
     return Curve(points=pts, meta={**curve.meta, "max_steps": budget,
                                    "train_time_s": max((p.get("time_s") or 0 for p in pts), default=0)})
@@ -352,9 +346,6 @@ def compare(warm_dir: Path, scratch_dir: Path, budget: int, metric: str = METRIC
 
     ``scoring_s`` is added to the selection time: an ablation that read every score from the
     cache main's run filled would have paid main's scoring time in a run of its own."""
-    from ..pipeline import RunDir
-    from ..report import Curve, compute_parity
-
     rd = RunDir(warm_dir)
     warm = _truncate(Curve.from_file(rd.stage("warm")), budget)
     scratch = _truncate(Curve.from_file(scratch_dir), budget)
@@ -376,8 +367,6 @@ def _donor_task(d: dict) -> str:
 
 
 def collect(cfg: BenchConfig, bd: BenchDir) -> list[dict]:
-    from ..pipeline import RunDir
-
     rows = []
     for variant in cfg.variants:
         for seed in cfg.seeds:
@@ -394,8 +383,6 @@ def collect(cfg: BenchConfig, bd: BenchDir) -> list[dict]:
 
 def _cached_scoring_s(bd: BenchDir, target: str, variant: str, seed: int) -> float:
     """main's selection time when this variant's selection read every score from the cache."""
-    from ..pipeline import RunDir
-
     if variant == "main":
         return 0.0
     ranking = ((RunDir(bd.run(target, variant, seed)).marker("select") or {}).get("outputs") or {}).get("ranking")
@@ -427,8 +414,6 @@ def summarize(rows: list[dict], keys=("base_zero_shot", "scratch", "merged_zero_
 
 
 def write_results(cfg: BenchConfig, bd: BenchDir) -> dict:
-    from .results import render_markdown, write_plots
-
     rows = collect(cfg, bd)
     summary = summarize(rows)
     res = {"config": cfg.to_dict(), "rows": rows, "summary": summary}
@@ -442,8 +427,6 @@ def write_results(cfg: BenchConfig, bd: BenchDir) -> dict:
 
 def source_curves(cfg: BenchConfig, bd: BenchDir, seed: int = 0) -> dict[str, list[tuple[int, float]]]:
     """(step, accuracy) of every finished source run of ``seed``, by task."""
-    from ..report import Curve
-
     return {t: [(int(s), v) for s, v in Curve.from_file(bd.source(t, seed)).series(cfg.metric)]
             for t in cfg.tasks if _finished(bd.source(t, seed))}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ..rundir import Curve, RunDir
+
 # Issue #7's targets, to beat Mashup Learning (LoRA: +0.7 to +1.8 points, 41-46% fewer steps, ≥63% wall).
 TARGET_GAIN, TARGET_STEPS_PCT, TARGET_WALL_PCT = 2.0, 50.0, 60.0
 
@@ -100,7 +102,8 @@ def ablation_table(rows: list[dict], budgets: list[int]) -> str:
         d_scr = [_pct(_mean(a["delta"] for a, _ in pairs[b]), True) if pairs[b] else "–" for b in budgets]
         d_main = [_pct(_mean(a["warm"] - m["warm"] for a, m in pairs[b]), True) if pairs[b] else "–"
                   for b in budgets]
-        z = f"{_pct(_mean(a['merged_zero_shot'] for a, _ in first))} ({_pct(_mean(m['merged_zero_shot'] for _, m in first))})"
+        z = (f"{_pct(_mean(a['merged_zero_shot'] for a, _ in first))} "
+             f"({_pct(_mean(m['merged_zero_shot'] for _, m in first))})")
         o = f"{_mean(a['overhead_s'] for a, _ in first):.0f} ({_mean(m['overhead_s'] for _, m in first):.0f})"
         walls = [_wall(pairs[b]) for b in budgets]
         lines.append(f"| {v} | {VARIANT_NOTES.get(v, '')} | {len(first)} | " + " | ".join(d_scr + d_main)
@@ -172,11 +175,14 @@ def render_markdown(cfg, summary: list[dict], plots: list[str], sources: dict | 
         out += ["## Against the targets of issue #7", "",
                 "| budget | mean Δ ≥ +2 points | steps to parity ≤ 50% | wall to parity ≤ 60% |", "|---|---|---|---|"]
         for b, m in verdicts:
-            out.append(f"| {b} | {_pct(m['delta'], True)} {_ok(m['delta'] is not None and 100 * m['delta'] >= TARGET_GAIN)} | "
-                       f"{_parity(m['parity_steps_pct'], m['parity_reached'], m['n'])} "
-                       f"{_ok(m['parity_steps_pct'] is not None and m['parity_reached'] == m['n'] and m['parity_steps_pct'] <= TARGET_STEPS_PCT)} | "
-                       f"{_parity(m['parity_wall_pct'], m['parity_reached'], m['n'])} "
-                       f"{_ok(m['parity_wall_pct'] is not None and m['parity_reached'] == m['n'] and m['parity_wall_pct'] <= TARGET_WALL_PCT)} |")
+            steps_ok = (m["parity_steps_pct"] is not None and m["parity_reached"] == m["n"]
+                        and m["parity_steps_pct"] <= TARGET_STEPS_PCT)
+            wall_ok = (m["parity_wall_pct"] is not None and m["parity_reached"] == m["n"]
+                       and m["parity_wall_pct"] <= TARGET_WALL_PCT)
+            out.append(f"| {b} | {_pct(m['delta'], True)} "
+                       f"{_ok(m['delta'] is not None and 100 * m['delta'] >= TARGET_GAIN)} | "
+                       f"{_parity(m['parity_steps_pct'], m['parity_reached'], m['n'])} {_ok(steps_ok)} | "
+                       f"{_parity(m['parity_wall_pct'], m['parity_reached'], m['n'])} {_ok(wall_ok)} |")
         out.append("")
     steps_of = getattr(cfg, "steps_of", lambda v: cfg.steps)
     abl_budgets = [b for b in budgets if b <= steps_of("ablation")]
@@ -204,14 +210,12 @@ def _ok(flag: bool) -> str:
 
 def write_plots(cfg, bd, summary: list[dict]) -> list[str]:
     """One panel per target: scratch vs. warm accuracy over steps (seed 0, main variant)."""
-    from ..pipeline import RunDir
-    from ..report import Curve
     METRIC = getattr(cfg, "metric", "eval_mc_accuracy")  # configs written before the field existed
     panels = []
     for t in cfg.targets:
         wd, sd = RunDir(bd.run(t, "main", cfg.seeds[0])), bd.source(t, cfg.seeds[0])
         if wd.done("warm") and (sd / "curve.json").is_file():
-            panels.append((t, Curve.from_file(wd.stage("warm")), Curve.from_file(sd)))
+            panels.append((t, wd.curve("warm"), Curve.from_file(sd)))
     if not panels:
         return []
     import matplotlib

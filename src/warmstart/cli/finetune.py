@@ -72,7 +72,8 @@ def finetune_cmd(
     lr: float = typer.Option(None, "--lr", help=_h("Peak learning rate.", "lr")),
     batch_size: int = typer.Option(None, "--batch-size", help=_h("Per-device batch size.", "batch_size")),
     grad_accum: int = typer.Option(None, "--grad-accum", help=_h("Gradient accumulation steps.", "grad_accum")),
-    scheduler: str = typer.Option(None, "--scheduler", help=_h("linear, cosine, constant, constant_with_warmup.", "scheduler")),
+    scheduler: str = typer.Option(None, "--scheduler", help=_h("linear, cosine, constant, constant_with_warmup.",
+                                                               "scheduler")),
     warmup_steps: int = typer.Option(None, "--warmup-steps", help=_h("", "warmup_steps")),
     seed: int = typer.Option(None, "--seed", help=_h("Seed for init, data order and eval sampling.", "seed")),
     lora_r: int = typer.Option(None, "--lora-r", help=_h("Rank of a fresh LoRA.", "lora_r")),
@@ -83,10 +84,12 @@ def finetune_cmd(
     full: bool = typer.Option(None, "--full/--lora", help=_h("Full fine-tuning instead of LoRA.", "full")),
     eval_every: int = typer.Option(None, "--eval-every", help=_h("Evaluate every N steps.", "eval_every")),
     eval_batch_size: int = typer.Option(None, "--eval-batch-size", help=_h("", "eval_batch_size")),
-    eval_limit: int = typer.Option(None, "--eval-limit", help=_h("Evaluate on at most N rows (seeded sample).", "eval_limit")),
+    eval_limit: int = typer.Option(None, "--eval-limit", help=_h("Evaluate on at most N rows (seeded sample).",
+                                                                 "eval_limit")),
     max_length: int = typer.Option(None, "--max-length", help=_h("", "max_length")),
     precision: str = typer.Option(None, "--precision", help=_h("auto, fp32, bf16, fp16.", "precision")),
-    format: str = typer.Option(None, "--format", help=_h("prompt_completion, messages or mc (detected if omitted).", "format")),
+    format: str = typer.Option(None, "--format", help=_h("prompt_completion, messages or mc (detected if omitted).",
+                                                         "format")),
     mc_style: str = typer.Option(None, "--mc-style", help=_h("text or letter, for multiple-choice rows.", "mc_style")),
     save_checkpoints: bool = typer.Option(None, "--save-checkpoints/--no-save-checkpoints",
                                           help=_h("", "save_checkpoints")),
@@ -104,8 +107,8 @@ def finetune_cmd(
                        scheduler=scheduler, warmup_steps=warmup_steps, seed=seed, lora_r=lora_r,
                        lora_alpha=lora_alpha, lora_dropout=lora_dropout, rslora=rslora, full=full,
                        eval_every=eval_every, eval_batch_size=eval_batch_size, eval_limit=eval_limit,
-                       max_length=max_length, precision=precision, eval_dtype=eval_dtype, format=format, mc_style=mc_style,
-                       save_checkpoints=save_checkpoints)
+                       max_length=max_length, precision=precision, eval_dtype=eval_dtype, format=format,
+                       mc_style=mc_style, save_checkpoints=save_checkpoints)
     from ..train import finetune
 
     res = finetune(init, train, eval_, out, cfg, adapter=adapter, force=force, progress=not json_out, task=task)

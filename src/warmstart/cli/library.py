@@ -128,8 +128,8 @@ def entries_table(entries: list[Entry]) -> Table:
     for e in entries:
         kind = e.kind + (f" r{e.lora['r']}" if e.lora else "") + _origin(e)
         ref = e.ref + (" [red](missing)[/]" if e.missing else "")
-        t.add_row(str(e.id), kind, e.task or "", _short(e.base_model), "" if e.global_step is None else str(e.global_step),
-                  _fmt_loss(e.final_loss), ref)
+        t.add_row(str(e.id), kind, e.task or "", _short(e.base_model),
+                  "" if e.global_step is None else str(e.global_step), _fmt_loss(e.final_loss), ref)
     return t
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ..errors import ConfigError
 from ._common import ForceOpt, JsonOpt, LibraryOpt, err, print_json, use_threads
 
 EPILOG = """
@@ -24,8 +25,6 @@ Examples:
 
 
 def _weights(spec: str | None) -> tuple[str | None, list[float] | None]:
-    from ..errors import ConfigError
-
     if spec is None:
         return None, None
     if "," in spec or _is_number(spec):
@@ -45,8 +44,6 @@ def _is_number(s: str) -> bool:
 
 
 def _param(kv: str):
-    from ..errors import ConfigError
-
     if "=" not in kv:
         raise ConfigError(f"--param {kv!r}: expected NAME=VALUE")
     k, v = kv.split("=", 1)
@@ -58,11 +55,12 @@ def _param(kv: str):
 def merge_cmd(
     models: list[str] = typer.Argument(None, help="Models or adapters: paths, hub ids, or checkpoint-* globs."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
-    method: str = typer.Option(None, "--method", "-m", help="linear, task_arithmetic, ties, dare_ties, dare_linear, "
-                               "breadcrumbs, breadcrumbs_ties, slerp, model_stock."),
+    method: str = typer.Option(None, "--method", "-m", help="Merge method (default linear); "
+                               "`warmstart merge --list-methods` lists them with their parameters."),
     base: str = typer.Option(None, "--base", "-b", help="Base model θ₀ (config/tokenizer source too)."),
     weights: str = typer.Option(None, "--weights", "-w",
-                                help="uniform | given numbers 0.3,0.7 | score | softmax | mwa:loss | mwa:steps."),
+                                help="Numbers 0.3,0.7 or a scheme: uniform, score, softmax:T, mwa:loss, mwa:steps "
+                                "(score/softmax read the scores of a --selection)."),
     penalty: float = typer.Option(None, "--penalty", help="MWA penalty exponent p (0 = uniform)."),
     density: float = typer.Option(None, "--density", help="Fraction of each task vector kept (TIES/DARE/breadcrumbs)."),
     gamma: float = typer.Option(None, "--gamma", help="Breadcrumbs: fraction of largest entries dropped."),
@@ -76,7 +74,7 @@ def merge_cmd(
     input_dtype: str = typer.Option(None, "--input-dtype", help="Round every input to this dtype before the "
                                     "math, as mergekit's `dtype:` (a mergekit YAML sets it); `none`: math in "
                                     "float32 on the inputs as stored, --dtype the output only (warmstart's)."),
-    shard_size: str = typer.Option(None, "--shard-size", help="Max shard size, e.g. 2GB."),
+    shard_size: str = typer.Option(None, "--shard-size", help="Largest output shard, e.g. 2GB (= 2·10⁹ bytes)."),
     lora_mode: str = typer.Option(None, "--lora-mode", help="Adapters: cat (exact), svd (rank-r), factors."),
     rank: int = typer.Option(None, "--rank", help="Rank of an svd-merged adapter (default: the sources' rank)."),
     lora_scaling: float = typer.Option(None, "--lora-scaling", help="alpha/r of a cat/svd-merged adapter "
@@ -96,21 +94,20 @@ def merge_cmd(
     library: Path = LibraryOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
+    list_methods: bool = typer.Option(False, "--list-methods", is_eager=True, callback=lambda v: _list_methods(v),
+                                      help="List the merge methods, their parameters and defaults, and exit."),
 ) -> None:
     """Merge full models (streamed) or LoRA adapters (in adapter space) into one."""
     use_threads(threads)
-    from ..errors import ConfigError
-
     _precheck(models or [], base, config, selection)
-    from ..merge import MergePlan  # imports torch: after the cheap checks
+    from ..merge import MergePlan  # lazy: keeps --help fast (imports torch, after the cheap checks)
 
     scheme, given = _weights(weights)
     flags = {"method": method, "base": base, "penalty": penalty, "dtype": dtype, "shard_size": shard_size,
              "lora_mode": lora_mode, "rank": rank, "lora_scaling": lora_scaling, "lora_a_norm": lora_a_norm,
              "include_base": include_base,
              "base_weight": base_weight,
-             "missing": missing, "vocab": vocab, "device": device, "threads": threads, "weighting": scheme,
-             "library": str(library) if library else None}
+             "missing": missing, "vocab": vocab, "device": device, "threads": threads, "weighting": scheme}
     flags = {k: v for k, v in flags.items() if v is not None}
     mparams = {k: v for k, v in {"density": density, "gamma": gamma, "lambda": lam, "t": t, "seed": seed}.items()
                if v is not None}
@@ -120,8 +117,11 @@ def merge_cmd(
     if config:
         data = MergePlan.from_yaml(config).to_dict()
     elif selection:
-        data = MergePlan.from_selection(selection, method=flags.get("method")).to_dict()
-        data["higher_is_better"] = MergePlan.from_selection(selection).higher_is_better
+        from ..rundir import read_selection  # lazy: keeps --help fast
+
+        sel = read_selection(selection)
+        data = MergePlan.from_dict(sel.plan_dict(method=flags.get("method")), source=str(selection)).to_dict()
+        data["higher_is_better"] = sel.higher_is_better
     else:
         data = {"models": []}
     if models:
@@ -140,7 +140,8 @@ def merge_cmd(
         data["compute_dtype"] = "float32" if none else "auto"
     data["params"] = {**data.get("params", {}), **mparams}
     plan = MergePlan.from_dict(data, source=str(config or selection) if (config or selection) else None)
-    result = _run(plan, out, force, quiet=json_out, allow_nonfinite=allow_nonfinite)
+    result = _run(plan, out, force, quiet=json_out, allow_nonfinite=allow_nonfinite,
+                  metrics=_catalog_metrics(plan, library))
     if json_out:
         print_json(result.to_dict())
     else:
@@ -153,9 +154,7 @@ def merge_cmd(
 
 def _precheck(models: list[str], base: str | None, config: Path | None, selection: Path | None) -> None:
     """Missing inputs reported in about a second, before torch loads (the plan checks the rest)."""
-    from ..checkpoints import resolve
-    from ..errors import ConfigError
-
+    from ..checkpoints import resolve  # lazy: keeps --help fast
     for f, what in ((config, "merge plan"), (selection, "selection file")):
         if f is not None and not Path(f).is_file():
             raise ConfigError(f"{what} not found", path=f)
@@ -164,11 +163,51 @@ def _precheck(models: list[str], base: str | None, config: Path | None, selectio
             resolve(ref)
 
 
-def _run(plan, out, force, quiet, allow_nonfinite=False):
-    from ..merge import merge
+def _run(plan, out, force, quiet, allow_nonfinite=False, metrics=None):
+    from ..merge import merge  # lazy: keeps --help fast
 
     with _merge_progress(quiet) as progress:
-        return merge(plan, out, force=force, progress=progress, allow_nonfinite=allow_nonfinite)
+        return merge(plan, out, force=force, progress=progress, allow_nonfinite=allow_nonfinite, metrics=metrics)
+
+
+def _catalog_metrics(plan, library: Path | None) -> dict:
+    """MWA weights need each donor's training loss or step: trainer_state.json has them, else the library
+    catalog's entry (registered with its metrics). Looked up here and handed to the merge, which never
+    opens the catalog. Only for MWA plans, and only when the catalog exists."""
+    from ..checkpoints import resolve  # lazy: keeps --help fast
+    from ..library import Library, default_library_path  # lazy: keeps --help fast
+    from ..weighting import parse
+
+    needs = parse(plan.weighting)[0].needs if plan.weighting else ()
+    path = Path(library) if library else default_library_path()
+    if not {"losses", "steps"} & set(needs) or plan.slices or not path.exists():
+        return {}
+    refs = [m.ref for m in plan.models] + ([plan.base] if plan.include_base and plan.base else [])
+    out = {}
+    with Library(path, create=False) as lib:
+        for ref in refs:
+            try:
+                key = str(resolve(ref))
+                e = lib.get(key)
+            except Exception:  # not there or not registered: the weighting reports the missing metric
+                continue
+            out[key] = (e.final_loss, e.global_step)
+    return out
+
+
+def _list_methods(value: bool) -> None:
+    """`--list-methods`: the registry, as the plan validation reads it."""
+    if not value:
+        return
+    from ..merge import REGISTRY  # lazy: keeps --help fast
+
+    for name, m in sorted(REGISTRY.items()):
+        params = ", ".join(f"{k}={v!r}" for k, v in m.defaults.items()) or "no parameters"
+        facts = [f for f, on in (("needs --base", m.needs_base), ("task vectors", m.task_vectors),
+                                 ("exact for LoRA cat/svd/factors", m.factor_space), ("seeded", m.seeded),
+                                 ("ignores weights", not m.uses_weights)) if on]
+        typer.echo(f"{name}: {m.doc}\n    {params}" + (f"\n    ({'; '.join(facts)})" if facts else ""))
+    raise typer.Exit()
 
 
 class _merge_progress:

@@ -13,17 +13,21 @@ from ._common import AllowPickleOpt, ForceOpt, JsonOpt, ThreadsOpt, err, out, pr
 EPILOG = """
 Examples:
 
-  warmstart optimize runs/a/final runs/b/final runs/c/final --base models/smol --target data/fr.jsonl --budget 40 --out merged/fr-opt
+  warmstart optimize runs/a/final runs/b/final runs/c/final --base models/smol --target data/fr.jsonl \
+--budget 40 --out merged/fr-opt
 
-  warmstart optimize adapters/fr adapters/de adapters/es --base models/smol --target val_fr.jsonl --target val_de.jsonl --metric mc-accuracy --budget 60 --l1 0.05 --out merged/pareto
+  warmstart optimize adapters/fr adapters/de adapters/es --base models/smol --target val_fr.jsonl \
+--target val_de.jsonl --metric mc-accuracy --budget 60 --l1 0.05 --out merged/pareto
 
-  warmstart optimize runs/a runs/b --base models/smol --target val.jsonl --method ties --search-density --allow-negative --json
+  warmstart optimize runs/a runs/b --base models/smol --target val.jsonl --method ties --search-density \
+--allow-negative --json
 """
 
 
 def _table(res) -> Table:
     s = res.search
-    t = Table(title=f"{len(s.evaluations)} evaluations, cost = {'loss' if res.metric == 'loss' else '1 − ' + res.metric}")
+    t = Table(title=f"{len(s.evaluations)} evaluations, "
+                    f"cost = {'loss' if res.metric == 'loss' else '1 − ' + res.metric}")
     t.add_column("point")
     for c in res.candidates:
         t.add_column(Path(c).name, justify="right")
@@ -49,7 +53,8 @@ def optimize_cmd(
     method: str = typer.Option("task_arithmetic", "--method",
                                help="Merge method for full models (LoRA is always mixed exactly)."),
     density: float = typer.Option(None, "--density", help="Fixed density for ties/dare/breadcrumbs."),
-    search_density: bool = typer.Option(False, "--search-density", help="Also search one density (ties/dare/breadcrumbs)."),
+    search_density: bool = typer.Option(False, "--search-density",
+                                        help="Also search one density (ties/dare/breadcrumbs)."),
     l1: float = typer.Option(0.0, "--l1", help="L1 penalty on the weights (LoraHub uses 0.05)."),
     allow_negative: bool = typer.Option(False, "--allow-negative", help="Let weights go below zero."),
     sample: int = typer.Option(64, "--sample", help="Rows sampled from each target (0 = all)."),

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
+from .._io import read_config
+from ..config import RunConfig, apply_overrides
+from ..errors import ConfigError
+from ..pipeline import run
+from ..select import dist_env
 from ._common import JsonOpt, LibraryOpt, ThreadsOpt, err, library_path, print_json, use_threads
+from ._options import given, opt, own_gate_opt, select_opt, switch
 
 RUN_EPILOG = """
 Examples:
@@ -32,32 +38,20 @@ Examples:
   warmstart run --target data/capitals.jsonl --library lib.db --base BASE --out runs/capitals
 """
 
-# The defaults --help shows. The flags themselves default to None so that only a flag given on the
-# command line overrides --config; these strings mirror TrainConfig, select() and RunConfig
-# (tests/test_pipeline.py checks that they agree).
-DEFAULTS = {
-    "steps": "40", "lr": "0.0002", "batch_size": "8", "grad_accum": "1", "scheduler": "linear",
-    "warmup_steps": "0", "weight_decay": "0.0", "seed": "0", "lora_r": "8", "lora_alpha": "16.0",
-    "lora_dropout": "0.0", "lora_targets": "q_proj,k_proj,v_proj,o_proj", "rslora": "no-rslora", "full": "lora",
-    "eval_every": "10", "eval_batch_size": "16", "eval_limit": "all rows", "max_length": "512",
-    "precision": "auto", "scorer": "loss", "select_n": "256", "metric": "loss", "k": "2", "margin": "none",
-    "weights": "uniform", "penalty": "1.0", "optimize_budget": "20", "min_own_gain": "0.02",
-    "own_gate": "own-gate", "mc_mode": "rank", "shortlist": "8", "method": "linear",
-    "lora_mode": "svd (all donors LoRA), else cat", "eval_fraction": "0.2", "eval_max": "200", "split_seed": "0",
-}
-
 TRAIN, SELECT, MERGE = "Training (warm start and baseline alike)", "Selection", "Merge"
 EVAL = "Evaluation split"
 
 
-def _dflt(name: str) -> str:
-    return rf" \[default: {DEFAULTS[name]}]"  # escaped: rich would read [default: …] as markup
+def _t(name: str, *decls: str, help: str, **kw):
+    return opt("train", name, *decls, help=help, panel=TRAIN, **kw)
 
 
-def _opt(name: str, *decls: str, help: str, panel: str):
-    return typer.Option(None, *decls, help=help + _dflt(name), show_default=False, rich_help_panel=panel)
+def _e(name: str, *decls: str, help: str):
+    return opt("run", name, *decls, help=help, panel=EVAL)
 
 
+# Every flag defaults to None ("not given": --config's value, else the dataclass default, which
+# --help shows, read from TrainConfig / SelectConfig / RunConfig: cli/_options.py).
 def run_cmd(
     target: Path = typer.Option(..., "--target", "-t", help="Target dataset (train split; eval carved from it)."),
     base: str = typer.Option(..., "--base", help="Base model (directory or hub id) for baseline and selection."),
@@ -69,97 +63,77 @@ def run_cmd(
     sets: list[str] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
                                    help="Any setting of the run config (repeatable; value read as YAML), e.g. "
                                    "train.weight_decay=0.01, select.dtype=bfloat16, merge.params.density=0.5, "
-                                   "eval_max=null. Applied after the flags."),
+                                   "merge_options.threads=4, eval_max=null. Applied after the flags."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip training from the plain base."),
-    steps: int = _opt("steps", "--steps", help="Training steps of each run.", panel=TRAIN),
-    lr: float = _opt("lr", "--lr", help="Peak learning rate.", panel=TRAIN),
-    batch_size: int = _opt("batch_size", "--batch-size", help="Per-device batch size.", panel=TRAIN),
-    grad_accum: int = _opt("grad_accum", "--grad-accum", help="Gradient accumulation steps.", panel=TRAIN),
-    scheduler: str = _opt("scheduler", "--scheduler", help="linear, cosine, constant, constant_with_warmup.",
+    steps: int = _t("steps", "--steps", help="Training steps of each run."),
+    lr: float = _t("lr", "--lr", help="Peak learning rate."),
+    batch_size: int = _t("batch_size", "--batch-size", help="Per-device batch size."),
+    grad_accum: int = _t("grad_accum", "--grad-accum", help="Gradient accumulation steps."),
+    scheduler: str = _t("scheduler", "--scheduler", help="linear, cosine, constant, constant_with_warmup."),
+    warmup_steps: int = _t("warmup_steps", "--warmup-steps", help="Learning-rate warmup steps."),
+    weight_decay: float = _t("weight_decay", "--weight-decay", help="AdamW weight decay."),
+    seed: int = _t("seed", "--seed", help="Seed of training, LoRA init and the selection sample."),
+    lora_r: int = _t("lora_r", "--lora-r", help="Rank of the baseline's fresh LoRA (and of an SVD merge)."),
+    lora_alpha: float = _t("lora_alpha", "--lora-alpha", help="LoRA alpha."),
+    lora_dropout: float = _t("lora_dropout", "--lora-dropout", help="LoRA dropout."),
+    lora_targets: str = _t("lora_targets", "--lora-targets", help="Comma-separated module names."),
+    rslora: bool = switch("train", "rslora", "--rslora/--no-rslora", help="Rank-stabilised LoRA scaling.",
                           panel=TRAIN),
-    warmup_steps: int = _opt("warmup_steps", "--warmup-steps", help="Learning-rate warmup steps.", panel=TRAIN),
-    weight_decay: float = _opt("weight_decay", "--weight-decay", help="AdamW weight decay.", panel=TRAIN),
-    seed: int = _opt("seed", "--seed", help="Seed of training, LoRA init and the selection sample.", panel=TRAIN),
-    lora_r: int = _opt("lora_r", "--lora-r", help="Rank of the baseline's fresh LoRA (and of an SVD merge).",
-                       panel=TRAIN),
-    lora_alpha: float = _opt("lora_alpha", "--lora-alpha", help="LoRA alpha.", panel=TRAIN),
-    lora_dropout: float = _opt("lora_dropout", "--lora-dropout", help="LoRA dropout.", panel=TRAIN),
-    lora_targets: str = _opt("lora_targets", "--lora-targets", help="Comma-separated module names.", panel=TRAIN),
-    rslora: bool = typer.Option(None, "--rslora/--no-rslora", help="Rank-stabilised LoRA scaling." + _dflt("rslora"),
-                                show_default=False, rich_help_panel=TRAIN),
-    full: bool = typer.Option(None, "--full/--lora", help="Full fine-tuning instead of LoRA." + _dflt("full"),
-                              show_default=False, rich_help_panel=TRAIN),
-    eval_every: int = _opt("eval_every", "--eval-every", help="Evaluate every N steps.", panel=TRAIN),
-    eval_batch_size: int = _opt("eval_batch_size", "--eval-batch-size", help="Evaluation batch size.", panel=TRAIN),
-    eval_limit: int = _opt("eval_limit", "--eval-limit", help="Evaluate on at most N eval rows (seeded sample; "
-                           "reported as rows used / given).", panel=TRAIN),
-    max_length: int = _opt("max_length", "--max-length", help="Token limit of a row.", panel=TRAIN),
-    precision: str = _opt("precision", "--precision", help="auto, fp32, bf16, fp16.", panel=TRAIN),
-    scorer: str = _opt("scorer", "--scorer", help="loss (evaluate each candidate), grad (first-order proxy, "
-                       "one backward pass) or halving (pre-rank, then successive halving: large libraries).",
-                       panel=SELECT),
-    shortlist: int = _opt("shortlist", "--shortlist", help="--scorer halving: candidates kept by the pre-rank.",
-                          panel=SELECT),
-    select_n: int = _opt("select_n", "--select-n", help="Target rows sampled to score candidates (0 = all); the "
-                         "selection cost grows with it.", panel=SELECT),
-    metric: str = _opt("metric", "--metric", help="Selection metric: loss, accuracy, exact-match, mc-accuracy, "
-                       "mc-accuracy-norm (grad: loss only).", panel=SELECT),
-    k: int = _opt("k", "--k", help="Donors to select.", panel=SELECT),
-    margin: float = _opt("margin", "--margin", help="Only donors better than the base by at least this.",
-                         panel=SELECT),
-    weights: str = _opt("weights", "--weights", help="Donor weights: uniform, score, softmax:T, mwa:loss, "
-                        "mwa:steps or optimized (CMA-ES on the target sample).", panel=SELECT),
-    penalty: float = _opt("penalty", "--penalty", help="MWA penalty exponent.", panel=SELECT),
-    optimize_budget: int = _opt("optimize_budget", "--optimize-budget", help="Evaluations of the weight search "
-                                "(--weights optimized).", panel=SELECT),
-    min_own_gain: float = _opt("min_own_gain", "--min-own-gain", help="A donor must have gained this much on its "
-                               "own task in its own training (docs/select.md).", panel=SELECT),
-    own_gate: bool = typer.Option(None, "--own-gate/--no-own-gate", help="Skip donors that never learned their "
-                                  "own task." + _dflt("own_gate"), show_default=False, rich_help_panel=SELECT),
-    mc_mode: str = _opt("mc_mode", "--mc-mode", help="mc-accuracy by option rank, or letter.", panel=SELECT),
-    method: str = _opt("method", "--method", help="Merge method (linear, ties, dare, ...).", panel=MERGE),
-    lora_mode: str = _opt("lora_mode", "--lora-mode", help="LoRA donors: svd (baseline's rank), cat (exact), "
-                          "factors.", panel=MERGE),
-    eval_fraction: float = _opt("eval_fraction", "--eval-fraction", help="Share of --target held out (without "
-                                "--eval).", panel=EVAL),
-    eval_max: int = _opt("eval_max", "--eval-max", help="Most rows held out of --target (0 = no limit; without "
-                         "--eval).", panel=EVAL),
-    split_seed: int = _opt("split_seed", "--split-seed", help="Seed of the held-out split.", panel=EVAL),
+    full: bool = switch("train", "full", "--full/--lora", help="Full fine-tuning instead of LoRA.", panel=TRAIN),
+    eval_every: int = _t("eval_every", "--eval-every", help="Evaluate every N steps."),
+    eval_batch_size: int = _t("eval_batch_size", "--eval-batch-size", help="Evaluation batch size."),
+    eval_limit: int = _t("eval_limit", "--eval-limit", help="Evaluate on at most N eval rows (seeded sample; "
+                         "reported as rows used / given).", show="all rows"),
+    max_length: int = _t("max_length", "--max-length", help="Token limit of a row."),
+    precision: str = _t("precision", "--precision", help="auto, fp32, bf16, fp16."),
+    scorer: str = select_opt("scorer", SELECT),
+    shortlist: int = select_opt("shortlist", SELECT),
+    select_n: int = opt("select", "n", "--select-n", help="Target rows sampled to score candidates (0 = all); the "
+                        "selection cost grows with it.", panel=SELECT),
+    metric: str = select_opt("metric", SELECT),
+    k: int = select_opt("k", SELECT),
+    margin: float = select_opt("margin", SELECT),
+    weights: str = select_opt("weights", SELECT),
+    penalty: float = select_opt("penalty", SELECT),
+    optimize_budget: int = select_opt("optimize_budget", SELECT),
+    min_own_gain: float = select_opt("min_own_gain", SELECT),
+    own_gate: bool = own_gate_opt(SELECT),
+    mc_mode: str = select_opt("mc_mode", SELECT),
+    method: str = opt("merge", "method", "--method", help="Merge method (linear, ties, dare, ...).", panel=MERGE),
+    lora_mode: str = opt("merge", "lora_mode", "--lora-mode", help="LoRA donors: svd (baseline's rank), cat "
+                         "(exact), factors.", panel=MERGE, show="svd (all donors LoRA), else cat"),
+    eval_fraction: float = _e("eval_fraction", "--eval-fraction", help="Share of --target held out (without "
+                              "--eval)."),
+    eval_max: int = _e("eval_max", "--eval-max", help="Most rows held out of --target (0 = no limit; without "
+                       "--eval)."),
+    split_seed: int = _e("split_seed", "--split-seed", help="Seed of the held-out split."),
     force: bool = typer.Option(False, "--force", help="Discard an existing run in --out and start over."),
     threads: int = ThreadsOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Select donors, merge, train from the merge and from the base, and report the difference."""
     use_threads(threads)
-    from ..pipeline import RunConfig, run
 
-    cfg = RunConfig.from_yaml(config) if config else RunConfig()
-    tr = dict(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, scheduler=scheduler,
-              warmup_steps=warmup_steps, weight_decay=weight_decay, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
-              lora_dropout=lora_dropout, rslora=rslora, full=full, eval_every=eval_every,
-              eval_batch_size=eval_batch_size, eval_limit=eval_limit, max_length=max_length, precision=precision)
+    tr = given(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, scheduler=scheduler,
+               warmup_steps=warmup_steps, weight_decay=weight_decay, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
+               lora_dropout=lora_dropout, rslora=rslora, full=full, eval_every=eval_every,
+               eval_batch_size=eval_batch_size, eval_limit=eval_limit, max_length=max_length, precision=precision)
     if lora_targets is not None:
         tr["lora_targets"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
-    sel = _given(scorer=scorer, metric=metric, k=k, margin=margin, weights=weights, penalty=penalty,
-                 optimize_budget=optimize_budget, min_own_gain=min_own_gain, mc_mode=mc_mode,
-                 shortlist=shortlist)
+    sel = given(scorer=scorer, metric=metric, k=k, margin=margin, weights=weights, penalty=penalty,
+                optimize_budget=optimize_budget, min_own_gain=min_own_gain, mc_mode=mc_mode, shortlist=shortlist)
     if select_n is not None:
         sel["n"] = select_n or None  # 0: every row
     if own_gate is False:
         sel["min_own_gain"] = None
-    top = _given(eval_fraction=eval_fraction, split_seed=split_seed)
+    top = given(eval_fraction=eval_fraction, split_seed=split_seed)
     if eval_max is not None:
         top["eval_max"] = eval_max or None
     if no_baseline:
         top["baseline"] = False
-    d = cfg.to_dict()
-    d["train"].update(_given(**tr))
-    d["select"] = {**d["select"], **sel}
-    d["merge"] = {**d["merge"], **_given(method=method, lora_mode=lora_mode)}
-    cfg = RunConfig.from_dict({**d, **top}).with_overrides(sets or [])
+    cfg = run_config(config, tr, sel, given(method=method, lora_mode=lora_mode), top, sets or [])
     res = run(target, library_path(library), base, out_dir, cfg, eval=eval_, force=force, progress=not json_out,
               log=lambda s: err.print(f"[bold]{s.split(':')[0]}[/]:{s.split(':', 1)[1]}" if ":" in s else s))
-    from ..select import dist_env
 
     if dist_env()[0] != 0:  # one answer per launch, from the main process
         return
@@ -171,6 +145,20 @@ def run_cmd(
     _print_costs(res.report)
 
 
+def run_config(path: Path | None, train: dict, select: dict, merge: dict, top: dict, sets: list[str]) -> RunConfig:
+    """--config, then the flags, then --set, checked once at the end: every problem in one error."""
+
+    d = (read_config(path, "run config") or {}) if path else {}
+    if not isinstance(d, dict):
+        raise ConfigError("run config must be a mapping", path=path)
+    for name, flags in (("train", train), ("select", select), ("merge", merge)):
+        sec = d.get(name) if d.get(name) is not None else {}
+        if flags and isinstance(sec, dict):  # else the section's own error is reported below
+            d[name] = {**sec, **flags}
+    d.update(top)
+    return RunConfig.from_dict(apply_overrides(d, sets), where=path)
+
+
 def _print_costs(rep: dict) -> None:
     """The selection's cost beside training's, and the eval rows when a cap left some out."""
     from ..report import eval_rows_text, selection_sentence
@@ -180,11 +168,6 @@ def _print_costs(rep: dict) -> None:
     r = rep.get("eval_rows") or {}
     if r and r.get("used") != r.get("given"):
         err.print(f"eval rows: {eval_rows_text(r)}")
-
-
-def _given(**flags) -> dict:
-    """The flags given on the command line (a flag left out is None and keeps the config's value)."""
-    return {k: v for k, v in flags.items() if v is not None}
 
 
 def _print_headline(rep: dict) -> None:

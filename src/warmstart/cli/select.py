@@ -7,20 +7,30 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from .._io import check_output, read_config
+from ..checkpoints import resolve
+from ..data import load_target
+from ..errors import ConfigError
+from ..library import Library
+from ..select import SelectConfig, dist_env, select
 from ._common import ForceOpt, JsonOpt, LibraryOpt, ThreadsOpt, err, library_path, out, print_json, use_threads
+from ._options import SELECT_HELP, config_error, given, opt, own_gate_opt, select_opt
 
 EPILOG = """
 Examples:
 
   warmstart select --target data/country_de/train.jsonl --base models/SmolLM2-135M-Instruct --out selection.yaml
 
-  warmstart select --target data/arc --split validation --base models/base --metric mc-accuracy --k 3 --weights softmax:0.1 --json
+  warmstart select --target data/arc --split validation --base models/base --metric mc-accuracy --k 3 \
+--weights softmax:0.1 --json
 
   warmstart select --target data.jsonl --base models/base --scorer grad --n 128 --margin 0.05 --out sel.yaml --force
 
-  accelerate launch --multi_gpu --num_processes 4 -m warmstart select --target data.jsonl --base models/base --out sel.yaml
+  accelerate launch --multi_gpu --num_processes 4 -m warmstart select --target data.jsonl --base models/base \
+--out sel.yaml
 
-  torchrun --nproc_per_node 2 -m warmstart select --target data.jsonl --base models/base --sample-size 128 --out sel.yaml
+  torchrun --nproc_per_node 2 -m warmstart select --target data.jsonl --base models/base --sample-size 128 \
+--out sel.yaml
 """
 
 
@@ -29,43 +39,34 @@ def select_cmd(
                                 "save_to_disk directory."),
     base: str = typer.Option(..., "--base", "-b", help="Base model (path or hub id); candidates must fit it."),
     library: Path = LibraryOpt,
-    metric: str = typer.Option("loss", "--metric", "-m",
-                               help="loss | accuracy | exact-match | mc-accuracy | mc-accuracy-norm."),
-    n: int = typer.Option(256, "--n", "--sample-size",
-                          help="Random sample size of the target (0 = all rows)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    k: int = typer.Option(2, "--k", "-k", help="Number of donors."),
-    margin: float = typer.Option(None, "--margin", help="Only donors better than the base by at least this."),
-    weights: str = typer.Option("uniform", "--weights", "-w",
-                                help="uniform | score | softmax:T | mwa:loss | mwa:steps | optimized (CMA-ES "
-                                "on the target sample)."),
-    optimize_budget: int = typer.Option(20, "--optimize-budget",
-                                        help="Evaluations of the weight search (with --weights optimized)."),
-    penalty: float = typer.Option(1.0, "--penalty", help="MWA penalty exponent p."),
-    scorer: str = typer.Option("loss", "--scorer", help="loss (evaluate each), grad (first-order proxy) or "
-                               "halving (pre-rank by catalogued summaries, then successive halving; for "
-                               "large libraries, docs/select.md)."),
-    shortlist: int = typer.Option(8, "--shortlist", help="halving: candidates kept by the pre-rank."),
-    halving_rows: int = typer.Option(8, "--halving-rows", help="halving: rows of the first round (doubled "
-                                     "each round)."),
-    prerank_rows: int = typer.Option(16, "--prerank-rows", help="halving: rows of the pre-rank's backward pass."),
-    min_own_gain: float = typer.Option(0.02, "--min-own-gain",
-                                       help="A donor must have gained at least this on its own task in its own "
-                                       "training (accuracy points, or relative loss fall; docs/select.md)."),
-    own_gate: bool = typer.Option(True, "--own-gate/--no-own-gate",
-                                  help="Skip donors that never learned their own task (--min-own-gain)."),
-    split: str = typer.Option(None, "--split", help="Split of a dataset directory."),
-    format: str = typer.Option(None, "--format", help="prompt_completion | messages | mc (default: detect)."),
-    mc_style: str = typer.Option("text", "--mc-style", help="Multiple choice as answer text or letter."),
-    mc_mode: str = typer.Option("rank", "--mc-mode", help="mc-accuracy by option text rank, or letter."),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    max_length: int = typer.Option(512, "--max-length"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    compute_dtype: str = typer.Option("auto", "--compute-dtype",
-                                      help="Scoring matmuls: auto (bfloat16 where the CPU/GPU has it), "
-                                      "float32 or bfloat16."),
+    config: Path = typer.Option(None, "--config", help="YAML of select settings (SelectConfig's fields, or a run "
+                                "config's select: section); flags override it."),
+    metric: str = select_opt("metric"),
+    n: int = opt("select", "n", "--n", "--sample-size", help="Random sample size of the target (0 = all rows).",
+                 show=str(SelectConfig().n)),
+    seed: int = opt("select", "seed", "--seed", help="Sampling seed."),
+    k: int = select_opt("k"),
+    margin: float = select_opt("margin"),
+    weights: str = select_opt("weights"),
+    optimize_budget: int = select_opt("optimize_budget"),
+    penalty: float = select_opt("penalty"),
+    scorer: str = select_opt("scorer"),
+    shortlist: int = select_opt("shortlist"),
+    halving_rows: int = select_opt("halving_rows"),
+    prerank_rows: int = select_opt("prerank_rows"),
+    min_own_gain: float = select_opt("min_own_gain"),
+    own_gate: bool = own_gate_opt(),
+    split: str = opt("select", "split", "--split", help="Split of a dataset directory."),
+    format: str = opt("select", "format", "--format", help="prompt_completion | messages | mc.", show="detect"),
+    mc_style: str = opt("select", "mc_style", "--mc-style", help="Multiple choice as answer text or letter."),
+    mc_mode: str = select_opt("mc_mode"),
+    batch_size: int = opt("select", "batch_size", "--batch-size", help="Scoring batch size."),
+    max_length: int = opt("select", "max_length", "--max-length", help="Token limit of a row."),
+    dtype: str = opt("select", "dtype", "--dtype", help="float32, bfloat16 or float16."),
+    compute_dtype: str = opt("select", "compute_dtype", "--compute-dtype",
+                             help="Scoring matmuls: auto (bfloat16 where the CPU/GPU has it), float32 or bfloat16."),
     out_file: Path = typer.Option(None, "--out", "-o", help="Selection file to write (.yaml or .json)."),
-    include_derived: bool = typer.Option(False, "--include-derived",
+    include_derived: bool = typer.Option(SelectConfig().include_derived, "--include-derived",
                                          help="Also score merges, transfers and warmstart runs' outputs."),
     threads: int = ThreadsOpt,
     force: bool = ForceOpt,
@@ -73,34 +74,25 @@ def select_cmd(
 ) -> None:
     """Score every compatible checkpoint (and the base) on a target sample; write the donors."""
     use_threads(threads)
-    from .._io import check_output
-    from ..checkpoints import resolve
-    from ..data import load_target
-    from ..library import Library
-    from ..select import dist_env, select
 
-    _check_numbers(batch_size=batch_size, max_length=max_length, n=n, k=k, optimize_budget=optimize_budget,
-                   shortlist=shortlist, halving_rows=halving_rows, prerank_rows=prerank_rows)
+    flags = given(metric=metric, n=n, seed=seed, k=k, margin=margin, weights=weights, penalty=penalty,
+                  scorer=scorer, split=split, format=format, mc_style=mc_style, batch_size=batch_size,
+                  max_length=max_length, mc_mode=mc_mode, dtype=dtype, compute_dtype=compute_dtype,
+                  optimize_budget=optimize_budget, min_own_gain=min_own_gain, shortlist=shortlist,
+                  halving_rows=halving_rows, prerank_rows=prerank_rows)
+    cfg = select_config(config, flags, own_gate=own_gate, include_derived=include_derived)
     rank, world = dist_env()
     if out_file is not None and rank == 0:
         check_output(out_file, force=force, inputs=[target, library_path(library), *_local(base)])
     # every input checked before a model loads (and before the library is opened: never created here)
-    if dtype not in ("float32", "bfloat16", "float16", "float64"):
-        from ..errors import ConfigError
-
-        raise ConfigError(f"unknown dtype {dtype!r}", hint="float32, bfloat16 or float16")
-    data = load_target(target, split=split, format=format, mc_style=mc_style)
+    data = load_target(target, split=cfg.split, format=cfg.format, mc_style=cfg.mc_style)
     resolve(base)
     with Library(library_path(library), create=False) as lib, _progress(rank) as progress:
         if out_file is not None and rank == 0:  # nor over a library entry (a file in a checkpoint dir)
             check_output(out_file, force=force, inputs=[e.path for e in lib.list()])
-        sel = select(data, base, library=lib, metric=metric, n=n or None, seed=seed, k=k, margin=margin,
-                     weights=weights, penalty=penalty, scorer=scorer, split=split, format=format,
-                     mc_style=mc_style, batch_size=batch_size, max_length=max_length, mc_mode=mc_mode,
-                     dtype=dtype, compute_dtype=compute_dtype, optimize_budget=optimize_budget,
-                     min_own_gain=min_own_gain if own_gate else None, progress=progress,
-                     include_derived=include_derived, shortlist=shortlist, halving_rows=halving_rows,
-                     prerank_rows=prerank_rows)
+        sel = select(data, base, cfg, library=lib, progress=progress)
+        from ..optimize import optimize_selection  # lazy: keeps --help fast (merge imports torch)
+        sel = optimize_selection(sel, data, cfg, library=lib)  # weights: optimized (the step after selection)
     if sel is None:  # another rank writes the result
         return
     if out_file is not None:
@@ -112,14 +104,36 @@ def select_cmd(
     _summary(sel, out_file)
 
 
-def _check_numbers(**values: int) -> None:
-    """Counts that must be positive (n, k: zero has a meaning, negatives none): refused before any work."""
-    from ..errors import ConfigError
+# The flag that sets each SelectConfig field (for messages in the user's own words).
+FLAGS = {name: SELECT_HELP[name][0][0] for name in SELECT_HELP} | {
+    "n": "--n", "seed": "--seed", "split": "--split", "format": "--format", "mc_style": "--mc-style",
+    "batch_size": "--batch-size", "max_length": "--max-length", "dtype": "--dtype", "compute_dtype": "--compute-dtype"}
 
-    for name, v in values.items():
-        low = 0 if name in ("n", "k") else 1
-        if v < low:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
+
+def select_config(path: Path | None, flags: dict, *, own_gate: bool | None = None,
+                  include_derived: bool = False):
+    """The SelectConfig of ``--config`` and the flags given, every problem in one error, in flag names."""
+
+    d = {}
+    if path is not None:
+        d = read_config(path, "select config") or {}
+        if isinstance(d, dict) and isinstance(d.get("select"), dict):
+            d = d["select"]  # a run config: its select: section
+    if not isinstance(d, dict):
+        raise ConfigError("select config must be a mapping of settings", path=path)
+    d = {**d, **flags}
+    if flags.get("n") == 0:
+        d["n"] = None  # --n 0: every row
+    if own_gate is False:
+        d["min_own_gain"] = None
+    if include_derived:
+        d["include_derived"] = True
+    errs = SelectConfig.unknown_errors(d)
+    cfg = SelectConfig(**{k: v for k, v in d.items() if k in SelectConfig.field_names()})
+    errs += cfg.errors()
+    if errs:
+        raise config_error(ConfigError("invalid select settings: " + "; ".join(errs), path=path), FLAGS)
+    return cfg
 
 
 def _local(ref: str) -> list[Path]:
@@ -129,18 +143,11 @@ def _local(ref: str) -> list[Path]:
 
 
 def _write_selection(sel, out_file: Path, force: bool) -> None:
-    """Like Selection.to_file, but without --force a file that appeared meanwhile (another writer that
-    finished first) is kept and this command fails, instead of silently replacing it."""
-    import json
+    """Without --force a file that appeared meanwhile (another writer that finished first) is kept and
+    this command fails, instead of silently replacing it."""
+    from ..rundir import write_selection  # lazy: keeps --help fast
 
-    import yaml
-
-    from .._io import atomic_write_text
-
-    d = sel.to_dict()
-    text = (json.dumps(d, indent=2, default=str) + "\n" if out_file.suffix.lower() == ".json"
-            else yaml.safe_dump(d, sort_keys=False, allow_unicode=True))
-    atomic_write_text(out_file, text, force=force)
+    write_selection(sel, out_file, force=force)
 
 
 class _progress:

@@ -13,9 +13,11 @@ from ._common import AllowPickleOpt, ForceOpt, JsonOpt, ThreadsOpt, err, out, pr
 EPILOG = """
 Examples:
 
-  warmstart transfer --base-old models/llama-3.0-8b --finetuned runs/fr-full/final --base-new models/llama-3.1-8b --out transferred/fr
+  warmstart transfer --base-old models/llama-3.0-8b --finetuned runs/fr-full/final --base-new models/llama-3.1-8b \
+--out transferred/fr
 
-  warmstart transfer --base-old models/smol-v1 --finetuned runs/fr-lora/checkpoint-500 --base-new models/smol-v2 --out transferred/fr-alphas --alpha 0.5,0.75,1.0 --dtype bfloat16
+  warmstart transfer --base-old models/smol-v1 --finetuned runs/fr-lora/checkpoint-500 --base-new models/smol-v2 \
+--out transferred/fr-alphas --alpha 0.5,0.75,1.0 --dtype bfloat16
 
   warmstart transfer --base-old models/smol-v1 --finetuned runs/fr-lora --base-new models/smol-v2 --dry-run --json
 """
@@ -51,17 +53,26 @@ def _layer_table(report) -> Table:
 
 def transfer_cmd(
     base_old: str = typer.Option(..., "--base-old", help="The base the fine-tune was trained from (path or hub id)."),
-    finetuned: str = typer.Option(..., "--finetuned", help="The fine-tune of --base-old: a full model or a LoRA adapter."),
+    finetuned: str = typer.Option(..., "--finetuned", help="The fine-tune of --base-old: a full model or a LoRA "
+                                  "adapter."),
     base_new: str = typer.Option(..., "--base-new", help="The new base version to carry the fine-tune to."),
-    out_dir: Path = typer.Option(None, "--out", "-o", help="Output directory (with several alphas: one alpha-<a>/ each)."),
-    alpha: str = typer.Option("1.0", "--alpha", "-a", help="Scale of the diff; a comma-separated list writes one model each."),
-    dtype: str = typer.Option(None, "--dtype", help="Output dtype (float32, bfloat16, float16); default the new base's."),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="Output directory (with several alphas: one alpha-<a>/ "
+                                 "each)."),
+    alpha: str = typer.Option("1.0", "--alpha", "-a", help="Scale of the diff; a comma-separated list writes one "
+                              "model each."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype (float32, bfloat16, float16); default the new "
+                              "base's."),
     compute_dtype: str = typer.Option("float32", "--compute-dtype", help="float32 or float64 for the differences."),
     vocab_new_rows: str = typer.Option("base", "--vocab-new-rows",
-                                       help="Rows of tokens the old base lacks: from the new 'base' or the 'finetuned' model."),
-    config_from: str = typer.Option("new", "--config-from", help="Config and chat template from the 'new' base or the 'finetuned' model."),
-    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output shard."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print the compatibility report only; write nothing."),
+                                       help="Rows of tokens the old base lacks: from the new 'base' or the "
+                                       "'finetuned' model."),
+    config_from: str = typer.Option("new", "--config-from", help="Config and chat template from the 'new' base or "
+                                    "the 'finetuned' model."),
+    shard_size: str = typer.Option("2GB", "--shard-size", help="Largest output shard, e.g. 2GB (= 2·10⁹ bytes)."),
+    max_shard_size: str = typer.Option(None, "--max-shard-size", hidden=True,
+                                       help="Deprecated alias of --shard-size (now decimal units too)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print the compatibility report only; write "
+                                 "nothing."),
     allow_pickle: bool = AllowPickleOpt,
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Use inputs that hold NaN/Inf values (refused by default)."),
@@ -80,6 +91,10 @@ def transfer_cmd(
 
     from ..transfer import transfer
 
+    if max_shard_size is not None:
+        err.print("[yellow]warning:[/] --max-shard-size is deprecated: use --shard-size (decimal units, "
+                  "2GB = 2·10⁹ bytes, as warmstart merge)")
+
     if out_dir is None and not dry_run:
         raise ConfigError("--out is required (or pass --dry-run for the report only)")
 
@@ -95,8 +110,8 @@ def transfer_cmd(
 
         report = transfer(base_old, finetuned, base_new, out_dir, alpha=alpha, dtype=dtype,
                           compute_dtype=compute_dtype, vocab_new_rows=vocab_new_rows, config_from=config_from,
-                          max_shard_size=max_shard_size, dry_run=dry_run, force=force, allow_pickle=allow_pickle,
-                          allow_nonfinite=allow_nonfinite, on_tensor=tick, on_plan=show_plan)
+                          shard_size=max_shard_size or shard_size, dry_run=dry_run, force=force,
+                          allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, on_tensor=tick, on_plan=show_plan)
     if json_out:
         print_json(report.to_dict())
     else:

@@ -1,17 +1,17 @@
 """Streaming merge of full models: tensor by tensor, bounded memory, sharded atomic output.
 
-Reading and writing go through :mod:`warmstart._tensorio` (pread in, streamed
+Reading and writing go through :mod:`warmstart.checkpoints.streaming` (pread in, streamed
 shards out; why hand-written: see there). Reads for the next tensor run in a
 thread pool while the current one is merged, and a writer thread appends
 results; the GIL is released in pread, write, hashing and torch kernels, so
 the three overlap.
 
-The per-tensor math is :mod:`.methods`; LoRA inputs go to :mod:`.lora`.
+The per-tensor math is :mod:`.methods`. :func:`warmstart.merge.merge` (:mod:`.dispatch`) opens the
+inputs and calls :func:`merge_models` for full models, :mod:`.lora` for adapters.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -19,20 +19,27 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .._io import atomic_dir, atomic_write_json, check_output
-from .._tensorio import ST_DTYPES, PreadReader, ShardWriter, numel, shard_layout
-from ..checkpoints import (Checkpoint, TensorMeta, _check_finite, check_adapter_fits, check_adapters_agree,
-                           open_checkpoint)
+from ..checkpoints import Checkpoint, TensorMeta, open_checkpoint
+from ..checkpoints import check_finite as _check_finite
+from ..checkpoints.digests import default_digest_cache
+from ..checkpoints.dtypes import FLOAT_DTYPES
+from ..checkpoints.streaming import ST_DTYPES, PreadReader, ShardWriter, numel, shard_layout
 from ..errors import ConfigError, IncompatibleError
+from ..provenance import parse_size, versions, write_artefact
+from . import tokenizer as _tok
 from .methods import get_method, tensor_seed, validate
-from .plan import MergePlan, parse_size
-from .settings import as_number, is_plain, resolve
-from .weights import compute_weights
+from .plan import MergePlan
+from .results import Item as _Item
+from .results import MergeResult, TensorReport
+from .results import torch_dtype as _dtype
+from ..params import resolve
+from .slices import plan_slices, set_num_layers
 
 # Files copied from the config source; weights, optimizer state and training logs are not.
 SKIP_COPY = {"model.safetensors.index.json", "README.md", "warmstart.json", "trainer_state.json",
@@ -40,113 +47,7 @@ SKIP_COPY = {"model.safetensors.index.json", "README.md", "warmstart.json", "tra
 
 
 # ----------------------------------------------------------------------------
-# Result types
-
-
-@dataclass
-class TensorReport:
-    name: str
-    shape: list[int]
-    dtype: str
-    inputs: int  # how many donors took part
-    action: str  # merged | copied | vocab-resized | tied-embedding
-    note: str = ""
-
-
-@dataclass
-class MergeResult:
-    out: Path
-    method: str
-    weights: list[float]
-    inputs: list[dict]
-    tensors: list[TensorReport] = field(default_factory=list)
-    modules: dict[str, dict] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    lora_errors: dict[str, float] | None = None  # LoRA merges: relative ΔW error per module
-    state_dict: dict | None = field(default=None, repr=False)  # in-memory adapter merges (out=None)
-    adapter_config: dict | None = None
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("state_dict")
-        d["out"] = str(self.out) if self.out is not None else None
-        return d
-
-
-# ----------------------------------------------------------------------------
 # Planning: which inputs feed which output tensor, under the mismatch policies
-
-
-@dataclass
-class _Item:
-    name: str
-    out_dtype: torch.dtype
-    shape: tuple
-    base: TensorMeta | None  # θ₀ (or the reference, for copies)
-    srcs: list[tuple[int, TensorMeta]]  # (donor index, meta) of the donors that take part
-    action: str = "merged"
-    note: str = ""
-    t: float = 0.0  # position in the layer stack, for mergekit's gradient parameters (0 outside the layers)
-    specs: list | None = None  # per src: its ModelSpec / slice source (None: the base as a donor)
-    slice_params: dict | None = None  # the slice's own parameters (slices only)
-    weights: list[float] | None = None  # resolved per tensor (see _resolve_items)
-    params: dict | None = None
-    permute: Callable | None = None  # tokenizer merging: (base, inputs) → re-indexed to the output vocabulary
-
-
-def resolve_weights(plan: MergePlan, cks: list[Checkpoint], base_ck: Checkpoint | None) -> list[float]:
-    """One weight per donor (the base first when ``include_base``), from the plan's weighting scheme."""
-    specs = list(plan.models)
-    ws = [m.weight for m in specs]
-    if plan.include_base:
-        cks, ws, specs = [base_ck] + cks, [plan.base_weight] + ws, [None] + specs
-    scheme = plan.weighting or ("given" if any(w is not None for w in ws) else "uniform")
-    if not all(is_plain(w) for w in ws) or plan.slices:
-        return [None] * len(ws)  # gradients / filters / slices: resolved per tensor (_resolve_items)
-    if scheme == "given" and all(w is not None for w in ws):
-        return [float(as_number(w)) for w in ws]  # as written: negative or zero-sum weights (task negation) run
-    if scheme == "given" and any(w is None for w in ws):
-        who = ["base" if s is None else s.ref for s, w in zip(specs, ws) if w is None]
-        raise ConfigError(f"no weight given for {who}", path=plan.source,
-                          hint="give every model a weight (and base_weight with include_base), or use --weights uniform")
-    losses = [c.metrics.final_loss if c.metrics else None for c in cks]
-    steps = [c.metrics.global_step if c.metrics else None for c in cks]
-    if scheme.startswith("mwa:") and None in (losses if scheme == "mwa:loss" else steps):
-        losses, steps = _library_metrics(plan, cks, losses, steps)
-    scores = [s.score if s is not None else None for s in specs]
-    try:
-        return compute_weights(scheme, n=len(cks), given=ws if scheme == "given" else None, losses=
-                               losses if scheme == "mwa:loss" else None, steps=steps, scores=scores,
-                               higher_is_better=plan.higher_is_better, penalty=plan.penalty,
-                               temperature=plan.temperature)
-    except ConfigError as e:
-        raise ConfigError(e.message, path=plan.source or e.path, hint=e.hint) from None
-
-
-def _library_metrics(plan: MergePlan, cks, losses, steps):
-    """Fill missing training metrics from the library catalog (entries registered with their metrics)."""
-    from ..library import Library, default_library_path
-
-    path = Path(plan.library) if plan.library else default_library_path()
-    if not path.exists():
-        return losses, steps
-    losses, steps = list(losses), list(steps)
-    with Library(path, create=False) as lib:
-        for i, c in enumerate(cks):
-            if c is None or (losses[i] is not None and steps[i] is not None):
-                continue
-            try:
-                e = lib.get(str(c.path))
-            except Exception:  # not registered: the weighting reports the missing metric
-                continue
-            losses[i] = losses[i] if losses[i] is not None else e.final_loss
-            steps[i] = steps[i] if steps[i] is not None else e.global_step
-    return losses, steps
-
-
-def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
-    return getattr(torch, name) if name else default
 
 
 def _tied_source(ck: Checkpoint, name: str) -> TensorMeta | None:
@@ -162,10 +63,10 @@ def plan_tensors(plan: MergePlan, donors: list[Checkpoint], ref: Checkpoint, use
     ref_meta = ref.weights().meta
     items, missing = [], []
     for name, rm in ref_meta.items():
-        out_dtype = _dtype(plan.dtype, ST_DTYPES.get(rm.dtype, torch.float32)) if rm.dtype in (
-            "F32", "F16", "BF16", "F64") else ST_DTYPES[rm.dtype]
+        out_dtype = _dtype(plan.dtype, ST_DTYPES.get(rm.dtype, torch.float32)) if rm.dtype in FLOAT_DTYPES \
+            else ST_DTYPES[rm.dtype]
         item = _Item(name, out_dtype, rm.shape, rm, [])
-        if rm.dtype not in ("F32", "F16", "BF16", "F64"):
+        if rm.dtype not in FLOAT_DTYPES:
             item.action, item.note = "copied", "not a float tensor: copied from the reference"
             items.append(item)
             continue
@@ -191,14 +92,12 @@ def plan_tensors(plan: MergePlan, donors: list[Checkpoint], ref: Checkpoint, use
 
 def _vocab_item(vocab, item: _Item, donors: list[Checkpoint], base_ck: Checkpoint | None) -> bool:
     """A vocabulary tensor under tokenizer merging: every input's rows re-indexed to the output vocabulary."""
-    from .tokenizer import model_vocab_size
-
     metas = [(i, d.weights().meta.get(item.name)) for i, d in enumerate(donors)]
     cks = {str(d.path): d for d in donors + ([base_ck] if base_ck else [])}
     rows = {str(donors[i].path): m.shape[0] for i, m in metas if m is not None}
     if base_ck is not None and item.base is not None:
         rows[str(base_ck.path)] = item.base.shape[0]
-    if not vocab.is_vocab_tensor(item.name, rows, {k: model_vocab_size(c.config) for k, c in cks.items()}):
+    if not vocab.is_vocab_tensor(item.name, rows, {k: _tok.model_vocab_size(c.config) for k, c in cks.items()}):
         return False
     item.srcs = [(i, m) for i, m in metas if m is not None]
     item.shape = (vocab.rows, *item.shape[1:])
@@ -283,45 +182,21 @@ def _resize_rows(t: torch.Tensor, rows: int, fill: torch.Tensor | None) -> torch
 # The merge
 
 
-def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
-          progress: Callable[[int, int, str], None] | None = None, allow_nonfinite: bool = False) -> MergeResult:
-    """Run ``plan`` and write the merged model (or adapter) to ``out`` atomically.
+def merge_models(plan: MergePlan, cks: list[Checkpoint], base_ck: Checkpoint | None, out: Path,
+                 weights: list, *, force: bool = False, progress: Callable[[int, int, str], None] | None = None,
+                 t0: float | None = None, notes: list[str] | None = None) -> MergeResult:
+    """Stream the full models ``cks`` (opened by :func:`warmstart.merge.merge`) into ``out`` atomically.
 
-    NaN/Inf in any input tensor is refused unless ``allow_nonfinite`` (it would poison the merge)."""
-    out = Path(out)
-    _check_device(plan.device)
-    if any(m.lora for m in plan.models):
-        from .lora_apply import applied_loras
-
-        with applied_loras(plan, out) as applied:
-            return merge(applied, out, force=force, progress=progress, allow_nonfinite=allow_nonfinite)
-    t0 = time.perf_counter()
-    base_ck = open_checkpoint(plan.base, allow_nonfinite=allow_nonfinite) if plan.base else None
-    if plan.slices:
-        from .slices import open_slice_models
-
-        cks = open_slice_models(plan, base_ck, allow_nonfinite)
-    else:
-        cks = [open_checkpoint(m.ref, allow_nonfinite=allow_nonfinite) for m in plan.models]
-    kinds = {c.kind for c in cks}
-    if kinds == {"lora"} and not plan.slices:
-        from .lora import merge_plan_adapters
-
-        check_adapters_agree(cks)
-        if base_ck is not None and base_ck.kind == "full":
-            for c in cks:
-                check_adapter_fits(c, base_ck)
-
-        return merge_plan_adapters(plan, cks, out, force=force, progress=progress)
-    if "lora" in kinds or (base_ck is not None and base_ck.kind != "full"):
-        raise IncompatibleError("cannot mix LoRA adapters and full models in one merge",
-                                hint="merge the adapters first, or merge each adapter into its base model")
+    ``weights``: one per donor (the base first with ``include_base``) from :func:`.weights.resolve_weights`,
+    None where they are resolved per tensor (gradients, filters, slices); ``notes``: what computing them
+    assumed, added to the result's notes."""
+    t0 = time.perf_counter() if t0 is None else t0
     check_output(out, force=force, inputs=[c.path for c in cks] + ([base_ck.path] if base_ck else []))
     method = get_method(plan.method)
-    weights = resolve_weights(plan, cks, base_ck) if not plan.slices else [None] * len(cks)
     donors = ([base_ck] if plan.include_base else []) + cks
-    use_base = base_ck is not None and plan.method != "linear"
+    use_base = base_ck is not None and not method.base_is_input
     p = _plan_items(plan, method, cks, base_ck, donors, weights, use_base)
+    p.notes += notes or []
     timings = {"open": time.perf_counter() - t0}
     result = MergeResult(out, plan.method, p.weights, [], notes=p.notes)
     with atomic_dir(out, force=force) as tmp:
@@ -331,9 +206,7 @@ def merge(plan: MergePlan, out: str | Path, *, force: bool = False,
         if p.vocab is not None:
             p.vocab.write(tmp)
         elif plan.chat_template is not None:
-            from .tokenizer import write_chat_template
-
-            write_chat_template(tmp, plan.chat_template, cks, base_ck)
+            _tok.write_chat_template(tmp, plan.chat_template, cks, base_ck)
         result.inputs = _inputs_report(base_ck, donors, p.weights, digests)
         result.timings = {**timings, "total": time.perf_counter() - t0}
         write_card(tmp, plan, result)
@@ -360,13 +233,9 @@ def _plan_items(plan: MergePlan, method, cks, base_ck, donors, weights, use_base
         notes.append("a model is listed more than once: each listing takes part as one input with its own weight")
     p = _Planned(base_ck or cks[0], [], weights, notes)
     if plan.slices:
-        from .slices import plan_slices
-
         p.items, p.n_layers = plan_slices(plan, cks, base_ck, use_base, notes)
     else:
-        from .tokenizer import build_vocab_plan
-
-        p.vocab = build_vocab_plan(plan, cks, base_ck)
+        p.vocab = _tok.build_vocab_plan(plan, cks, base_ck)
         p.items = plan_tensors(plan, donors, p.ref, use_base, notes, p.vocab, base_ck)
     _resolve_items(plan, method, p.items, donors, weights, use_base, notes)
     _mergekit_notes(plan, method, notes)
@@ -386,9 +255,9 @@ def _mergekit_notes(plan: MergePlan, method, notes: list[str]) -> None:
     if plan.compute_dtype == "auto" and method.uses_weights and not plan.slices and all(
             m.weight is None for m in plan.models) and "weight" not in plan.params:
         notes.append("no model weights given: uniform weights used (mergekit requires a weight per model)")
-    if plan.method == "slerp" and "t" not in plan.params and not any("t" in (sl.get("params") or {})
-                                                                   for sl in plan.slices or []):
-        notes.append("slerp without t: t = 0.5 used (mergekit requires t)")
+    for k in method.mergekit_requires:
+        if k not in plan.params and not any(k in (sl.get("params") or {}) for sl in plan.slices or []):
+            notes.append(f"{method.name} without {k}: {k} = {method.defaults[k]} used (mergekit requires {k})")
 
 
 def _inputs_report(base_ck, donors, weights, digests) -> list[dict]:
@@ -399,7 +268,7 @@ def _inputs_report(base_ck, donors, weights, digests) -> list[dict]:
     return inputs
 
 
-def _check_device(name: str) -> None:
+def check_device(name: str) -> None:
     """Fail before any work, in one line, when the device cannot run here (not mid-merge with a traceback)."""
     try:
         dev = torch.device(name)
@@ -440,7 +309,7 @@ def _param_names(plan: MergePlan, method) -> tuple[set[str], set[str]]:
     given = set(plan.params) | {k for m in plan.models for k in m.params}
     for sl in plan.slices or []:
         given |= set(sl.get("params") or {}) | {k for s in sl["sources"] for k in s.get("params") or {}}
-    unknown = given - set(method.defaults) - {"weight", "lambda_"}
+    unknown = given - set(method.defaults) - {"weight"}
     if unknown:
         raise ConfigError(f"method {method.name!r} has no parameter(s) {sorted(unknown)}", path=plan.source,
                           hint="known: " + ", ".join(sorted(method.defaults)) or "none")
@@ -482,9 +351,9 @@ def _resolve_items(plan: MergePlan, method, items: list[_Item], donors, weights,
         p = {k: resolve(k, scopes, it.name, it.t, method.defaults.get(k))
              for k in set(method.defaults) | (given - {"weight"}) if k not in per}
         p.update(per)
-        if method.name == "slerp" and len(ws) != (1 if use_base else 2):
-            raise ConfigError(f"slerp merges exactly two models: the base and one other, or two without a base; "
-                              f"got {'the base + ' if use_base else ''}{len(ws)} at tensor {it.name!r}",
+        if method.points and len(ws) + use_base != method.points:
+            raise ConfigError(f"{method.name} merges exactly two models: the base and one other, or two without a "
+                              f"base; got {'the base + ' if use_base else ''}{len(ws)} at tensor {it.name!r}",
                               path=plan.source)
         try:
             validate(method, len(ws), use_base or not method.needs_base,
@@ -573,8 +442,6 @@ def _stream(plan, method, items, donors, ref, use_base, tmp, result, progress) -
 
 def _digests_cached(ck: Checkpoint) -> bool:
     """True when the digest cache is current for every weight file (a lookup, no hashing)."""
-    from ..checkpoints import default_digest_cache
-
     if ck.pickle:
         return True  # pickle checkpoints are fingerprinted by Checkpoint.fingerprint itself
     try:
@@ -586,8 +453,6 @@ def _digests_cached(ck: Checkpoint) -> bool:
 
 def _store_digests(ck: Checkpoint, digests: dict | None) -> None:
     """Hand the digests computed while reading to the cache, one file at a time."""
-    from ..checkpoints import default_digest_cache
-
     if not digests or ck.pickle:
         return
     try:
@@ -644,11 +509,7 @@ def _module_summary(tensors: list[TensorReport]) -> dict[str, dict]:
 def _input_info(ck: Checkpoint, digests: dict | None, role: str) -> dict:
     names = ck.weights().meta
     if digests is not None and set(digests) >= set(names) and not ck.pickle:
-        h = hashlib.blake2b(digest_size=16)  # Checkpoint.fingerprint, from the bytes we already read
-        h.update(ck.kind.encode())
-        for name in sorted(names):
-            h.update(f"{name}={digests[name]};".encode())
-        fp = h.hexdigest()
+        fp = ck.fingerprint(digests=digests)  # from the bytes we already read
     else:
         fp = ck.fingerprint()
     m = ck.metrics
@@ -670,8 +531,6 @@ def _copy_config(plan: MergePlan, default_src: Checkpoint, tmp: Path, items: lis
             if key in cfg or key == "dtype":
                 cfg[key] = out_dtype
         if n_layers is not None:  # a frankenmerge's layer count (mergekit: the same config keys)
-            from .slices import set_num_layers
-
             set_num_layers(cfg, n_layers)
         atomic_write_json(cfg_path, cfg)
 
@@ -680,30 +539,25 @@ def _copy_config(plan: MergePlan, default_src: Checkpoint, tmp: Path, items: lis
 # Model card + warmstart.json
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("warmstart", "torch", "transformers", "safetensors", "peft"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def _fmt(v) -> str:
     return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def write_card(tmp: Path, plan: MergePlan, result: MergeResult, *, kind: str = "model") -> None:
-    """README.md (human) + warmstart.json (machine) describing how the output was made."""
-    versions = _versions()
-    meta = {"made_by": "warmstart merge", "kind": kind, "plan": plan.to_dict(), "versions": versions,
+def write_card(tmp: Path, plan: MergePlan, result: MergeResult, *, kind: str = "model",
+               base_model: str | None = None) -> None:
+    """README.md (human) + warmstart.json (machine) describing how the output was made.
+    ``base_model``: recorded as such (an adapter's base); else the base input's path, if any."""
+    vs = versions()
+    meta = {"made_by": "warmstart merge", "kind": kind, "plan": plan.to_dict(), "versions": vs,
             **{k: v for k, v in result.to_dict().items() if k not in ("tensors", "out", "modules")}}
     if result.inputs and result.inputs[0]["role"] == "base":
         meta["base_model"] = result.inputs[0]["path"]
-    atomic_write_json(tmp / "warmstart.json", meta)
+    if base_model is not None or kind == "adapter":
+        meta["base_model"] = base_model
+    write_artefact(tmp, meta, _card_lines(plan, result, kind, vs))
+
+
+def _card_lines(plan: MergePlan, result: MergeResult, kind: str, versions: dict) -> list[str]:
     rows = "\n".join(f"| {i['role']} | `{i['ref']}` | {_fmt(i.get('weight'))} | `{i['fingerprint'][:16]}` | "
                      f"{_fmt(i.get('final_loss'))} | {_fmt(i.get('global_step'))} |" for i in result.inputs)
     counts: dict[str, int] = {}
@@ -728,7 +582,7 @@ def write_card(tmp: Path, plan: MergePlan, result: MergeResult, *, kind: str = "
         lines += [f"| `{k}` | {v:.3g} |" for k, v in result.lora_errors.items()] + [""]
     lines += ["## Recipe", "", "```yaml", plan.to_yaml().rstrip(), "```", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
-    (tmp / "README.md").write_text("\n".join(lines))
+    return lines
 
 
-__all__ = ["MergeResult", "TensorReport", "merge", "plan_tensors", "resolve_weights", "write_card"]
+__all__ = ["MergeResult", "TensorReport", "check_device", "merge_models", "plan_tensors", "write_card"]

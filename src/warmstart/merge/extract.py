@@ -24,6 +24,8 @@ import torch
 from .._io import atomic_dir, atomic_write_json, check_output
 from ..checkpoints import open_checkpoint
 from ..errors import CheckpointError, ConfigError, IncompatibleError
+from ..provenance import write_artefact
+from .engine import check_device
 
 
 @dataclass
@@ -127,7 +129,8 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
     out = Path(out)
     check_output(out, force=force, inputs=[ft.path, bs.path])
     fw, bw = ft.weights(), bs.weights()
-    plan, skipped = _plan_modules(ft.path, ft.config, set(fw.keys()), include, exclude, save_modules, skip_undecomposable)
+    plan, skipped = _plan_modules(ft.path, ft.config, set(fw.keys()), include, exclude, save_modules,
+                                  skip_undecomposable)
     _check_shapes(plan, fw, bw, ft, bs)
     result = ExtractResult(out, rank, skipped=skipped)
     tensors, bias = _extract(plan, fw, bw, result, rank, distribute_scale, sv_epsilon, device)
@@ -141,8 +144,6 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, rank: 
 
 
 def _check_args(rank: int, sv_epsilon: float, regexes: list[str], device: str) -> None:
-    from .engine import _check_device
-
     if rank <= 0:
         raise ConfigError(f"rank must be positive, got {rank}")
     if sv_epsilon < 0:
@@ -152,7 +153,7 @@ def _check_args(rank: int, sv_epsilon: float, regexes: list[str], device: str) -
             re.compile(r)
         except re.error as e:
             raise ConfigError(f"bad regular expression {r!r} ({e})") from None
-    _check_device(device)  # one line, before any work, when the device is not there
+    check_device(device)  # one line, before any work, when the device is not there
 
 
 def _extract(plan, fw, bw, result: ExtractResult, rank, distribute_scale, sv_epsilon, device):
@@ -175,7 +176,8 @@ def _extract(plan, fw, bw, result: ExtractResult, rank, distribute_scale, sv_eps
         if f"{name}.bias" in fw:  # PEFT's lora_bias: the bias change rides on lora_B
             tensors[f"{key}.lora_B.bias"] = (fw.get(f"{name}.bias") - bw.get(f"{name}.bias")).contiguous()
             bias = True
-        err = torch.linalg.norm(delta.float() - b.float() @ a.float()) / torch.linalg.norm(delta.float()).clamp(min=1e-30)
+        err = (torch.linalg.norm(delta.float() - b.float() @ a.float())
+               / torch.linalg.norm(delta.float()).clamp(min=1e-30))
         result.modules[name] = {"rank": a.shape[0], "rel_error": float(err), "shape": list(delta.shape)}
     if bias:  # PEFT's lora_bias gives every target a lora_B bias: zeros where the layer has none (no missing keys)
         for name in result.modules:
@@ -185,7 +187,7 @@ def _extract(plan, fw, bw, result: ExtractResult, rank, distribute_scale, sv_eps
 
 
 def _check_shapes(plan, fw, bw, ft, bs) -> None:
-    for name, how, src in plan:
+    for _name, how, src in plan:
         w = f"{src}.weight"
         if w not in bw:
             raise IncompatibleError(f"tensor {w!r} is in the model but not in the base", path=bs.path)
@@ -213,12 +215,15 @@ def _write(tmp: Path, tensors: dict, cfg: dict, ft, bs, result: ExtractResult) -
 
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     atomic_write_json(tmp / "adapter_config.json", cfg)
-    atomic_write_json(tmp / "warmstart.json", {"made_by": "warmstart extract-lora", "kind": "lora",
-                                               "model": str(ft.path), "base_model": str(bs.path),
-                                               **{k: v for k, v in result.to_dict().items() if k != "out"}})
+    meta = {"made_by": "warmstart extract-lora", "kind": "lora", "model": str(ft.path), "base_model": str(bs.path),
+            **{k: v for k, v in result.to_dict().items() if k != "out"}}
+    write_artefact(tmp, meta, _card(cfg, ft, bs, result))
+
+
+def _card(cfg: dict, ft, bs, result: ExtractResult) -> str:
     worst = max(m["rel_error"] for m in result.modules.values())
     rows = "\n".join(f"| `{n}` | {m['rank']} | {m['rel_error']:.3g} |" for n, m in result.modules.items())
-    (tmp / "README.md").write_text(
+    return (
         f"---\nlibrary_name: peft\nbase_model: {bs.path}\ntags: [warmstart, extract-lora]\n---\n\n"
         f"# LoRA extracted from `{ft.path}`\n\nMade with `warmstart extract-lora`: ΔW = model − base, truncated "
         f"SVD at rank ≤ {result.rank} per Linear module (lora_alpha = r, scaling 1). Saved whole: "

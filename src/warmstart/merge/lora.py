@@ -28,7 +28,6 @@ in the result and the model card.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import Counter
@@ -38,11 +37,13 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_dir, atomic_write_json, check_output
+from ..checkpoints.streaming import ST_DTYPES
 from ..checkpoints import Checkpoint, open_checkpoint
 from ..errors import ConfigError, IncompatibleError
-from .engine import MergeResult, TensorReport, _input_info, resolve_weights, write_card
-from .methods import get_method, validate
+from .engine import SKIP_COPY, _input_info, write_card  # the card writer and input provenance, shared
+from .methods import get_method, tensor_seed, validate
 from .plan import MergePlan
+from .results import MergeResult, TensorReport
 
 _KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])\.weight$")
 _PREFIX = "base_model.model."
@@ -147,7 +148,7 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
                    mode: str = "cat", rank: int | None = None, method: str = "linear", out: str | Path | None = None,
                    force: bool = False, progress: Callable[[int, int, str], None] | None = None,
                    plan: MergePlan | None = None, dtype: str | None = None, lora_scaling: float | None = None,
-                   lora_a_norm: float | None = None, **params) -> MergeResult:
+                   lora_a_norm: float | None = None, notes: list[str] | None = None, **params) -> MergeResult:
     """Merge LoRA adapters into one PEFT adapter (written to ``out`` if given; else kept in the result)."""
     t0 = time.perf_counter()
     cks = [a if isinstance(a, Checkpoint) else open_checkpoint(a) for a in adapters]
@@ -164,10 +165,10 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
     if out is not None:
         check_output(Path(out), force=force, inputs=[c.path for c in cks])
     m = get_method(method)
-    notes: list[str] = []
-    factor_space = method in ("linear", "task_arithmetic")
+    notes = list(notes or [])
+    factor_space = m.factor_space
     if factor_space:
-        coefs = _linear_coefs(method, weights, validate(m, len(cks), True, dict(params)))
+        coefs = _linear_coefs(weights, validate(m, len(cks), True, dict(params)))
     else:
         params = validate(m, len(cks), True, dict(params))
         if mode != "svd":
@@ -213,14 +214,13 @@ def merge_adapters(adapters: Sequence[Checkpoint | str | Path], weights: Sequenc
 
 
 def _st_dtype(st: str) -> torch.dtype:
-    from .._tensorio import ST_DTYPES
-
     return ST_DTYPES.get(st, torch.float32)
 
 
-def _linear_coefs(method: str, weights: list[float], params: dict) -> list[float]:
+def _linear_coefs(weights: list[float], params: dict) -> list[float]:
+    """Σ coefᵢ·ΔWᵢ: the factor-space methods' weights (params are validated, so defaults are filled in)."""
     total = sum(weights)
-    norm = params.get("normalize", method == "linear")
+    norm = params["normalize"]
     lam = params.get("lambda", 1.0)
     return [lam * w / (total if norm and abs(total) > 1e-8 else 1.0) for w in weights]
 
@@ -250,8 +250,6 @@ def _merge_module_dense(name, cks, facs, have, mod, m, weights, params, rank, a_
     dense = [cks[i].lora.scaling(name) * (facs[i][mod][1] @ facs[i][mod][0]) for i in have]
     p = {k: ([v[i] for i in have] if isinstance(v, list) else v) for k, v in params.items()}
     if "seed" in p:
-        from .methods import tensor_seed
-
         p["seed"] = tensor_seed(int(p["seed"]), name)
     target = m.fn(dense, torch.zeros_like(dense[0]), [weights[i] for i in have], **p)
     r = rank or max(facs[i][mod][0].shape[0] for i in have)
@@ -277,8 +275,6 @@ def _adapter_config(cks: list[Checkpoint], ranks: dict[str, int], mode: str, sca
 def _write_adapter(out: Path, force, tensors, cfg, cks, weights, plan, result, t0) -> None:
     from safetensors.torch import save_file
 
-    from .engine import SKIP_COPY
-
     with atomic_dir(out, force=force) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "adapter_config.json", cfg)
@@ -288,10 +284,7 @@ def _write_adapter(out: Path, force, tensors, cfg, cks, weights, plan, result, t
                 (tmp / f.name).write_bytes(f.read_bytes())
         result.inputs = [_input_info(c, None, "adapter") | {"weight": w} for c, w in zip(cks, weights)]
         result.timings["total"] = time.perf_counter() - t0
-        write_card(tmp, plan, result, kind="adapter")
-        meta = json.loads((tmp / "warmstart.json").read_text())
-        meta["base_model"] = cks[0].lora.base_model
-        atomic_write_json(tmp / "warmstart.json", meta)
+        write_card(tmp, plan, result, kind="adapter", base_model=cks[0].lora.base_model)
 
 
 def _check_plan_base(plan: MergePlan, cks: list[Checkpoint]) -> None:
@@ -313,16 +306,17 @@ def _check_plan_base(plan: MergePlan, cks: list[Checkpoint]) -> None:
                                 path=plan.source, hint="drop --base (adapters merge without it) or fix it")
 
 
-def merge_plan_adapters(plan: MergePlan, cks: list[Checkpoint], out: Path, *, force: bool = False,
-                        progress=None) -> MergeResult:
-    """The engine's entry for a plan whose inputs are all adapters."""
+def merge_plan_adapters(plan: MergePlan, cks: list[Checkpoint], out: Path, weights: Callable[[], list[float]], *,
+                        force: bool = False, progress=None, notes: list[str] | None = None) -> MergeResult:
+    """The adapter engine's entry for a plan whose inputs are all adapters (opened by the dispatch);
+    ``weights`` computes the donors' weights once the plan's adapter-specific checks have passed."""
     if plan.include_base:
         raise ConfigError("include_base does not apply to adapters (an adapter merge keeps the base outside)",
                           path=plan.source)
     if plan.base:
         _check_plan_base(plan, cks)
-    weights = resolve_weights(plan, cks, None)
-    return merge_adapters(cks, weights, mode=plan.lora_mode, rank=plan.rank, method=plan.method, out=out,
+    w = weights()  # fills ``notes`` (a list the caller shares) when the weighting assumed something
+    return merge_adapters(cks, w, notes=notes, mode=plan.lora_mode, rank=plan.rank, method=plan.method, out=out,
                           force=force, progress=progress, plan=plan, dtype=plan.dtype,
                           lora_scaling=plan.lora_scaling, lora_a_norm=plan.lora_a_norm, **plan.params)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .methods import REGISTRY
-from .settings import check
+from ..params import DTYPES, check
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template"}
@@ -99,19 +99,17 @@ def _slices(data: dict, problems: list[str]) -> list[dict] | None:
 
 
 def plan_kwargs(data: dict, source: str | None) -> dict:
-    """MergePlan keyword arguments for a mergekit YAML; every problem is reported at once, naming the file."""
-    from .plan import ModelSpec
-
+    """MergePlan keyword arguments for a mergekit YAML (models as plan entries: {ref, weight, params, lora});
+    every problem is reported at once, naming the file."""
     problems = []
     if set(data) - TOP_KEYS:
         extra = sorted(set(data) - TOP_KEYS)
         why = " (mergekit's per-module syntax)" if "modules" in extra else ""
         problems.append(f"unsupported mergekit key(s) {extra}{why} (supported: {', '.join(sorted(TOP_KEYS))})")
     method = data.get("merge_method")
-    if method not in REGISTRY:
+    m = REGISTRY.get(method) if isinstance(method, str) else None
+    if m is None:
         problems.append(f"merge_method {method!r} is not supported (supported: {', '.join(sorted(REGISTRY))})")
-    from .plan import DTYPES
-
     data = dict(data)
     for k in ("dtype", "out_dtype"):
         v = data.get(k)
@@ -141,8 +139,8 @@ def plan_kwargs(data: dict, source: str | None) -> dict:
         problems.append(f"tokenizer_source must be base, union or a model path, got {tsrc!r}")
     if data.get("tokenizer") is not None and not isinstance(data["tokenizer"], dict):
         problems.append(f"tokenizer must be a mapping (source, tokens, pad_to_multiple_of), got {data['tokenizer']!r}")
-    if method in REGISTRY:  # parameter names, all at once (mergekit ignores unknown ones silently)
-        known = set(REGISTRY[method].defaults) | {"weight"}
+    if m is not None:  # parameter names, all at once (mergekit ignores unknown ones silently)
+        known = set(m.defaults) | {"weight"}
         named = [("parameters", gparams)] + [(f"models[{i}].parameters", e["params"]) for i, e in enumerate(entries)]
         for i, sl in enumerate(slices or []):
             named += [(f"slices[{i}].parameters", sl["params"])] + [
@@ -154,14 +152,14 @@ def plan_kwargs(data: dict, source: str | None) -> dict:
     if problems:
         raise ConfigError("invalid mergekit plan: " + "; ".join(problems), path=source)
 
-    if method in REGISTRY and "tie_break" in REGISTRY[method].defaults:
+    if "tie_break" in m.defaults:
         gparams["tie_break"] = "mergekit"  # top-k ties broken by mergekit's sort: bit-identical, slower
     models, base_entry = [], None
     for e in entries:
-        spec = ModelSpec(e["model"], e["params"].pop("weight", None), e["params"], lora=e["lora"])
+        spec = {"ref": e["model"], "weight": e["params"].pop("weight", None), "params": e["params"], "lora": e["lora"]}
         if base is not None and e["model"] == base and not e["lora"]:
             base_entry = spec
-            if method == "linear":  # linear has no θ₀: the base is one more input, in its listed place
+            if m.base_is_input:  # no θ₀ (linear): the base is one more input, in its listed place
                 models.append(spec)
         else:
             models.append(spec)
@@ -169,14 +167,14 @@ def plan_kwargs(data: dict, source: str | None) -> dict:
                           "input_dtype": data.get("dtype"), "dtype": data.get("out_dtype"),
                           "compute_dtype": "auto", "tokenizer": data.get("tokenizer"),
                           "chat_template": data.get("chat_template")}
-    if method == "linear" and base_entry is not None:
+    if m.base_is_input and base_entry is not None:
         kw["config_from"] = base  # the base's config and tokenizer, as mergekit's output has
     else:
         kw["base"] = base
     if tsrc is not None:
         kw["tokenizer_source"] = tsrc
-    if method == "slerp" and not slices and not models:
-        raise ConfigError("slerp needs a second model besides the base", path=source)
+    if m.points and not slices and not models:
+        raise ConfigError(f"{method} needs a second model besides the base", path=source)
     return kw
 
 

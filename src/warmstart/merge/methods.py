@@ -20,41 +20,80 @@ sparsify each task vector δᵢ = θᵢ − θ₀, optionally elect a sign, then
 
 from __future__ import annotations
 
+import inspect
+import keyword
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, IncompatibleError
 
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method: its function, its parameters (read from the function's signature) and the
+    facts callers test instead of its name."""
+
     name: str
-    fn: Callable
+    fn: Callable  # (tensors, base, weights, **params) with params named as in plans ("lambda", not "lambda_")
     url: str  # the paper (or definition) the math follows
     needs_base: bool
-    defaults: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)  # parameter → default: the keyword-only arguments of the function
     min_models: int = 1
     max_models: int | None = None
     uses_weights: bool = True
     doc: str = ""
     mutates: bool = False  # overwrites the donor tensors it is given (the engine owns its buffers)
     result_dtype: str | None = None  # mergekit's output dtype when it is not the inputs' (e.g. float32)
+    base_is_input: bool = False  # no θ₀: a base takes part only as one more donor (include_base), never as origin
+    task_vectors: bool = False  # works on task vectors δᵢ = θᵢ − θ₀
+    factor_space: bool = False  # exact on LoRA factors (ΔW = Σ cᵢ·sᵢ·BᵢAᵢ): the cat/svd/factors modes apply
+    weighted_average: bool = False  # Σ wᵢθᵢ / Σ wᵢ: the same model for any scale of w, undefined when Σ w = 0
+    points: int | None = None  # exactly this many tensors in all, the base included (slerp: 2)
+    mergekit_requires: tuple[str, ...] = ()  # parameters mergekit requires that we default (a note says so)
+    impl: Callable | None = field(default=None, repr=False, compare=False)  # the function as written (its schema)
+
+    @property
+    def seeded(self) -> bool:
+        """Draws random numbers: the seed is made per tensor (:func:`tensor_seed`)."""
+        return "seed" in self.defaults
+
+    @property
+    def sparsifies(self) -> bool:
+        """Keeps a ``density`` fraction of each task vector (the weight search can search it)."""
+        return "density" in self.defaults
 
 
 REGISTRY: dict[str, Method] = {}
+_METHOD_ARGS = ["tensors", "base", "weights"]
 
 
-def register(name: str, url: str, *, needs_base: bool, defaults: dict | None = None, min_models: int = 1,
-             max_models: int | None = None, uses_weights: bool = True, mutates: bool = False,
-             result_dtype: str | None = None, **bound):
-    """Register ``fn`` under ``name``; ``bound`` fixes family parameters (e.g. consensus for TIES)."""
+def _schema(fn: Callable) -> tuple[dict, dict]:
+    """A method function's parameters and defaults, from its signature (mergekit's easy_define habit):
+    ``fn(tensors, base, weights, *, p=default, ...)``. A trailing underscore frees a Python keyword
+    (``lambda_`` is the parameter ``lambda``). Returns (defaults, plan name → Python name)."""
+    sig = inspect.signature(fn)
+    pos = [p.name for p in sig.parameters.values() if p.kind is not p.KEYWORD_ONLY]
+    kw = [p for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY]
+    if pos != _METHOD_ARGS or any(p.default is p.empty for p in kw):
+        raise TypeError(f"{fn.__name__}: a method is fn(tensors, base, weights, *, param=default, ...)")
+    names = {p.name.rstrip("_") if keyword.iskeyword(p.name.rstrip("_")) else p.name: p.name for p in kw}
+    return {k: sig.parameters[v].default for k, v in names.items()}, names
+
+
+def register(name: str, url: str, *, needs_base: bool, min_models: int = 1, max_models: int | None = None,
+             uses_weights: bool = True, mutates: bool = False, result_dtype: str | None = None, **facts):
+    """Register ``fn`` under ``name``; its keyword-only arguments are the method's parameters."""
 
     def deco(fn):
-        f = (lambda tensors, base, weights, **kw: fn(tensors, base, weights, **bound, **kw)) if bound else fn
-        REGISTRY[name] = Method(name, f, url, needs_base, dict(defaults or {}), min_models, max_models,
-                                uses_weights, (fn.__doc__ or "").strip().splitlines()[0], mutates, result_dtype)
+        defaults, py = _schema(fn)
+        renamed = {k: v for k, v in py.items() if k != v}
+        f = fn if not renamed else (lambda tensors, base, weights, **kw: fn(
+            tensors, base, weights, **{renamed.get(k, k): v for k, v in kw.items()}))
+        REGISTRY[name] = Method(name, f, url, needs_base, defaults, min_models, max_models, uses_weights,
+                                (fn.__doc__ or "").strip().splitlines()[0], mutates, result_dtype, impl=fn, **facts)
         return fn
 
     return deco
@@ -71,8 +110,8 @@ def get_method(name: str) -> Method:
 # Averages
 
 
-@register("linear", "https://arxiv.org/abs/2203.05482", needs_base=False, defaults={"normalize": True},
-          mutates=True)
+@register("linear", "https://arxiv.org/abs/2203.05482", needs_base=False, mutates=True, base_is_input=True,
+          factor_space=True, weighted_average=True)
 def linear(tensors, base, weights, *, normalize=True):
     """Weighted average Σ wᵢθᵢ (/ Σ wᵢ when normalize); the base takes part only if passed as a donor.
 
@@ -91,11 +130,11 @@ def linear(tensors, base, weights, *, normalize=True):
     return out.to(first.dtype)
 
 
-@register("task_arithmetic", "https://arxiv.org/abs/2212.04089", needs_base=True,
-          defaults={"lambda": 1.0, "normalize": False}, mutates=True)
-def task_arithmetic(tensors, base, weights, **params):
+@register("task_arithmetic", "https://arxiv.org/abs/2212.04089", needs_base=True, mutates=True, task_vectors=True,
+          factor_space=True)
+def task_arithmetic(tensors, base, weights, *, lambda_=1.0, normalize=False):
     """θ₀ + λ·Σ wᵢδᵢ (divided by Σ wᵢ when normalize)."""
-    return _task_family(tensors, base, weights, sparsify=None, consensus=None, **params)
+    return _task_family(tensors, base, weights, sparsify=None, consensus=None, lam=lambda_, normalize=normalize)
 
 
 # ----------------------------------------------------------------------------
@@ -202,11 +241,8 @@ def _bernoulli_keep(delta: torch.Tensor, density: float, gen: torch.Generator) -
 
 
 def _task_family(tensors, base, weights, *, sparsify, consensus, density=1.0, gamma=0.01, normalize=False,
-                 rescale=None, seed=0, tie_break="position", **params):
+                 rescale=None, seed=0, tie_break="position", lam=1.0):
     """Generalised task arithmetic: sparsify δᵢ, optional sign election, (disjoint) weighted sum."""
-    lam = params.pop("lambda", params.pop("lambda_", 1.0))
-    if params:
-        raise ConfigError(f"unknown parameter(s) {sorted(params)}")
     densities = density if isinstance(density, (list, tuple)) else [density] * len(tensors)
     gammas = gamma if isinstance(gamma, (list, tuple)) else [gamma] * len(tensors)
     gen = torch.Generator(device=base.device).manual_seed(int(seed)) if sparsify == "random" else None
@@ -279,28 +315,53 @@ def _combine(wd: list[torch.Tensor], weights, consensus):
 _TIES = "https://arxiv.org/abs/2306.01708"
 _DARE = "https://arxiv.org/abs/2311.03099"
 _CRUMBS = "https://arxiv.org/abs/2312.06795"
-for _name, _url, _sp, _cons, _defaults in [
-    ("ties", _TIES, "magnitude", "sum", {"density": 1.0, "normalize": True, "lambda": 1.0, "tie_break": "position"}),
-    ("dare_ties", _DARE, "random", "sum", {"density": 1.0, "normalize": False, "lambda": 1.0, "rescale": True,
-                                          "seed": 0}),
-    ("dare_linear", _DARE, "random", None, {"density": 1.0, "normalize": False, "lambda": 1.0, "rescale": True,
-                                           "seed": 0}),
-    ("breadcrumbs", _CRUMBS, "outliers", None, {"density": 1.0, "gamma": 0.01, "normalize": False, "lambda": 1.0,
-                                                 "tie_break": "position"}),
-    ("breadcrumbs_ties", _CRUMBS, "outliers", "sum", {"density": 1.0, "gamma": 0.01, "normalize": False,
-                                                      "lambda": 1.0, "tie_break": "position"}),
-]:
-    register(_name, _url, needs_base=True, defaults=_defaults, mutates=True, sparsify=_sp,
-             consensus=_cons)(_task_family)
+_FAMILY = {"needs_base": True, "mutates": True, "task_vectors": True}
+
+
+@register("ties", _TIES, **_FAMILY)
+def ties(tensors, base, weights, *, density=1.0, normalize=True, lambda_=1.0, tie_break="position"):
+    """TIES: keep the top-density |δᵢ|, elect a sign per entry, sum the agreeing δᵢ."""
+    return _task_family(tensors, base, weights, sparsify="magnitude", consensus="sum", density=density,
+                        normalize=normalize, lam=lambda_, tie_break=tie_break)
+
+
+@register("dare_ties", _DARE, **_FAMILY)
+def dare_ties(tensors, base, weights, *, density=1.0, normalize=False, lambda_=1.0, rescale=True, seed=0):
+    """DARE + TIES: keep each δᵢ entry with probability density (rescaled by 1/density), elect signs."""
+    return _task_family(tensors, base, weights, sparsify="random", consensus="sum", density=density,
+                        normalize=normalize, lam=lambda_, rescale=rescale, seed=seed)
+
+
+@register("dare_linear", _DARE, **_FAMILY)
+def dare_linear(tensors, base, weights, *, density=1.0, normalize=False, lambda_=1.0, rescale=True, seed=0):
+    """DARE: keep each δᵢ entry with probability density (rescaled by 1/density), then sum."""
+    return _task_family(tensors, base, weights, sparsify="random", consensus=None, density=density,
+                        normalize=normalize, lam=lambda_, rescale=rescale, seed=seed)
+
+
+@register("breadcrumbs", _CRUMBS, **_FAMILY)
+def breadcrumbs(tensors, base, weights, *, density=1.0, gamma=0.01, normalize=False, lambda_=1.0,
+                tie_break="position"):
+    """Model Breadcrumbs: drop the largest gamma and the smallest entries of each δᵢ, keeping density, sum."""
+    return _task_family(tensors, base, weights, sparsify="outliers", consensus=None, density=density, gamma=gamma,
+                        normalize=normalize, lam=lambda_, tie_break=tie_break)
+
+
+@register("breadcrumbs_ties", _CRUMBS, **_FAMILY)
+def breadcrumbs_ties(tensors, base, weights, *, density=1.0, gamma=0.01, normalize=False, lambda_=1.0,
+                     tie_break="position"):
+    """Model Breadcrumbs with TIES sign election."""
+    return _task_family(tensors, base, weights, sparsify="outliers", consensus="sum", density=density, gamma=gamma,
+                        normalize=normalize, lam=lambda_, tie_break=tie_break)
 
 
 # ----------------------------------------------------------------------------
 # Geometric methods
 
 
-@register("slerp", "https://dl.acm.org/doi/10.1145/325165.325242", needs_base=False, defaults={"t": 0.5},
-          min_models=1, max_models=2, uses_weights=False)
-def slerp(tensors, base, weights, *, t=0.5, dot_threshold=0.9995, eps=1e-8):
+@register("slerp", "https://dl.acm.org/doi/10.1145/325165.325242", needs_base=False, min_models=1, max_models=2,
+          uses_weights=False, points=2, mergekit_requires=("t",))
+def slerp(tensors, base, weights, *, t=0.5):
     """Spherical interpolation from v0 (the base, or the first model) to v1, over the whole flattened tensor.
 
     mergekit 0.1.5's arithmetic step for step (bit-identical): float32 (float64 for float64
@@ -323,10 +384,11 @@ def slerp(tensors, base, weights, *, t=0.5, dot_threshold=0.9995, eps=1e-8):
                                                for i in range(0, n, ch)]), dim=0)
     nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, i:i + ch].to(dt), dim=1, keepdim=True)
                                                for i in range(0, n, ch)]), dim=0)
+    eps = _SLERP_EPS
     na, nb = torch.where(na > eps, na, 1), torch.where(nb > eps, nb, 1)
     dot = torch.stack([((a[:, i:i + ch].to(dt) / na) * (b[:, i:i + ch].to(dt) / nb)).sum(dim=1, keepdim=True)
                        for i in range(0, n, ch)]).sum(dim=0).clamp(-1, 1)
-    lin = dot.abs() > dot_threshold
+    lin = dot.abs() > _SLERP_DOT_THRESHOLD
     theta = torch.acos(torch.where(lin, 0, dot))
     sin_theta = torch.sin(theta)
     ca = torch.where(lin, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
@@ -338,10 +400,11 @@ def slerp(tensors, base, weights, *, t=0.5, dot_threshold=0.9995, eps=1e-8):
 
 
 _SLERP_CHUNK = 1 << 20  # mergekit's _CHUNK_ELEMENTS (its chunking sets the rounding of the norms)
+_SLERP_DOT_THRESHOLD, _SLERP_EPS = 0.9995, 1e-8  # mergekit's constants (not parameters there either)
 
 
-@register("model_stock", "https://arxiv.org/abs/2403.19522", needs_base=True, defaults={"filter_wise": False},
-          min_models=2, uses_weights=False)
+@register("model_stock", "https://arxiv.org/abs/2403.19522", needs_base=True, min_models=2, uses_weights=False,
+          task_vectors=True)
 def model_stock(tensors, base, weights, *, filter_wise=False):
     """θ₀ + t·(mean(θᵢ) − θ₀) with t = N·cosθ / (1 + (N−1)·cosθ), cosθ the mean pairwise cosine of δᵢ."""
     shape = base.shape
@@ -365,8 +428,7 @@ def model_stock(tensors, base, weights, *, filter_wise=False):
     return (ratio * avg + (1 - ratio) * w0).reshape(shape)
 
 
-@register("passthrough", "https://github.com/arcee-ai/mergekit", needs_base=False, defaults={"scale": None},
-          max_models=1, uses_weights=False)
+@register("passthrough", "https://github.com/arcee-ai/mergekit", needs_base=False, max_models=1, uses_weights=False)
 def passthrough(tensors, base, weights, *, scale=None):
     """The one input as it is (times ``scale`` if given): mergekit's copy / frankenmerge method."""
     s = scale[0] if isinstance(scale, (list, tuple)) else scale
@@ -385,7 +447,7 @@ def validate(method: Method, n_models: int, has_base: bool, params: dict) -> dic
         want = (f"{method.min_models}" if method.max_models == method.min_models else
                 f"{method.min_models}..{method.max_models or 'any'}")
         raise ConfigError(f"method {method.name!r} takes {want} model(s) besides the base, got {n_models}")
-    unknown = set(params) - set(method.defaults) - {"lambda_"}
+    unknown = set(params) - set(method.defaults)
     if unknown:
         raise ConfigError(f"method {method.name!r} has no parameter(s) {sorted(unknown)}",
                           hint="known: " + ", ".join(sorted(method.defaults)))
@@ -420,8 +482,6 @@ def merge_state_dicts(method: str, state_dicts: list[dict], base: dict | None = 
     ``missing='error'`` refuses keys absent from some input; ``'reference'`` merges each key over
     the inputs that have it (keys absent from the reference are dropped).
     """
-    from ..errors import IncompatibleError
-
     ref = base if base is not None else state_dicts[0]
     out = {}
     for key, rt in ref.items():
@@ -435,7 +495,7 @@ def merge_state_dicts(method: str, state_dicts: list[dict], base: dict | None = 
             continue
         w = [weights[i] for i in have] if weights is not None else None
         seed_params = dict(params)
-        if "seed" in params or method.startswith("dare"):
+        if get_method(method).seeded:  # per tensor, as the streaming engine: the same bits in memory and on disk
             seed_params["seed"] = tensor_seed(int(params.get("seed", 0)), key)
         out[key] = merge_tensors(method, [state_dicts[i][key] for i in have],
                                  base[key] if base is not None else None, w, **seed_params)
@@ -448,8 +508,6 @@ def merge_state_dicts(method: str, state_dicts: list[dict], base: dict | None = 
 
 def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed: DARE masks depend on (seed, tensor name) only, not on thread order."""
-    import zlib
-
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .methods import register
+from .methods import REGISTRY, register
 
 # ----------------------------------------------------------------------------
 # Spherical methods
@@ -51,8 +51,7 @@ def _nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: f
 
 
 @register("nuslerp", "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#nuslerp",
-          needs_base=False, defaults={"nuslerp_flatten": True, "nuslerp_row_wise": False}, min_models=2,
-          max_models=2)
+          needs_base=False, min_models=2, max_models=2)
 def nuslerp(tensors, base, weights, *, nuslerp_flatten=True, nuslerp_row_wise=False):
     """SLERP between two models at t = w₂/(w₁+w₂); with a base, between their task vectors (then + θ₀)."""
     total = sum(weights)
@@ -63,8 +62,7 @@ def nuslerp(tensors, base, weights, *, nuslerp_flatten=True, nuslerp_row_wise=Fa
     return _nuslerp(t, tensors[0], tensors[1], dim=dim, flatten=nuslerp_flatten)
 
 
-@register("multislerp", "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea", needs_base=False,
-          defaults={"normalize_weights": True, "eps": 1e-8})
+@register("multislerp", "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea", needs_base=False)
 def multislerp(tensors, base, weights, *, normalize_weights=True, eps=1e-8):
     """Barycentric SLERP: tangent-space mean of the unit vectors at their weighted mean, mapped back, × mean norm."""
     if len(tensors) == 1:
@@ -135,8 +133,7 @@ def karcher_mean(tensors, alphas, max_iter=10, tol=1e-5):
     return sum(a * n for a, n in zip(alphas, norms)) * mean
 
 
-@register("karcher", "https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean", needs_base=False,
-          defaults={"max_iter": 10, "tol": 1e-5}, uses_weights=False)
+@register("karcher", "https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean", needs_base=False, uses_weights=False)
 def karcher(tensors, base, weights, *, max_iter=10, tol=1e-5):
     """Uniform Karcher mean of all inputs; a base model is one more point (as mergekit), not an origin.
 
@@ -153,8 +150,8 @@ def karcher(tensors, base, weights, *, max_iter=10, tol=1e-5):
 # Base + one model
 
 
-@register("nearswap", "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", needs_base=True,
-          defaults={"t": None}, min_models=1, max_models=1, uses_weights=False)
+@register("nearswap", "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", needs_base=True, min_models=1,
+          max_models=1, uses_weights=False)
 def nearswap(tensors, base, weights, *, t=None):
     """Take the model's value where it is within t of the base: w = clamp(t/|θ₀−θ₁|, 0, 1), w·θ₁ + (1−w)·θ₀."""
     if t is None:
@@ -176,7 +173,7 @@ def _approx_quantiles(x: torch.Tensor, q: torch.Tensor, gen: torch.Generator) ->
 
 
 @register("arcee_fusion", "https://arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
-          needs_base=True, defaults={"seed": 0}, min_models=1, max_models=1, uses_weights=False,
+          needs_base=True, task_vectors=True, min_models=1, max_models=1, uses_weights=False,
           result_dtype="float32")
 def arcee_fusion(tensors, base, weights, *, seed=0):
     """θ₀ + (θ₁−θ₀)·[s ≥ median(s) + 1.5·IQR(s)], s = |θ₁−θ₀|·KL(softmax θ₁ ‖ softmax θ₀) per row."""
@@ -202,8 +199,7 @@ def sign_consensus(delta: torch.Tensor, mask_dtype=None) -> torch.Tensor:
     return sign == majority
 
 
-@register("sce", "https://arxiv.org/abs/2408.07990", needs_base=True, defaults={"select_topk": 1.0},
-          uses_weights=False)
+@register("sce", "https://arxiv.org/abs/2408.07990", needs_base=True, task_vectors=True, uses_weights=False)
 def sce(tensors, base, weights, *, select_topk=1.0):
     """Select (top-k variance entries), Calculate (weights ∝ mean δᵢ²), Erase (minority signs), then merge."""
     tv = torch.stack([t - base for t in tensors], dim=0)
@@ -251,15 +247,14 @@ def _ram(tensors, base, epsilon, r=None, alpha=None):
     return base + merged.reshape_as(base)
 
 
-@register("ram", "https://arxiv.org/abs/2601.13572", needs_base=True, defaults={"epsilon": 1e-5},
-          uses_weights=False)
+@register("ram", "https://arxiv.org/abs/2601.13572", needs_base=True, task_vectors=True, uses_weights=False)
 def ram(tensors, base, weights, *, epsilon=1e-5):
     """Reinforced Agent Merging: unique task-vector entries kept whole, overlapping ones averaged."""
     return _ram(tensors, base, float(epsilon))
 
 
-@register("ramplus_tl", "https://arxiv.org/abs/2601.13572", needs_base=True,
-          defaults={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, uses_weights=False, result_dtype="float32")
+@register("ramplus_tl", "https://arxiv.org/abs/2601.13572", needs_base=True, task_vectors=True, uses_weights=False,
+          result_dtype="float32")
 def ramplus_tl(tensors, base, weights, *, r=0.1, alpha=0.2, epsilon=1e-5):
     """RAM+ (tensor-local): RAM with each model's unique entries boosted by its shared/unique ratio."""
     return _ram(tensors, base, float(epsilon), float(r), float(alpha))
@@ -298,12 +293,8 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, gen: tor
     return masked.reshape(shape)
 
 
-def _della(tensors, base, weights, *, consensus, density=1.0, epsilon=0.15, normalize=False, rescale=True,
-           seed=0, **params):
+def _della(tensors, base, weights, *, consensus, density, epsilon, normalize, rescale, seed, lam):
     """DELLA: MAGPRUNE each δᵢ, weight, then TIES sign election (della) or a plain sum (della_linear)."""
-    lam = params.pop("lambda", params.pop("lambda_", 1.0))
-    if params:
-        raise ConfigError(f"unknown parameter(s) {sorted(params)}")
     n = len(tensors)
     dens = density if isinstance(density, (list, tuple)) else [density] * n
     eps = epsilon if isinstance(epsilon, (list, tuple)) else [epsilon] * n
@@ -330,19 +321,29 @@ def _della(tensors, base, weights, *, consensus, density=1.0, epsilon=0.15, norm
 
 
 _DELLA = "https://arxiv.org/abs/2406.11617"
-register("della", _DELLA, needs_base=True, consensus=True,
-         defaults={"density": 1.0, "epsilon": 0.15, "normalize": True, "rescale": True, "lambda": 1.0,
-                   "seed": 0})(_della)
-register("della_linear", _DELLA, needs_base=True, consensus=False,
-         defaults={"density": 1.0, "epsilon": 0.15, "normalize": False, "rescale": True, "lambda": 1.0,
-                   "seed": 0})(_della)
+
+
+@register("della", _DELLA, needs_base=True, task_vectors=True)
+def della(tensors, base, weights, *, density=1.0, epsilon=0.15, normalize=True, rescale=True, lambda_=1.0, seed=0):
+    """DELLA: MAGPRUNE each δᵢ (drop probability falling with magnitude rank), weight, TIES sign election."""
+    return _della(tensors, base, weights, consensus=True, density=density, epsilon=epsilon, normalize=normalize,
+                  rescale=rescale, seed=seed, lam=lambda_)
+
+
+@register("della_linear", _DELLA, needs_base=True, task_vectors=True)
+def della_linear(tensors, base, weights, *, density=1.0, epsilon=0.15, normalize=False, rescale=True, lambda_=1.0,
+                 seed=0):
+    """DELLA without sign election: MAGPRUNE each δᵢ, weight, sum."""
+    return _della(tensors, base, weights, consensus=False, density=density, epsilon=epsilon, normalize=normalize,
+                  rescale=rescale, seed=seed, lam=lambda_)
+
 
 # The dtype a kernel returns for 16-bit inputs, where it is not the inputs' own: mergekit 0.1.5 writes a kernel's
 # result as it is when the config has no out_dtype, so a mergekit-parity engine needs it before the first tensor
-# (the shard layout is fixed up front). Checked against the kernels in tests/test_merge_methods_more.py.
-RESULT_DTYPE = {
-    "arcee_fusion": lambda d: torch.promote_types(d, torch.float32),  # its mask is .float()
-    "ramplus_tl": lambda d: torch.promote_types(d, torch.float32),  # rho = int counts / float clamp → float32
-}
+# (the shard layout is fixed up front). Checked against the kernels in tests/merge/test_methods_more.py.
+# arcee_fusion: its mask is .float(); ramplus_tl: rho = int counts / float clamp → float32. Read from the
+# registry (Method.result_dtype), the one place it is declared.
+RESULT_DTYPE = {name: (lambda d, _r=getattr(torch, m.result_dtype): torch.promote_types(d, _r))
+                for name, m in REGISTRY.items() if m.result_dtype}
 
 __all__ = ["RESULT_DTYPE", "della_magprune", "karcher_mean", "sign_consensus"]

@@ -23,12 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._io import read_config
 from ..errors import ConfigError
+from ..params import DTYPES
+from ..params import check as check_setting
+from ..provenance import parse_size  # the one size parser; re-exported for plan.parse_size callers
+from ..weighting import parse as parse_weighting
+from .mergekit_yaml import plan_kwargs
 from .methods import REGISTRY
-from .settings import check as check_setting
-from .weights import SCHEMES
+from .tokenizer import tokenizer_problems
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 COMPUTE_DTYPES = DTYPES + ("auto",)  # auto: the inputs' dtype (after input_dtype rounding), as mergekit
 POLICIES = ("error", "reference")
 LORA_MODES = ("cat", "svd", "factors")
@@ -50,7 +54,7 @@ class MergePlan:
     base: str | None = None
     include_base: bool = False  # linear only: the base takes part with `base_weight` (never implied)
     base_weight: float | None = None
-    weighting: str | None = None  # None: "given" if any model has a weight, else "uniform"
+    weighting: str | None = None  # a scheme of .weights (softmax:T too); None: "given" if any weight, else "uniform"
     penalty: float = 1.0
     temperature: float = 1.0
     higher_is_better: bool = False  # for score/softmax weighting: accuracy-like (True) or loss-like (False)
@@ -72,7 +76,6 @@ class MergePlan:
     rank: int | None = None
     lora_scaling: float | None = None  # cat/svd output scaling (alpha/r) of every module; None: 1
     lora_a_norm: float | None = None  # svd: row norm of A (None: σ split evenly between A and B)
-    library: str | None = None  # catalog for MWA metrics of checkpoints without trainer_state.json
     source: str | None = field(default=None, compare=False)  # the file it came from (for messages)
 
     # -- validation ---------------------------------------------------------
@@ -83,13 +86,25 @@ class MergePlan:
             raise ConfigError("invalid merge plan: " + "; ".join(problems), path=self.source)
 
     def problems(self) -> list[str]:
-        p = []
+        """Every problem of the plan, one string each; an empty list means it can run."""
+        p = self._type_problems()
+        if p:  # the value checks below assume the types
+            return p
         if not self.models and not self.slices:
             p.append("no models to merge")
-        if self.method not in REGISTRY:
+        method = REGISTRY.get(self.method)
+        if method is None:
             p.append(f"unknown method {self.method!r} (known: {', '.join(sorted(REGISTRY))})")
-        if self.weighting is not None and self.weighting not in SCHEMES:
-            p.append(f"unknown weighting {self.weighting!r} (known: {', '.join(SCHEMES)})")
+        if method is not None:  # parameter names, from the method's signature (values: checked per tensor)
+            given = set(self.params) | {k for m in self.models for k in m.params}
+            if unknown := sorted(given - set(method.defaults) - {"weight"}):
+                p.append(f"method {method.name!r} has no parameter(s) {unknown} "
+                         f"(known: {', '.join(sorted(method.defaults)) or 'none'})")
+        if self.weighting is not None:
+            try:
+                parse_weighting(self.weighting, where="merge")
+            except ConfigError as e:
+                p.append(f"{e.message} ({e.hint})" if e.hint else e.message)
         for name, val, allowed in [("dtype", self.dtype, DTYPES + (None,)), ("compute_dtype", self.compute_dtype,
                                                                             COMPUTE_DTYPES),
                                    ("input_dtype", self.input_dtype, DTYPES + (None,)),
@@ -107,7 +122,7 @@ class MergePlan:
             if m.weight is not None and (q := check_setting(m.weight, f"weight of {m.ref!r}")):
                 p.append(q)
         ws = [m.weight for m in self.models if m.weight is not None]
-        if (self.method == "linear" and self.params.get("normalize", True) is not False and ws
+        if (method is not None and method.weighted_average and self.params.get("normalize", True) is not False and ws
                 and len(ws) == len(self.models) and all(isinstance(w, (int, float)) for w in ws)
                 and abs(sum(ws) + (self.base_weight or 0)) < 1e-12):
             # Only where the result is undefined: a normalised linear divides by Σw (mergekit writes inf/NaN).
@@ -117,7 +132,7 @@ class MergePlan:
         p += self._slice_problems() + self._tokenizer_problems()
         if self.include_base and not self.base:
             p.append("include_base needs a base")
-        if self.include_base and self.method != "linear":
+        if self.include_base and method is not None and not method.base_is_input:
             p.append(f"include_base applies to linear merges only (method {self.method!r} uses the base as θ₀)")
         if self.penalty < 0:
             p.append(f"penalty must be >= 0, got {self.penalty}")
@@ -131,6 +146,22 @@ class MergePlan:
             parse_size(self.shard_size)
         except ValueError as e:
             p.append(str(e))
+        return p
+
+    def _type_problems(self) -> list[str]:
+        """Values of the wrong type, so that a YAML typo is one line in the list, not a TypeError."""
+        want = {"method": (str, "a method name"), "base": ((str, type(None)), "a path or hub id"),
+                "include_base": (bool, "true or false"), "base_weight": ((int, float, type(None)), "a number"),
+                "weighting": ((str, type(None)), "a weighting scheme"), "penalty": ((int, float), "a number"),
+                "temperature": ((int, float), "a number"), "higher_is_better": (bool, "true or false"),
+                "params": (dict, "a mapping"), "shard_size": ((str, int), "a size such as 2GB"),
+                "threads": (int, "a whole number"), "rank": ((int, type(None)), "a whole number"),
+                "device": (str, "a device name"), "slices": ((list, type(None)), "a list")}
+        p = []
+        for k, (types, what) in want.items():
+            v = getattr(self, k)
+            if not isinstance(v, types) or (isinstance(v, bool) and bool not in _tuple(types)):
+                p.append(f"{k} must be {what}, got {v!r}")
         return p
 
     def _slice_problems(self) -> list[str]:
@@ -161,8 +192,6 @@ class MergePlan:
         """mergekit's tokenizer surgery (merge/tokenizer.py): checked up front, never ignored."""
         if self.slices and (self.tokenizer_source or self.tokenizer):
             return ["tokenizer_source / tokenizer: with slices is not supported"]
-        from .tokenizer import tokenizer_problems
-
         return tokenizer_problems(self.tokenizer_source, self.tokenizer, self.chat_template)
 
     # -- YAML ---------------------------------------------------------------
@@ -181,46 +210,27 @@ class MergePlan:
         names = {f.name for f in dataclasses.fields(cls)} - {"source"}
         unknown = sorted(set(data) - names)
         problems = [f"unknown key(s) {unknown} (known: {', '.join(sorted(names))})"] if unknown else []
-        models = [_model_spec(m, problems) for m in (data.get("models") or [])]
+        models = data.get("models") or []
+        if not isinstance(models, list):
+            problems.append(f"models must be a list, got {models!r}")
+            models = []
+        models = [_model_spec(m, problems) for m in models]
+        kw = {k: v for k, v in data.items() if k in names and k != "models"}
+        # Every problem at once: the keys and entries above, then every field's value, before any work.
+        plan = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(plan, f.name, kw.get(f.name, default))
+        plan.models, plan.source = models, source
+        problems += plan.problems()
         if problems:
             raise ConfigError("invalid merge plan: " + "; ".join(problems), path=source)
-        kw = {k: v for k, v in data.items() if k in names and k != "models"}
-        try:
-            return cls(models=models, source=source, **kw)
-        except TypeError as e:
-            raise ConfigError(f"invalid merge plan ({e})", path=source) from None
+        return cls(models=models, source=source, **kw)
 
     @classmethod
     def from_mergekit(cls, data: dict, *, source: str | None = None) -> MergePlan:
         """A mergekit YAML, read with mergekit 0.1.5's semantics (see :mod:`.mergekit_yaml`)."""
-        from .mergekit_yaml import plan_kwargs
-
         return cls(source=source, **plan_kwargs(data, source))
-
-    @classmethod
-    def from_selection(cls, path: str | Path, *, method: str | None = None, **overrides) -> MergePlan:
-        """A plan from a selection file (``warmstart select`` or ``optimize``): ``base`` and
-        ``donors[].ref/.weight`` are used, and ``method``/``params`` when the file names them
-        (optimize does: its weights were searched for that method). ``method=`` overrides."""
-        path = Path(path)
-        data = _load_file(path)
-        if not isinstance(data, dict) or not isinstance(data.get("donors"), list) or not data["donors"]:
-            raise ConfigError("selection file needs a non-empty 'donors' list", path=path)
-        models = []
-        for d in data["donors"]:
-            if not isinstance(d, dict) or not isinstance(d.get("ref"), str) or not d["ref"]:
-                raise ConfigError(f"selection donor without a 'ref' path: {d!r}", path=path)
-            _check_selection_types(d, path)
-            models.append(ModelSpec(str(d["ref"]), d.get("weight"), score=d.get("score")))
-        _check_selection_types({k: data.get(k) for k in ("base", "method", "metric", "params")}, path)
-        metric = str(data.get("metric") or "loss")
-        if method is None:
-            method = str(data.get("method") or "linear")
-            if isinstance(data.get("params"), dict) and "params" not in overrides:
-                overrides["params"] = dict(data["params"])
-        kw = {"method": method, "base": data.get("base"), "source": str(path),
-              "higher_is_better": "loss" not in metric and "perplexity" not in metric, **overrides}
-        return cls(models=models, **kw)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -234,23 +244,6 @@ class MergePlan:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-
-
-def _check_selection_types(d: dict, path: Path) -> None:
-    """A selection file is written by `select`/`optimize` but may be edited by hand: a string where a
-    weight belongs would fail deep in the merge with a TypeError instead of naming the field."""
-    def num(v):
-        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-                             and abs(v) != float("inf"))
-
-    want = {"weight": (num, "a finite number"), "score": (num, "a finite number"),
-            "base": (lambda v: v is None or (isinstance(v, str) and v), "a path or hub id"),
-            "method": (lambda v: v is None or isinstance(v, str), "a method name"),
-            "metric": (lambda v: v is None or isinstance(v, str), "a metric name"),
-            "params": (lambda v: v is None or isinstance(v, dict), "a mapping")}
-    for k, (ok, what) in want.items():
-        if k in d and not ok(d[k]):
-            raise ConfigError(f"selection field {k!r} must be {what}, got {d[k]!r}", path=path)
 
 
 def _model_spec(m, problems: list[str]) -> ModelSpec:
@@ -270,31 +263,13 @@ def _model_spec(m, problems: list[str]) -> ModelSpec:
     return ModelSpec(str(m))
 
 
+def _tuple(types) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
 def _load_file(path: Path):
     # not found, not a regular file, not UTF-8, not YAML/JSON, nested too deeply: one line each
-    from .._io import read_config
-
     return read_config(path, "plan file")
-
-
-def parse_size(s: str | int) -> int:
-    """'2GB' → bytes (decimal units, as transformers' max_shard_size)."""
-    if isinstance(s, int):
-        return s
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    t = str(s).strip().upper()
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            try:
-                n = int(float(t[: -len(u)]) * units[u])
-            except (ValueError, OverflowError):  # OverflowError: 1e400GB is float infinity
-                break
-            if n <= 0:
-                raise ValueError(f"bad size {s!r} (a shard size must be positive)")
-            return n
-    if t.isdigit() and int(t) > 0:
-        return int(t)
-    raise ValueError(f"bad size {s!r} (use e.g. 500MB, 2GB)")
 
 
 __all__ = ["MergePlan", "ModelSpec", "parse_size"]

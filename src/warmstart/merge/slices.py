@@ -15,9 +15,12 @@ import re
 
 import torch
 
-from .._tensorio import ST_DTYPES
 from ..checkpoints import Checkpoint, open_checkpoint
+from ..checkpoints.dtypes import FLOAT_DTYPES
+from ..checkpoints.streaming import ST_DTYPES
 from ..errors import ConfigError, IncompatibleError
+from .results import Item as _Item
+from .results import torch_dtype as _dtype
 
 _LAYER = re.compile(r"(^|\.)(layers|h|blocks|layer)\.(\d+)\.")
 _PRE = ("embed", "wte", "wpe")  # tensors that come before the layer stack
@@ -58,8 +61,6 @@ def _rename(name: str, index: int) -> str:
 
 def plan_slices(plan, cks: list[Checkpoint], base_ck, use_base: bool, notes: list[str]):
     """The engine's items for a slices plan, and the output's layer count."""
-    from .engine import _dtype, _Item
-
     idx = {r: i for i, r in enumerate(_refs(plan))}
     layout = {r: _layers(cks[i]) for r, i in idx.items()}
     items, k = [], 0
@@ -73,7 +74,7 @@ def plan_slices(plan, cks: list[Checkpoint], base_ck, use_base: bool, notes: lis
                                         path=cks[idx[s["model"]]].path)
             metas.append((s, m))
         first = metas[0][1]
-        float_t = first.dtype in ("F32", "F16", "BF16", "F64")
+        float_t = first.dtype in FLOAT_DTYPES
         out_dtype = _dtype(plan.dtype, ST_DTYPES.get(first.dtype, torch.float32)) if float_t else ST_DTYPES[first.dtype]
         it = _Item(name, out_dtype, first.shape, None, [], t=t, specs=[], slice_params=sl.get("params") or None)
         for s, m in metas:
