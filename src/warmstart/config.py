@@ -2,8 +2,9 @@
 
 A run config holds one section per stage that has settings — ``train``
 (:class:`warmstart.train.TrainConfig`), ``select`` (:class:`warmstart.select.SelectConfig`),
-``merge`` (:class:`MergeConfig`: *what* to merge) and ``merge_options`` (:class:`MergeOptions`:
-*how* to run it) — plus the held-out split's settings. :meth:`RunConfig.validate` collects every
+``merge`` (:class:`MergeConfig`: *what* to merge), ``merge_options`` (:class:`MergeOptions`:
+*how* to run it) and ``transfer`` (:class:`TransferConfig`: a transferred fine-tune as the warm
+start, in place of select and merge) — plus the held-out split's settings. :meth:`RunConfig.validate` collects every
 section's problems and raises them as one :class:`ConfigError` (torchtune's ``config/_validate.py``),
 before the run directory or any stage exists: a misspelt key or a bad value never costs a split,
 a model load or a scored candidate.
@@ -238,7 +239,7 @@ class RunConfig:
     def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> RunConfig:
         """A copy with ``section.key=value`` assignments applied (the CLI's ``--set``).
 
-        ``section`` is ``train``, ``select``, ``merge`` or ``merge_options`` (``merge.params.density=0.5``
+        ``section`` is ``train``, ``select``, ``merge``, ``merge_options`` or ``transfer`` (``merge.params.density=0.5``
         reaches a nested key) or absent for a top-level field (``eval_max=null``); ``value`` is read as
         YAML (``null``, ``true``, ``[q_proj, v_proj]``, ``2e-4``). Every key is checked, all at once.
         """
