@@ -103,8 +103,10 @@ def test_lora_run_resumes_after_warm_failure_without_redoing_the_transfer(zoo, t
     out = tmp_path / "run"
     cfg = _cfg(source=str(zoo / "lora"), alpha=0.5)
     monkeypatch.setenv("WARMSTART_FAIL_AT", "warm")
+    logs: list[str] = []
     with pytest.raises(RuntimeError, match="injected failure"):
-        run(zoo / "capitals.jsonl", None, zoo / "v1.1", out, cfg)  # no library: the source is a directory
+        run(zoo / "capitals.jsonl", None, zoo / "v1.1", out, cfg, log=logs.append)  # no library: a directory
+    assert any("continues the adapter's LoRA (r 4" in x and "fresh one (r 8" in x for x in logs), logs
     rd = RunDir(out)
     assert rd.done("merge") and not rd.done("warm")
     sel = rd.marker("select")["outputs"]

@@ -416,6 +416,12 @@ def _stage_transfer(ctx: _Ctx, t0: float) -> None:
         for w in rep.warnings:
             ctx.log(f"merge: warning: {w}")
         s = rep.summary
+        if tr.output == "adapter":  # warm continues this adapter: its rank and targets, not train.lora_*
+            lo, tc = open_checkpoint(tmp / "model").lora, ctx.cfg.train
+            if lo.r != tc.lora_r or sorted(lo.target_modules) != sorted(tc.lora_targets):
+                ctx.log(f"merge: note: the warm start continues the adapter's LoRA (r {lo.r}, targets "
+                        f"{', '.join(lo.target_modules)}); the baseline trains a fresh one (r {tc.lora_r}, targets "
+                        f"{', '.join(tc.lora_targets)})")
         record = {**tr.record(), "base_new": str(ctx.base), "wall_s": wall,
                   "cos_bases": s.get("cos_bases"), "rel_drift": s.get("rel_drift"), "rel_diff": s.get("rel_diff"),
                   "cos_drift_diff": s.get("cos_drift_diff"), "counts": rep.counts(), "warnings": rep.warnings,
