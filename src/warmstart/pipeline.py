@@ -82,7 +82,7 @@ class _Transfer:
     finetuned: Path
     kind: str  # the fine-tune: "lora" or "full"
     base_old: Path
-    base_old_from: str  # where base_old came from: "given", "library entry", "adapter_config.json", ...
+    base_old_from: str  # where base_old came from: "--transfer-base-old", the library entry, adapter_config.json...
     alpha: float
     output: str  # what the merge stage writes: "adapter" (LoRA fine-tune, LoRA training) or "full"
     entry: int | None = None  # the library entry's id
@@ -201,7 +201,7 @@ def _resolve_transfer(cfg: RunConfig, library: Path | None, base: Path, *, check
         finetuned = resolve(src)
     else:
         if library is None or not library.is_file():
-            raise ConfigError(f"--transfer-from {tc.source!r}: no such directory" + (
+            raise ConfigError("--transfer-from: no such directory" + (
                 "" if library is None else f", and no library at {library} to look it up in"),
                 path=src.resolve(), hint="give the fine-tune's directory, or a library entry (id or name) "
                 "with --library CATALOG")
