@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from warmstart.config import MergeConfig, MergeOptions, RunConfig, merge_plan_options
+from warmstart.config import MergeConfig, MergeOptions, RunConfig, TransferConfig, merge_plan_options
 from warmstart.errors import ConfigError
 from warmstart.library import Library
 from warmstart.select import SelectConfig, select
@@ -190,7 +190,8 @@ def test_flag_defaults_are_the_dataclass_defaults(command):
     from warmstart.cli.run import run_cmd
     from warmstart.cli.select import select_cmd
 
-    classes = {"train": TrainConfig(), "select": SelectConfig(), "merge": MergeConfig(), "run": RunConfig()}
+    classes = {"train": TrainConfig(), "select": SelectConfig(), "merge": MergeConfig(), "run": RunConfig(),
+               "transfer": TransferConfig()}
     fn = {"run": run_cmd, "select": select_cmd}[command]
     checked = 0
     text = " ".join(CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "250"}).output.split())

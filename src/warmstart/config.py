@@ -2,8 +2,9 @@
 
 A run config holds one section per stage that has settings — ``train``
 (:class:`warmstart.train.TrainConfig`), ``select`` (:class:`warmstart.select.SelectConfig`),
-``merge`` (:class:`MergeConfig`: *what* to merge) and ``merge_options`` (:class:`MergeOptions`:
-*how* to run it) — plus the held-out split's settings. :meth:`RunConfig.validate` collects every
+``merge`` (:class:`MergeConfig`: *what* to merge), ``merge_options`` (:class:`MergeOptions`:
+*how* to run it) and ``transfer`` (:class:`TransferConfig`: a transferred fine-tune as the warm
+start, in place of select and merge) — plus the held-out split's settings. :meth:`RunConfig.validate` collects every
 section's problems and raises them as one :class:`ConfigError` (torchtune's ``config/_validate.py``),
 before the run directory or any stage exists: a misspelt key or a bad value never costs a split,
 a model load or a scored candidate.
@@ -18,6 +19,7 @@ not (LoRA donors merge with ``lora_mode: svd`` at the baseline's rank unless ``l
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +107,49 @@ class MergeOptions(_MergeSection):
 
 
 MERGE_OPTIONS = tuple(MergeOptions.field_names())
-_SECTIONS = {"train": TrainConfig, "select": SelectConfig, "merge": MergeConfig, "merge_options": MergeOptions}
+
+
+# ----------------------------------------------------------------------------
+# Transfer: the warm start is a fine-tune carried to the run's base instead of a merge of donors
+
+
+@section
+class TransferConfig(Section):
+    """A run whose warm start is ``base + alpha·(finetuned − base_old)`` (:mod:`warmstart.transfer`)
+    instead of selected and merged donors: ``source`` is the fine-tune (a directory, or a library
+    entry's id or name), ``base_old`` the base it was trained from (default: the one it records).
+    Set (``source`` given), the select stage scores nothing and the merge stage builds the transfer."""
+
+    label = "transfer"
+
+    source: str | None = None
+    base_old: str | None = None
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        for name in ("source", "base_old"):  # a Path from Python: recorded in run.json as text
+            if isinstance(getattr(self, name), Path):
+                object.__setattr__(self, name, str(getattr(self, name)))
+
+    @property
+    def active(self) -> bool:
+        return self.source is not None
+
+    def errors(self) -> list[str]:
+        given, errs = self.given(), []
+        if given and not (isinstance(self.source, str) and self.source.strip()):
+            errs.append(f"source must name the fine-tune to transfer (a directory or a library entry), got "
+                        f"{self.source!r}")
+        if self.base_old is not None and not (isinstance(self.base_old, str) and self.base_old.strip()):
+            errs.append(f"base_old must be a path or hub id, or null, got {self.base_old!r}")
+        a = self.alpha
+        if not (isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and a > 0):
+            errs.append(f"alpha must be a finite number > 0, got {a!r}")
+        return errs
+
+
+_SECTIONS = {"train": TrainConfig, "select": SelectConfig, "merge": MergeConfig, "merge_options": MergeOptions,
+             "transfer": TransferConfig}
 
 
 # ----------------------------------------------------------------------------
@@ -124,6 +168,7 @@ class RunConfig:
     select: SelectConfig = None  # default SelectConfig(): nothing given
     merge: MergeConfig = None
     merge_options: MergeOptions = None
+    transfer: TransferConfig = None  # default: no transfer (the warm start is the merge of selected donors)
     eval_fraction: float = 0.2
     eval_max: int | None = 200  # most rows carved from the target (no effect on a given eval file)
     split_seed: int = 0
@@ -168,6 +213,13 @@ class RunConfig:
             errs.append(f"split_seed must be a non-negative integer, got {self.split_seed!r}")
         if not isinstance(self.baseline, bool):
             errs.append(f"baseline must be true or false, got {self.baseline!r}")
+        if self.transfer.active:  # refused rather than ignored: a transfer run selects and merges nothing
+            unused = [f"{name}.{k}" for name in ("select", "merge", "merge_options")
+                      for k in getattr(self, name).given()]
+            if unused:
+                errs.append(f"transfer: a run that starts from a transfer selects and merges nothing, so "
+                            f"{', '.join(unused)} would be ignored; leave {'it' if len(unused) == 1 else 'them'} "
+                            "out")
         return errs
 
     def validate(self) -> RunConfig:
@@ -187,7 +239,7 @@ class RunConfig:
     def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> RunConfig:
         """A copy with ``section.key=value`` assignments applied (the CLI's ``--set``).
 
-        ``section`` is ``train``, ``select``, ``merge`` or ``merge_options`` (``merge.params.density=0.5``
+        ``section`` is ``train``, ``select``, ``merge``, ``merge_options`` or ``transfer`` (``merge.params.density=0.5``
         reaches a nested key) or absent for a top-level field (``eval_max=null``); ``value`` is read as
         YAML (``null``, ``true``, ``[q_proj, v_proj]``, ``2e-4``). Every key is checked, all at once.
         """
@@ -199,8 +251,9 @@ class RunConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name in _SECTIONS:
             d[name] = d[name].to_dict()
-        if not d["merge_options"]:
-            del d["merge_options"]  # as before merge_options existed: older run directories still resume
+        for name in ("merge_options", "transfer"):
+            if not d[name]:
+                del d[name]  # as before the section existed: older run directories still resume
         return d
 
     @classmethod
@@ -293,4 +346,5 @@ def _yaml_value(raw: str) -> Any:
     return v
 
 
-__all__ = ["MERGE_OPTIONS", "MergeConfig", "MergeOptions", "RunConfig", "apply_overrides", "merge_plan_options"]
+__all__ = ["MERGE_OPTIONS", "MergeConfig", "MergeOptions", "RunConfig", "TransferConfig", "apply_overrides",
+           "merge_plan_options"]

@@ -29,12 +29,12 @@ from typing import Any
 
 from . import _dist
 from ._io import atomic_dir, atomic_write_json, check_not_input, read_json
-from .checkpoints import resolve
+from .checkpoints import open_checkpoint, resolve
 # RunConfig re-exported: `from warmstart.pipeline import RunConfig` keeps working
-from .config import RunConfig, merge_plan_options
+from .config import RunConfig, TransferConfig, merge_plan_options
 from .data import load_target, split_target, write_rows
-from .errors import ConfigError
-from .library import Library, task_name_from_path
+from .errors import CheckpointError, ConfigError, IncompatibleError, LibraryError
+from .library import Library, default_library_path, task_name_from_path
 from .report import report_run
 from .rundir import (MARKER, STAGES, Marker, MergeOutputs, ReportOutputs, RunDir, SelectOutputs, SplitOutputs,
                      TrainOutputs, read_selection, write_selection)
@@ -75,23 +75,48 @@ class RunResult:
 
 
 @dataclass
+class _Transfer:
+    """A transfer run's inputs, resolved before anything is written (recorded in run.json as ``transfer``)."""
+
+    source: str  # as given: a directory, or a library entry's id or name
+    finetuned: Path
+    kind: str  # the fine-tune: "lora" or "full"
+    base_old: Path
+    base_old_from: str  # where base_old came from: "--transfer-base-old", the library entry, adapter_config.json...
+    alpha: float
+    output: str  # what the merge stage writes: "adapter" (LoRA fine-tune, LoRA training) or "full"
+    entry: int | None = None  # the library entry's id
+
+    def record(self) -> dict:
+        return {"source": self.source, "finetuned": str(self.finetuned), "kind": self.kind,
+                "base_old": str(self.base_old), "base_old_from": self.base_old_from, "alpha": self.alpha,
+                "output": self.output, "entry": self.entry}
+
+
+@dataclass
 class _Ctx:
     rd: RunDir
     cfg: RunConfig
     target: Path
     eval: Path | None
     base: Path
-    library: Path
+    library: Path | None
     log: Callable[[str], None]
     progress: bool = False
+    transfer: _Transfer | None = None
 
 
-def run(target: str | Path, library: str | Path, base: str | Path, out: str | Path,
+def run(target: str | Path, library: str | Path | None, base: str | Path, out: str | Path,
         config: RunConfig | None = None, *, eval: str | Path | None = None, force: bool = False,
         log: Callable[[str], None] = lambda s: None, progress: bool = False) -> RunResult:
     """Run (or resume) the pipeline into ``out``; returns which stages ran and the report.
 
     ``progress`` shows the Trainer's progress bar (stderr) during the training stages.
+
+    With a ``transfer`` section (``RunConfig(transfer=TransferConfig(source=..., alpha=...))``) the
+    warm start is that fine-tune carried to ``base`` (:mod:`warmstart.transfer`) instead of a merge of
+    selected donors; ``library`` is then needed only to look ``source`` up by entry id or name
+    (None: ``source`` is a directory). Without one, None means the default library.
 
     Under ``accelerate launch`` / ``torchrun`` every process calls this: the
     training stages run on all of them (DDP), selection splits its candidates
@@ -99,15 +124,19 @@ def run(target: str | Path, library: str | Path, base: str | Path, out: str | Pa
     main process; all processes meet at a barrier after each stage.
     """
     cfg = (config or RunConfig()).validate()
+    if library is None and not cfg.transfer.active:
+        library = default_library_path()
+    library = Path(library).resolve() if library is not None else None
     rd, base_dir = RunDir(out), resolve(base)
-    _check_inputs(rd, cfg, Path(target), Path(eval) if eval else None, Path(library))
+    tr = _resolve_transfer(cfg, library, base_dir, check=not rd.done("merge"))
+    _check_inputs(rd, cfg, Path(target), Path(eval) if eval else None, library)
     # every process: all of them refuse, none waits at a barrier for the others
-    _check_out(rd.root, base_dir, Path(target).resolve(), Path(eval).resolve() if eval else None,
-               Path(library).resolve())
+    _check_out(rd.root, base_dir, Path(target).resolve(), Path(eval).resolve() if eval else None, library,
+               [tr.finetuned, tr.base_old] if tr else [])
     _dist.start()  # imports torch: only once every input has been checked
     main = _dist.is_main()
     ctx = _Ctx(rd, cfg, Path(target).resolve(), Path(eval).resolve() if eval else None,
-               base_dir, Path(library).resolve(), log if main else (lambda s: None), progress and main)
+               base_dir, library, log if main else (lambda s: None), progress and main, tr)
     if main:
         _claim_run_dir(ctx, str(base), force)
     _dist.barrier()
@@ -130,20 +159,22 @@ def run(target: str | Path, library: str | Path, base: str | Path, out: str | Pa
     return RunResult(ctx.rd.root, ran, skipped, rep)
 
 
-def _check_out(root: Path, base: Path, target: Path, eval: Path | None, library: Path) -> None:
+def _check_out(root: Path, base: Path, target: Path, eval: Path | None, library: Path | None,
+               more: list[Path] = ()) -> None:
     """Before the first stage: the run directory is not a file, and neither equals, contains nor lies
-    inside any input (base, target, eval, catalog, any library entry). Every stage writes below it."""
+    inside any input (base, target, eval, catalog, any library entry, a transfer's fine-tune and old
+    base). Every stage writes below it."""
     if os.path.lexists(root) and not root.is_dir():
         raise ConfigError("--out names an existing file, not a run directory", path=root,
                           hint="choose a new directory")
-    inputs = [base, target, eval, library]
-    if library.is_file():
+    inputs = [base, target, eval, library, *more]
+    if library is not None and library.is_file():
         with Library(library, create=False) as lib:
             inputs += [Path(e.path) for e in lib.list()]
     check_not_input(root, inputs)
 
 
-def _check_inputs(rd: RunDir, cfg: RunConfig, target: Path, eval: Path | None, library: Path) -> None:
+def _check_inputs(rd: RunDir, cfg: RunConfig, target: Path, eval: Path | None, library: Path | None) -> None:
     """Fail in about a second, before torch loads and before --out is created: data files that are
     missing or malformed, a library that is not there (unless selection is already done)."""
     for p, what in ((target, "target data"), (eval, "eval data")):
@@ -154,15 +185,95 @@ def _check_inputs(rd: RunDir, cfg: RunConfig, target: Path, eval: Path | None, l
         data = load_target(target, format=tc.format, mc_style=tc.mc_style)
         if eval is not None:
             load_target(eval, format=data.format, mc_style=tc.mc_style)
-    if not rd.done("select"):
+    if not rd.done("select") and not cfg.transfer.active:
         Library(library, create=False).close()
+
+
+def _resolve_transfer(cfg: RunConfig, library: Path | None, base: Path, *, check: bool) -> _Transfer | None:
+    """The transfer section's fine-tune and old base as directories, and (``check``: the merge stage is
+    still to run) the transfer planned from the headers, so that a missing input, a base the fine-tune
+    does not record, or shapes that do not fit fail now, in one line, before anything is written."""
+    tc: TransferConfig = cfg.transfer
+    if not tc.active:
+        return None
+    src, entry = Path(tc.source).expanduser(), None
+    if src.exists():
+        finetuned = resolve(src)
+    else:
+        if library is None or not library.is_file():
+            raise ConfigError("--transfer-from: no such directory" + (
+                "" if library is None else f", and no library at {library} to look it up in"),
+                path=src.resolve(), hint="give the fine-tune's directory, or a library entry (id or name) "
+                "with --library CATALOG")
+        entry = _library_entry(library, tc.source)
+        finetuned = resolve(entry.path)
+    ck = open_checkpoint(finetuned)
+    base_old, where = _old_base(tc, ck, entry)
+    if base_old is None:
+        raise ConfigError("--transfer-from: the fine-tune does not record the base it was trained from",
+                          path=finetuned, hint="pass --transfer-base-old OLD_BASE (transfer.base_old)")
+    try:
+        old_dir = resolve(base_old)
+    except CheckpointError as e:
+        raise CheckpointError(f"the transfer's old base ({where}) not found: {e.message}", path=e.path or base_old,
+                              hint="pass --transfer-base-old OLD_BASE (transfer.base_old)") from None
+    adapter = ck.kind == "lora" and not cfg.train.full
+    tr = _Transfer(tc.source, finetuned, ck.kind, old_dir, where, float(tc.alpha), "adapter" if adapter else "full",
+                   entry.id if entry else None)
+    if check:
+        from .transfer import plan_transfer  # imports torch (the dtype tables): only for a transfer run
+
+        plan = plan_transfer(old_dir, finetuned, base, alpha=tr.alpha, adapter_space=adapter)
+        if not any(t.action in ("transfer", "transfer-vocab") for t in plan.tensors):
+            raise IncompatibleError(f"nothing of the fine-tune carries over to the new base {base} (no tensor has "
+                                    "the same name and shape in both bases)", path=finetuned,
+                                    hint="transfer needs two versions of one architecture")
+    return tr
+
+
+def _library_entry(library: Path, ref: str):
+    """A library entry by id, reference or path, else by its directory's name (which must be unique)."""
+    with Library(library, create=False) as lib:
+        try:
+            return lib.get(ref)
+        except LibraryError:
+            named = [e for e in lib.list() if Path(e.path).name == ref]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise LibraryError(f"--transfer-from {ref!r} names {len(named)} library entries "
+                           f"({', '.join(f'#{e.id} {e.path}' for e in named)})", path=library,
+                           hint="give the entry's id or path")
+    raise LibraryError(f"--transfer-from {ref!r}: no such directory and no such library entry", path=library,
+                       hint="see `warmstart library list`")
+
+
+def _old_base(tc: TransferConfig, ck, entry) -> tuple[str | None, str]:
+    """The old base: as given, else as recorded by the library entry, the adapter or the fine-tune's metadata."""
+    if tc.base_old:
+        return tc.base_old, "--transfer-base-old"
+    if entry is not None and entry.base_model:
+        return entry.base_model, f"the base of library entry #{entry.id}"
+    if ck.kind == "lora" and ck.lora.base_model:
+        return ck.lora.base_model, "base_model_name_or_path in adapter_config.json"
+    init = ck.meta.get("init") if isinstance(ck.meta.get("init"), dict) else {}
+    if isinstance(init.get("model"), str) and init["model"]:
+        return init["model"], "the init recorded in warmstart.json"
+    if ck.meta.get("base_model"):
+        return ck.meta["base_model"], "base_model in warmstart.json"
+    if ck.kind == "full" and ck.config.get("_name_or_path"):
+        return ck.config["_name_or_path"], "_name_or_path in config.json"
+    return None, ""
 
 
 def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
     """Record the run's settings, or check that a resumed run uses the same ones."""
     info = {"target": str(ctx.target), "target_sha256": _file_hash(ctx.target),
             "eval": str(ctx.eval) if ctx.eval else None, "eval_sha256": _file_hash(ctx.eval),
-            "base_path": str(ctx.base), "library": str(ctx.library), "config": ctx.cfg.to_dict()}
+            "base_path": str(ctx.base), "library": str(ctx.library) if ctx.library else None,
+            "config": ctx.cfg.to_dict()}
+    if ctx.transfer is not None:  # absent otherwise: run.json as before, old run directories resume
+        info["transfer"] = ctx.transfer.record()
     path = ctx.rd.run_file
     if path.is_file() and not force:
         old = read_json(path, "run file")
@@ -240,6 +351,13 @@ def _stage_split(ctx: _Ctx, t0: float) -> None:
 
 
 def _stage_select(ctx: _Ctx, t0: float) -> None:
+    if ctx.transfer is not None:  # the warm start is a transfer: nothing to score
+        if _dist.is_main():
+            ctx.log("select: skipped, the warm start is a transfer")
+            with atomic_dir(ctx.rd.stage("select"), force=True) as tmp:
+                _write_marker(tmp, "select", t0, SelectOutputs(selection=None, donors=[], ranking=[], candidates=0,
+                                                               skipped="transfer"))
+        return
     train, _ = ctx.rd.split_files()
     sc = ctx.cfg.select_config()
     with Library(ctx.library, create=False) as lib:
@@ -265,6 +383,8 @@ def _stage_select(ctx: _Ctx, t0: float) -> None:
 
 def _stage_merge(ctx: _Ctx, t0: float) -> None:
     """Merge the donors; with none selected, the warm start is the base itself (said so)."""
+    if ctx.transfer is not None:
+        return _stage_transfer(ctx, t0)
     sel = read_selection(ctx.rd.selection_file())
     with atomic_dir(ctx.rd.stage("merge"), force=True) as tmp:
         if not sel.donors:
@@ -278,6 +398,35 @@ def _stage_merge(ctx: _Ctx, t0: float) -> None:
         summary = {k: v for k, v in res.to_dict().items() if k in ("method", "weights", "inputs", "notes",
                                                                    "timings", "lora_errors")}
         _write_marker(tmp, "merge", t0, MergeOutputs(init="model", recipe=plan.to_dict(), result=summary))
+
+
+def _stage_transfer(ctx: _Ctx, t0: float) -> None:
+    """The merge stage of a transfer run: ``base + α·(finetuned − base_old)`` into merge/model, as an
+    adapter when the fine-tune is a LoRA and training is LoRA (warm continues it), else a full model."""
+    from .transfer import transfer, transfer_adapter  # imports torch
+
+    tr = ctx.transfer
+    ctx.log(f"merge: transfer of {tr.finetuned} (alpha {tr.alpha:g}) from {tr.base_old} onto {ctx.base}, "
+            f"as {'an adapter' if tr.output == 'adapter' else 'a full model'}")
+    with atomic_dir(ctx.rd.stage("merge"), force=True) as tmp:
+        t = time.perf_counter()
+        make = transfer_adapter if tr.output == "adapter" else transfer
+        rep = make(tr.base_old, tr.finetuned, ctx.base, tmp / "model", alpha=tr.alpha)
+        wall = round(time.perf_counter() - t, 3)
+        for w in rep.warnings:
+            ctx.log(f"merge: warning: {w}")
+        s = rep.summary
+        if tr.output == "adapter":  # warm continues this adapter: its rank and targets, not train.lora_*
+            lo, tc = open_checkpoint(tmp / "model").lora, ctx.cfg.train
+            if lo.r != tc.lora_r or sorted(lo.target_modules) != sorted(tc.lora_targets):
+                ctx.log(f"merge: note: the warm start continues the adapter's LoRA (r {lo.r}, targets "
+                        f"{', '.join(lo.target_modules)}); the baseline trains a fresh one (r {tc.lora_r}, targets "
+                        f"{', '.join(tc.lora_targets)})")
+        record = {**tr.record(), "base_new": str(ctx.base), "wall_s": wall,
+                  "cos_bases": s.get("cos_bases"), "rel_drift": s.get("rel_drift"), "rel_diff": s.get("rel_diff"),
+                  "cos_drift_diff": s.get("cos_drift_diff"), "counts": rep.counts(), "warnings": rep.warnings,
+                  "report": "model/transfer_report.json"}
+        _write_marker(tmp, "merge", t0, MergeOutputs(init="model", recipe=None, transfer=record))
 
 
 def _merge_options(ctx: _Ctx, donors: list[dict]) -> dict:
@@ -325,4 +474,5 @@ def render_report(run_dir: str | Path, *, _t0: float | None = None) -> dict:
 _STAGE_FNS = {"split": _stage_split, "select": _stage_select, "merge": _stage_merge, "warm": _stage_warm,
               "baseline": _stage_baseline, "report": _stage_report}
 
-__all__ = ["ALL_RANKS", "FAIL_ENV", "MARKER", "STAGES", "RunConfig", "RunDir", "RunResult", "render_report", "run"]
+__all__ = ["ALL_RANKS", "FAIL_ENV", "MARKER", "STAGES", "RunConfig", "RunDir", "RunResult", "TransferConfig",
+           "render_report", "run"]

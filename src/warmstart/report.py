@@ -313,7 +313,9 @@ def render_markdown(rep: dict, plots: list[str] = ()) -> str:
             lines += [sentence, ""]
     if rep.get("selection"):
         lines += [selection_sentence(rep["selection"], rep), ""]
-    lines += _donor_lines(rep) + _stage_lines(rep)
+    if rep.get("transfer"):
+        lines += [transfer_sentence(rep["transfer"]), ""]
+    lines += _donor_lines(rep) + _transfer_lines(rep) + _stage_lines(rep)
     if plots:
         lines += ["## Curves", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
@@ -342,6 +344,34 @@ def selection_sentence(s: dict, rep: dict) -> str:
             f"`{s.get('scorer')}` on {s.get('sample_rows')} target rows ({s.get('sample')}{cached}); "
             + (f"merge {merge:.1f} s; " if merge is not None else "")
             + f"{train}warm-start training {w['train_time_s']:.1f} s (evaluation excluded).")
+
+
+def transfer_sentence(t: dict) -> str:
+    """'The warm start is a transfer of X (α 1) from OLD onto BASE, ...': what the warm start was."""
+    what = ("an adapter (the fine-tune's A, its B scaled by α), trained further" if t.get("output") == "adapter"
+            else "a full model, trained with a fresh LoRA or fully as the baseline")
+    return (f"**Warm start: transfer of `{t.get('finetuned')}` (α {t.get('alpha'):g}) from `{t.get('base_old')}` "
+            f"onto `{t.get('base_new')}`** — base_new + α·(fine-tune − base_old), as {what}; "
+            f"transfer {t.get('wall_s', 0):.1f} s.")
+
+
+def _transfer_lines(rep: dict) -> list[str]:
+    t = rep.get("transfer")
+    if not t:
+        return []
+    counts = ", ".join(f"{k} {v}" for k, v in (t.get("counts") or {}).items())
+    out = ["## Transfer", "", "| | |", "|---|---|",
+           f"| fine-tune ({t.get('kind')}) | `{t.get('finetuned')}` |",
+           f"| old base ({t.get('base_old_from')}) | `{t.get('base_old')}` |",
+           f"| new base | `{t.get('base_new')}` |", f"| α | {t.get('alpha'):g} |",
+           f"| written as | {t.get('output')} |",
+           f"| cosine of the two bases | {_f(t.get('cos_bases'), '.6f')} |",
+           f"| relative base drift ‖new − old‖/‖old‖ | {_f(t.get('rel_drift'), '.6f')} |",
+           f"| relative diff ‖fine-tune − old‖/‖old‖ | {_f(t.get('rel_diff'), '.6f')} |",
+           f"| cosine(base drift, diff) | {_f(t.get('cos_drift_diff'), '.6f')} |",
+           f"| tensors | {counts} |", f"| transfer time | {t.get('wall_s', 0):.1f} s |", ""]
+    out += [f"- warning: {w}" for w in t.get("warnings") or []]
+    return out + ([""] if t.get("warnings") else [])
 
 
 def _donor_lines(rep: dict) -> list[str]:
@@ -381,7 +411,8 @@ def _is_fraction(key: str) -> bool:
 
 
 def make_figures(warm: Curve, baseline: Curve | None, metric: str, overhead_s: float = 0.0,
-                 title: str = "warm start vs baseline") -> list[tuple[str, Any]]:
+                 title: str = "warm start vs baseline", overhead_label: str = "selection + merge"
+                 ) -> list[tuple[str, Any]]:
     """The two figures (vs step, vs wall clock) as (file name, matplotlib Figure), unsaved.
 
     The baseline is dashed with hollow square markers and drawn above the warm start, so it
@@ -399,7 +430,7 @@ def make_figures(warm: Curve, baseline: Curve | None, metric: str, overhead_s: f
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
         fig.suptitle(title + (" — by step" if x == "step" else " — by wall clock"), fontsize=10)
         for ax, key in zip(axes, (metric, "eval_loss")):
-            _draw_runs(ax, warm, baseline, key, x, overhead_s if x == "time_s" else 0.0)
+            _draw_runs(ax, warm, baseline, key, x, overhead_s if x == "time_s" else 0.0, overhead_label)
             if x == "step":
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel(xlabel)
@@ -414,9 +445,10 @@ def make_figures(warm: Curve, baseline: Curve | None, metric: str, overhead_s: f
     return figs
 
 
-def _draw_runs(ax, warm: Curve, baseline: Curve | None, key: str, x: str, shift: float) -> None:
+def _draw_runs(ax, warm: Curve, baseline: Curve | None, key: str, x: str, shift: float,
+               label: str = "selection + merge") -> None:
     if shift > 0:
-        ax.axvspan(0.0, shift, color="tab:orange", alpha=0.15, lw=0, label="selection + merge")
+        ax.axvspan(0.0, shift, color="tab:orange", alpha=0.15, lw=0, label=label)
     s = warm.series(key, x)
     if s:
         ax.plot([a + shift for a, _ in s], [v for _, v in s], "-", marker="o", ms=4, color="tab:orange",
@@ -430,14 +462,15 @@ def _draw_runs(ax, warm: Curve, baseline: Curve | None, key: str, x: str, shift:
 
 
 def plot_curves(warm: Curve, baseline: Curve | None, metric: str, out_dir: str | Path,
-                overhead_s: float = 0.0, title: str = "warm start vs baseline") -> list[str]:
+                overhead_s: float = 0.0, title: str = "warm start vs baseline",
+                overhead_label: str = "selection + merge") -> list[str]:
     """Two PNGs (vs step, vs wall clock), each with the metric and the eval loss for both runs
     (:func:`make_figures`); returns their file names."""
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     files = []
-    for fname, fig in make_figures(warm, baseline, metric, overhead_s, title):
+    for fname, fig in make_figures(warm, baseline, metric, overhead_s, title, overhead_label):
         tmp = out_dir / f".{fname}.tmp"
         fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
@@ -451,7 +484,8 @@ def write_report(rep: dict, warm: Curve, baseline: Curve | None, out_dir: str | 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(warm, baseline, rep["metric"], out_dir, sum(rep.get("overhead_s", {}).values()),
-                        title=plot_title(rep))
+                        title=plot_title(rep),
+                        overhead_label="transfer" if rep.get("transfer") else "selection + merge")
     rep = {**rep, "plots": plots}
     atomic_write_json(out_dir / "report.json", rep)
     atomic_write_text(out_dir / "report.md", render_markdown(rep, plots))
@@ -468,15 +502,20 @@ def report_run(run_dir: str | Path, out: str | Path | None = None) -> dict:
     baseline = rd.curve("baseline") if rd.done("baseline") else None
     info = rd.info() if rd.is_run() else {}
     sel, mrg, spl = rd.read_marker("select"), rd.read_marker("merge"), rd.read_marker("split")
-    overhead = {k: m.wall_s for k, m in (("select", sel), ("merge", mrg)) if m}
+    tr = mrg.outputs.transfer if mrg else None
+    if tr:  # a transfer run: the transfer is the overhead (its select stage scored nothing)
+        overhead = {"transfer": mrg.wall_s}
+    else:
+        overhead = {k: m.wall_s for k, m in (("select", sel), ("merge", mrg)) if m}
     sp = spl.outputs if spl else None
     rep = build_report(warm, baseline, metric=((info.get("config") or {}).get("report") or {}).get("metric"),
                        overhead_s=overhead, name=Path(info.get("target", "run")).stem, target=info.get("target"),
                        eval=info.get("eval") or f"carved from target ({sp and sp.eval_rows} rows)",
-                       base=info.get("base"), donors=sel.outputs.donors if sel else None,
+                       base=info.get("base"), donors=sel.outputs.donors if sel and not tr else None,
                        merge=mrg.outputs.recipe if mrg else None, merge_result=mrg.outputs.result if mrg else None,
                        stages=rd.stage_times(), split=sp.to_dict() if sp else {}, run_dir=str(rd.root),
-                       selection=_selection_cost(sel), eval_rows=info.get("eval_rows") or _eval_rows(sp, info))
+                       selection=None if tr else _selection_cost(sel),
+                       eval_rows=info.get("eval_rows") or _eval_rows(sp, info), **({"transfer": tr} if tr else {}))
     write_report(rep, warm, baseline, out or rd.stage("report"))
     return rep
 
@@ -584,6 +623,7 @@ __all__ = [
     "render_markdown",
     "report_run",
     "selection_sentence",
+    "transfer_sentence",
     "wilson_interval",
     "write_report",
 ]

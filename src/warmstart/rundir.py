@@ -80,7 +80,8 @@ class SplitOutputs(_Outputs):
 
 @dataclass
 class SelectOutputs(_Outputs):
-    selection: str = SELECTION_FILE
+    OPTIONAL = ("skipped",)
+    selection: str | None = SELECTION_FILE  # None: nothing selected (``skipped`` says why)
     donors: list[dict] | None = None
     ranking: list[dict] | None = None
     metric: str | None = None
@@ -90,15 +91,20 @@ class SelectOutputs(_Outputs):
     candidates: int | None = None
     cached: int | None = None
     excluded: list | None = None
+    skipped: str | None = None  # why nothing was scored (a transfer run: "transfer")
 
 
 @dataclass
 class MergeOutputs(_Outputs):
-    OPTIONAL = ("result", "note")
+    """The warm start's initialisation: a merge of the donors (``recipe``, ``result``) or, in a
+    transfer run, the transferred model or adapter (``transfer``: inputs, α, compatibility numbers)."""
+
+    OPTIONAL = ("result", "note", "transfer")
     init: str = ""  # "model" (in the merge stage's directory) or the base's absolute path
     recipe: dict | None = None
     result: dict | None = None
     note: str | None = None
+    transfer: dict | None = None
 
     def init_path(self, stage_dir: Path) -> Path:
         init = Path(self.init)

@@ -453,14 +453,7 @@ def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, 
         raise ConfigError(f"config_from must be 'new' or 'finetuned', got {config_from!r}")
     if out is None and not dry_run:
         raise ConfigError("an output directory is required (or use dry_run)")
-    old, new = (open_checkpoint(r, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
-                for r in (base_old, base_new))
-    for ck, what in ((old, "--base-old"), (new, "--base-new")):
-        if ck.kind != "full":
-            raise IncompatibleError(f"{what} must be a full model, not a LoRA adapter", path=ck.path)
-    fin = _Finetuned(open_checkpoint(finetuned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite))
-    if fin.is_lora:
-        check_adapter_fits(fin.ck, old)  # a module --base-old lacks, or a ΔW of another shape: refused here
+    old, fin, new = _open_inputs(base_old, finetuned, base_new, allow_pickle, allow_nonfinite)
     if out is not None and not dry_run:
         check_output(Path(out), force=force, inputs=[old.path, new.path, fin.ck.path])
     cfg = _output_config(old, fin.ck, new, config_from)
@@ -494,6 +487,111 @@ def transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, 
         report.outputs = [str(out if len(alphas) == 1 else out / alpha_dirname(a)) for a in alphas]
         return report
     _finish_report(report, stats, old, fin.ck)
+    return report
+
+
+def _open_inputs(base_old, finetuned, base_new, allow_pickle: bool, allow_nonfinite: bool
+                 ) -> tuple[Checkpoint, _Finetuned, Checkpoint]:
+    """The three inputs opened and checked (headers only): two full bases, a fine-tune that fits the old one."""
+    old, new = (open_checkpoint(r, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+                for r in (base_old, base_new))
+    for ck, what in ((old, "--base-old"), (new, "--base-new")):
+        if ck.kind != "full":
+            raise IncompatibleError(f"{what} must be a full model, not a LoRA adapter", path=ck.path)
+    fin = _Finetuned(open_checkpoint(finetuned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite))
+    if fin.is_lora:
+        check_adapter_fits(fin.ck, old)  # a module --base-old lacks, or a ΔW of another shape: refused here
+    return old, fin, new
+
+
+def plan_transfer(base_old: str | Path, finetuned: str | Path, base_new: str | Path, *,
+                  alpha: float | str | Sequence[float] = 1.0, adapter_space: bool = False,
+                  allow_pickle: bool = False, allow_nonfinite: bool = False) -> TransferReport:
+    """The per-tensor plan of a transfer (what ``on_plan`` sees), from the headers only: no tensor is read.
+
+    Raises what :func:`transfer` would raise before its pass (missing or unreadable inputs, an adapter
+    that does not fit the old base, vocabularies that cannot be matched); with ``adapter_space`` also
+    what :func:`transfer_adapter` refuses. The report has no statistics yet (they need the tensors)."""
+    old, fin, new = _open_inputs(base_old, finetuned, base_new, allow_pickle, allow_nonfinite)
+    report = TransferReport(old.ref, fin.ck.ref, fin.ck.kind, new.ref, _alphas(alpha),
+                            _plan(old, fin, new, _Vocabs(old, fin.ck, new).map))
+    if adapter_space:
+        _check_adapter_space(report, fin)
+    return report
+
+
+def _check_adapter_space(report: TransferReport, fin: _Finetuned) -> None:
+    """In adapter space the new base must take every adapted module as the old base did: same name, same shape."""
+    if not fin.is_lora:
+        raise ConfigError("an adapter-space transfer needs a LoRA adapter as the fine-tune", path=fin.ck.path)
+    actions = {t.name: t for t in report.tensors}
+    for name, parts in fin.lora_modules.items():
+        if "full" in parts:
+            raise IncompatibleError(f"the adapter saves a whole module ({name}, modules_to_save), which has no "
+                                    "adapter-space transfer", path=fin.ck.path,
+                                    hint="transfer to a full model instead (a run does when train.full is true)")
+        t = actions.get(name)
+        if t is None or t.action != "transfer":
+            why = t.reason if t is not None else "not in either base"
+            raise IncompatibleError(f"adapter module {name} does not carry over to the new base as an adapter "
+                                    f"({why})", path=fin.ck.path,
+                                    hint="the new base must have the same modules and shapes as the old one")
+
+
+def transfer_adapter(base_old: str | Path, adapter: str | Path, base_new: str | Path, out: str | Path, *,
+                     alpha: float = 1.0, force: bool = False, allow_nonfinite: bool = False) -> TransferReport:
+    """A LoRA adapter's transfer kept in adapter space: the same A, each B scaled by α, on ``base_new``.
+
+    ``base_new + s·(αB)@A`` is exactly :func:`transfer`'s full output for this adapter (its ΔW = s·B@A is
+    the diff and every other tensor keeps the new base), but as an adapter that training continues
+    (:func:`warmstart.train.finetune`). ``adapter_config.json`` is the adapter's with
+    ``base_model_name_or_path`` set to the new base; ``transfer_report.json``, ``warmstart.json`` and
+    a README are written beside it. The report carries the same compatibility numbers as
+    :func:`transfer`'s (the adapted tensors are read to compute them)."""
+    import torch
+    from safetensors.torch import save_file
+
+    a = _alphas(alpha)
+    if len(a) != 1:
+        raise ConfigError(f"an adapter-space transfer takes one alpha, got {a}")
+    old, fin, new = _open_inputs(base_old, adapter, base_new, False, allow_nonfinite)
+    check_output(Path(out), force=force, inputs=[old.path, new.path, fin.ck.path])
+    report = TransferReport(old.ref, fin.ck.ref, fin.ck.kind, new.ref, a,
+                            _plan(old, fin, new, _Vocabs(old, fin.ck, new).map))
+    _check_adapter_space(report, fin)
+    stats, cdt = _Stats(), torch.float32
+    for t in report.tensors:
+        if t.action == "transfer":
+            o, n = old.weights().get(t.name, cdt), new.weights().get(t.name, cdt)
+            r = stats.add(t.name, o, n, fin.delta(t.name, cdt))
+            _set_stats(t, r)
+            if not r["finite"] and not allow_nonfinite:
+                raise CheckpointError(f"tensor {t.name!r} of the result has NaN/Inf values: one of the inputs does")
+    _finish_report(report, stats, old, fin.ck)
+    tensors = {}
+    for key in fin.reader.keys():
+        x = fin.reader.get(key)
+        if re.search(r"\.lora_(?:embedding_)?B(?:\.weight)?$", key):
+            x = (x.to(cdt) * a[0]).to(x.dtype)
+        tensors[key] = x.contiguous()
+    acfg = dict(fin.ck.config)
+    acfg["base_model_name_or_path"] = str(new.path)
+    with atomic_dir(out, force=force) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "adapter_config.json", acfg)
+        atomic_write_json(tmp / "transfer_report.json", report.to_dict())
+        meta = {"warmstart": "transfer", "method": "fine-tuning transfer (Lin et al. 2025), in adapter space",
+                "formula": "base_new + alpha * (finetuned - base_old), as the adapter (A, alpha * B)",
+                "alpha": a[0], "base_old": old.ref, "finetuned": fin.ck.ref, "finetuned_kind": "lora",
+                "base_new": new.ref, "base_model": new.ref, "output": "adapter", "config_from": "new",
+                "tokenizer": "the new base's (none copied)", "vocab_new_rows": "base", "compute_dtype": "float32",
+                "dtype": "the adapter's dtypes", "counts": report.counts(), "summary": report.summary,
+                "warnings": report.warnings, "versions": versions(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if fin.ck.meta.get("task"):
+            meta["task"] = fin.ck.meta["task"]
+        write_artefact(tmp, meta, _model_card(meta))
+    report.outputs = [str(Path(out))]
     return report
 
 
@@ -722,4 +820,5 @@ def _model_card(meta: dict) -> str:
 
 TensorReport = TransferTensorReport  # the name before #12 (deprecated: merge.TensorReport is another class)
 
-__all__ = ["LayerStats", "TensorReport", "TransferReport", "TransferTensorReport", "alpha_dirname", "transfer"]
+__all__ = ["LayerStats", "TensorReport", "TransferReport", "TransferTensorReport", "alpha_dirname", "plan_transfer",
+           "transfer", "transfer_adapter"]

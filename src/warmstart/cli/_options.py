@@ -13,12 +13,13 @@ from typing import Any
 
 import typer
 
-from ..config import MergeConfig, RunConfig
+from ..config import MergeConfig, RunConfig, TransferConfig
 from ..errors import ConfigError
 from ..select import SelectConfig
 from ..train import TrainConfig
 
-_SECTIONS = {"train": TrainConfig, "select": SelectConfig, "merge": MergeConfig, "run": RunConfig}
+_SECTIONS = {"train": TrainConfig, "select": SelectConfig, "merge": MergeConfig, "transfer": TransferConfig,
+             "run": RunConfig}
 
 
 def shown(v: Any) -> str:

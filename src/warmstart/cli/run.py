@@ -34,11 +34,17 @@ Examples:
   # settings from YAML (train:, select:, merge:, eval_fraction:, ...); flags and --set override it
   warmstart run --target train.jsonl --eval heldout.jsonl --library lib.db --base BASE --config run.yaml --out runs/x
 
+  # the warm start is a fine-tune of the old base carried to --base (base + α·(fine-tune − old base))
+  # instead of selected and merged donors; the old base defaults to the one the fine-tune records
+  warmstart run --target train.jsonl --eval heldout.jsonl --base models/v1.1 --out runs/x \
+      --transfer-from runs/v1-lora-arc [--transfer-base-old models/v1] [--transfer-alpha 1.0]
+
   # after a crash or Ctrl-C: the same command resumes at the first unfinished stage
   warmstart run --target data/capitals.jsonl --library lib.db --base BASE --out runs/capitals
 """
 
 TRAIN, SELECT, MERGE = "Training (warm start and baseline alike)", "Selection", "Merge"
+TRANSFER = "Transfer (instead of selection and merge)"
 EVAL = "Evaluation split"
 
 
@@ -57,6 +63,13 @@ def run_cmd(
     base: str = typer.Option(..., "--base", help="Base model (directory or hub id) for baseline and selection."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory (created, or resumed)."),
     library: Path = LibraryOpt,
+    transfer_from: str = opt("transfer", "source", "--transfer-from", help="Warm start: this fine-tune carried "
+                             "to --base (a directory, or a library entry id/name with --library). No selection "
+                             "or merge flags with it.", panel=TRANSFER, show="none"),
+    transfer_base_old: str = opt("transfer", "base_old", "--transfer-base-old", help="The base the fine-tune was "
+                                 "trained from.", panel=TRANSFER, show="the one the fine-tune records"),
+    transfer_alpha: float = opt("transfer", "alpha", "--transfer-alpha", help="Scale α of the transferred diff.",
+                                panel=TRANSFER),
     config: Path = typer.Option(None, "--config", help="Run config YAML; flags and --set override it."),
     eval_: Path = typer.Option(None, "--eval", help="Held-out eval data, used whole unless --eval-limit caps it "
                                r"\[default: carved from --target]."),
@@ -111,7 +124,9 @@ def run_cmd(
     threads: int = ThreadsOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Select donors, merge, train from the merge and from the base, and report the difference."""
+    """Select donors, merge, train from the merge and from the base, and report the difference.
+
+    With --transfer-from the warm start is that fine-tune carried to --base instead (docs/transfer.md)."""
     use_threads(threads)
 
     tr = given(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, scheduler=scheduler,
@@ -131,8 +146,12 @@ def run_cmd(
         top["eval_max"] = eval_max or None
     if no_baseline:
         top["baseline"] = False
-    cfg = run_config(config, tr, sel, given(method=method, lora_mode=lora_mode), top, sets or [])
-    res = run(target, library_path(library), base, out_dir, cfg, eval=eval_, force=force, progress=not json_out,
+    cfg = run_config(config, tr, sel, given(method=method, lora_mode=lora_mode), top, sets or [],
+                     given(source=transfer_from, base_old=transfer_base_old, alpha=transfer_alpha))
+    # a transfer from a directory needs no library; from a library entry, --library (or the default one)
+    lib = None if cfg.transfer.active and not library and Path(cfg.transfer.source).expanduser().exists() \
+        else library_path(library)
+    res = run(target, lib, base, out_dir, cfg, eval=eval_, force=force, progress=not json_out,
               log=lambda s: err.print(f"[bold]{s.split(':')[0]}[/]:{s.split(':', 1)[1]}" if ":" in s else s))
 
     if dist_env()[0] != 0:  # one answer per launch, from the main process
@@ -145,13 +164,14 @@ def run_cmd(
     _print_costs(res.report)
 
 
-def run_config(path: Path | None, train: dict, select: dict, merge: dict, top: dict, sets: list[str]) -> RunConfig:
+def run_config(path: Path | None, train: dict, select: dict, merge: dict, top: dict, sets: list[str],
+               transfer: dict | None = None) -> RunConfig:
     """--config, then the flags, then --set, checked once at the end: every problem in one error."""
 
     d = (read_config(path, "run config") or {}) if path else {}
     if not isinstance(d, dict):
         raise ConfigError("run config must be a mapping", path=path)
-    for name, flags in (("train", train), ("select", select), ("merge", merge)):
+    for name, flags in (("train", train), ("select", select), ("merge", merge), ("transfer", transfer or {})):
         sec = d.get(name) if d.get(name) is not None else {}
         if flags and isinstance(sec, dict):  # else the section's own error is reported below
             d[name] = {**sec, **flags}
@@ -165,6 +185,10 @@ def _print_costs(rep: dict) -> None:
 
     if rep.get("selection"):
         err.print(selection_sentence(rep["selection"], rep).replace("**", "").replace("`", ""))
+    if rep.get("transfer"):
+        from ..report import transfer_sentence
+
+        err.print(transfer_sentence(rep["transfer"]).replace("**", "").replace("`", ""), markup=False)
     r = rep.get("eval_rows") or {}
     if r and r.get("used") != r.get("given"):
         err.print(f"eval rows: {eval_rows_text(r)}")
