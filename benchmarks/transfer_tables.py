@@ -51,8 +51,8 @@ def table_pair(res: Path, bump: dict | None, targets: list[str], drifts: list[in
 
 
 def table_notrain(res: Path, targets: list[str], drifts: list[int]) -> list[str]:
-    out = ["| target | fine-tune | v1 | v1 fine-tune | bump | v1.1 | v1.1 + 0.5·Δ | v1.1 + Δ | Δ(v1.1 + Δ − v1.1), 95% CI | "
-           "recovered |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| target | fine-tune | v1 | v1 fine-tune | bump | v1.1 | v1.1 + 0.5·Δ | v1.1 + Δ | "
+           "Δ(v1.1 + Δ − v1.1), 95% CI | recovered |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in targets:
         v1 = _load(res / "scores" / t / "v1.json")
         for k in ("lora", "full"):
@@ -119,11 +119,13 @@ def table_init(res: Path, targets: list[str], drifts: list[int]) -> list[str]:
                 steps = f"{par['step']:.0f} ({par['percent_steps']:.0f} %)" if par.get("step") is not None \
                     else par.get("status", "–")
                 wall = f"{par['wall_s']:.0f} s ({par['percent_wall']:.0f} %)" if par.get("wall_s") is not None else "–"
-                out.append(f"| {NAMES.get(t, t)} | d{d} | {float(lr):g} | {_pct(w.get('start'))} → {_pct(w.get('final'))} | "
-                           f"{_pct(b.get('start'))} → {_pct(b.get('final'))} | "
+                out.append(f"| {NAMES.get(t, t)} | d{d} | {float(lr):g} | "
+                           f"{_pct(w.get('zero_shot'))} → {_pct(w.get('final'))} | "
+                           f"{_pct(b.get('zero_shot'))} → {_pct(b.get('final'))} | "
                            f"{_pct(rep.get('delta'))} | {steps} | {wall} |")
             te = r["test"]
-            rows2.append(f"| {NAMES.get(t, t)} | d{d} | {_pct(te['warm']['accuracy'])} (lr {r['chosen_lr']['warm']:g}) | "
+            rows2.append(f"| {NAMES.get(t, t)} | d{d} | "
+                         f"{_pct(te['warm']['accuracy'])} (lr {r['chosen_lr']['warm']:g}) | "
                          f"{_pct(te['baseline']['accuracy'])} (lr {r['chosen_lr']['baseline']:g}) | "
                          f"{_ci(te['warm'], te['baseline'])} |")
     return out + [""] + rows2
