@@ -7,11 +7,13 @@ questions scored by rank classification; validation (100 rows of train) for ever
 
 Units (each writes one JSON under --results and is skipped when it exists; --work is scratch):
 
-  full-sources   full fine-tunes of v1 on each target (the olmo bench's source recipe, full mode:
-                 one pass over 480 rows, cosine, lr 3e-5 / 1e-4 chosen on validation)
+  full-sources   full fine-tunes of v1 on each target (the olmo bench's source recipe in full mode,
+                 benchmarks/olmo_bench_full.json: one pass over 480 rows, cosine, lr 3e-5)
   line           held-out text loss along θ(t) = (1−t)·v1 + t·v1.1, t ∈ {0, ¼, ½, ¾, 1}, per bump size
   notrain        v1, v1's fine-tunes, v1.1 and v1.1 + α·Δ (α ∈ {0.5, 1}) via warmstart.transfer, scored
                  on the held-out questions; the transfer's compatibility report is kept
+  zeroshot       v1 and v1.1 zero-shot on tasks neither in the bump's text nor targets (ARC-Challenge,
+                 BoolQ, OpenBookQA)
   init           LoRA on v1.1 from v1.1 + Δ (the v1 adapter carried over) vs from v1.1, 80 steps,
                  lr {2e-4, 6e-4} chosen per side on validation; each lr is one
                  `warmstart run --transfer-from` (warm = transferred init, baseline = plain v1.1)
@@ -36,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 TARGETS = ("arc_easy", "csqa")
+OTHERS = ("arc_challenge", "boolq", "openbookqa")  # zero-shot only: what else the bump changed
 DRIFTS = (30, 90, 240)
 ALPHAS = (0.5, 1.0)
 LINE_T = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -143,10 +146,17 @@ def unit_line(p: Paths, drifts) -> None:
         sd2 = load_file(str(p.v11(d) / "model.safetensors"))
         row = {}
         for t in LINE_T:
-            mixed = {k: (1 - t) * sd1[k] + t * sd2[k] if k in sd2 else sd1[k] for k in sd1}
-            model.load_state_dict(mixed, strict=False)
+            # only the stored tensors: the tied lm_head is stored once (as embed_tokens); loading v1's
+            # lm_head.weight after the mixed embedding would overwrite the shared tensor with v1's
+            mixed = {k: (1 - t) * sd1[k] + t * v for k, v in sd2.items()}
+            missing, unexpected = model.load_state_dict(mixed, strict=False)
+            if unexpected or any(k != "lm_head.weight" for k in missing):
+                raise SystemExit(f"v1.1 at {p.v11(d)} does not match v1's tensors: {missing[:3]} {unexpected[:3]}")
             row[str(t)] = heldout_loss(model, held)
             log(f"line d{d} t={t}: held-out loss {row[str(t)]:.4f}")
+        saved = json.loads((p.v11(d) / "bump.json").read_text())["heldout_loss"]
+        if abs(row["1.0"] - saved) > 1e-3:  # t = 1 is v1.1 itself: the loss its training recorded
+            raise SystemExit(f"line d{d}: loss at t=1 {row['1.0']:.4f} != v1.1's recorded {saved:.4f}")
         res[str(d)] = row
         write_json(out, res)
 
@@ -175,7 +185,7 @@ def unit_notrain(p: Paths, targets, drifts, kinds=("lora", "full")) -> None:
                 rep = transfer(p.v1, ft, p.v11(d), tmp, alpha=list(ALPHAS), force=True)
                 wall = time.perf_counter() - t0
                 row = {"target": t, "kind": kind, "drift_steps": d, "transfer_s": round(wall, 1),
-                       "overall": rep.to_dict().get("overall"),
+                       "overall": rep.summary,
                        "layers": [vars(x) if not isinstance(x, dict) else x for x in rep.layers],
                        "warnings": rep.warnings, "scores": {}}
                 for a, o in zip(ALPHAS, rep.outputs):
@@ -183,6 +193,16 @@ def unit_notrain(p: Paths, targets, drifts, kinds=("lora", "full")) -> None:
                     log(f"{t} {kind} d{d} α={a}: {row['scores'][str(a)]['accuracy']:.3f}")
                 write_json(f, row)
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def unit_zeroshot(p: Paths, tasks, drifts) -> None:
+    """What the bump did to tasks it neither trained on nor is a target of: v1 and v1.1 zero-shot."""
+    for t in tasks:
+        for name, model in [("v1", p.v1)] + [(f"v11-d{d}", p.v11(d)) for d in drifts]:
+            f = p.results / "zeroshot" / t / f"{name}.json"
+            if not f.is_file():
+                write_json(f, score(p, model, t))
+                log(f"zero-shot {t} {name}: {json.loads(f.read_text())['accuracy']:.3f}")
 
 
 def unit_init(p: Paths, targets, drifts) -> None:
@@ -201,7 +221,8 @@ def unit_init(p: Paths, targets, drifts) -> None:
                        "--steps", str(INIT_STEPS), "--lr", str(lr), "--batch-size", "8", "--eval-every", "20",
                        "--scheduler", "constant_with_warmup", "--warmup-steps", "5", "--max-length", "192",
                        "--lora-r", "8", "--lora-alpha", "16", "--seed", "0", "--set", "train.group_by_length=true",
-                       "--set", "train.eval_batch_size=32", "--json"]
+                       "--set", "train.eval_batch_size=32",
+                       "--set", "train.metrics=[loss, mc_accuracy]", "--json"]
                 log(f"init {t} d{d} lr {lr:g}: " + " ".join(cmd[3:]))
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -223,14 +244,14 @@ def unit_init(p: Paths, targets, drifts) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("unit", choices=["full-sources", "line", "notrain", "init", "tables"])
+    ap.add_argument("unit", choices=["full-sources", "line", "notrain", "zeroshot", "init", "tables"])
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--drifts", default=",".join(map(str, DRIFTS)))
     ap.add_argument("--kinds", default="lora,full")
     ap.add_argument("--results", default="docs/transfer-results")
     ap.add_argument("--work", default="/work/transfer-work")
     a = ap.parse_args(argv)
-    targets = a.targets.split(",")
+    targets = a.targets.split(",") if a.unit != "zeroshot" or a.targets != ",".join(TARGETS) else list(OTHERS)
     drifts = [int(x) for x in a.drifts.split(",")]
     if a.unit == "tables":
         from transfer_tables import main as tables
@@ -244,6 +265,8 @@ def main(argv=None) -> int:
         unit_line(p, drifts)
     elif a.unit == "notrain":
         unit_notrain(p, targets, drifts, a.kinds.split(","))
+    elif a.unit == "zeroshot":
+        unit_zeroshot(p, targets, drifts)
     elif a.unit == "init":
         unit_init(p, targets, drifts)
     return 0

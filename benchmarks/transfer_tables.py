@@ -38,7 +38,7 @@ def table_pair(res: Path, bump: dict | None, targets: list[str], drifts: list[in
     loss0 = bump["heldout_loss"]["0"] if bump else None
     out.append(f"| v1 | 0 | 0 | {loss0:.3f} | 0 | 1 | " + " | ".join(_pct(s and s["accuracy"]) for s in v1) + " |")
     for d in drifts:
-        ov = next((r["overall"] for t in targets for k in ("lora", "full")
+        ov = next((r["overall"] for t in targets for k in ("full", "lora")
                    if (r := _load(res / "notrain" / t / f"{k}-d{d}.json"))), None) or {}
         sc = [_load(res / "scores" / t / f"v11-d{d}.json") for t in targets]
         info = (bump or {}).get("saved", {}).get(str(d), {})
@@ -52,7 +52,8 @@ def table_pair(res: Path, bump: dict | None, targets: list[str], drifts: list[in
 
 def table_notrain(res: Path, targets: list[str], drifts: list[int]) -> list[str]:
     out = ["| target | fine-tune | v1 | v1 fine-tune | bump | v1.1 | v1.1 + 0.5·Δ | v1.1 + Δ | "
-           "Δ(v1.1 + Δ − v1.1), 95% CI | recovered |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "v1.1 + Δ − v1.1, 95% CI | v1.1 + Δ − v1 fine-tune | recovered |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in targets:
         v1 = _load(res / "scores" / t / "v1.json")
         for k in ("lora", "full"):
@@ -67,7 +68,7 @@ def table_notrain(res: Path, targets: list[str], drifts: list[int]) -> list[str]
                 rec = (s1["accuracy"] - v11["accuracy"]) / gain if gain > 0 else None
                 out.append(f"| {NAMES.get(t, t)} | {k} | {_pct(v1['accuracy'])} | {_pct(ft['accuracy'])} | d{d} | "
                            f"{_pct(v11['accuracy'])} | {_pct(s5['accuracy'])} | {_pct(s1['accuracy'])} | "
-                           f"{_ci(s1, v11)} | {'–' if rec is None else f'{100 * rec:.0f} %'} |")
+                           f"{_ci(s1, v11)} | {_ci(s1, ft)} | {'–' if rec is None else f'{100 * rec:.0f} %'} |")
     return out
 
 

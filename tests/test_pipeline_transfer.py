@@ -270,3 +270,18 @@ def test_transfer_section_yaml_set_and_errors(tmp_path):
         RunConfig(transfer={"source": "x"}, select={"k": 2}).validate()
     with pytest.raises(ConfigError, match="unknown transfer option"):
         RunConfig.from_dict({"transfer": {"source": "x", "alhpa": 1}})
+
+
+def test_cli_transfer_as_adapter_equals_transfer_adapter(zoo, tmp_path, cli):
+    """`warmstart transfer --as-adapter` writes transfer_adapter()'s adapter (B·α); full-output flags are refused."""
+    r = cli("transfer", "--base-old", zoo / "v1", "--finetuned", zoo / "lora", "--base-new", zoo / "v1.1",
+            "--out", tmp_path / "ad", "--as-adapter", "--alpha", 0.5, "--json")
+    assert r.code == 0, r.err
+    src, got = _sd(zoo / "lora"), _sd(tmp_path / "ad")
+    for k in src:
+        assert torch.equal(got[k], src[k] * 0.5 if ".lora_B." in k else src[k]), k
+    assert r.json()["alphas"] == [0.5]
+    r = cli("transfer", "--base-old", zoo / "v1", "--finetuned", zoo / "lora", "--base-new", zoo / "v1.1",
+            "--out", tmp_path / "ad2", "--as-adapter", "--dtype", "bfloat16")
+    assert r.code != 0 and "--dtype" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "ad2").exists()

@@ -20,6 +20,9 @@ Examples:
 --out transferred/fr-alphas --alpha 0.5,0.75,1.0 --dtype bfloat16
 
   warmstart transfer --base-old models/smol-v1 --finetuned runs/fr-lora --base-new models/smol-v2 --dry-run --json
+
+  warmstart transfer --base-old models/smol-v1 --finetuned runs/fr-lora --base-new models/smol-v2 \
+--out transferred/fr-adapter --as-adapter
 """
 
 
@@ -71,6 +74,8 @@ def transfer_cmd(
     shard_size: str = typer.Option("2GB", "--shard-size", help="Largest output shard, e.g. 2GB (= 2·10⁹ bytes)."),
     max_shard_size: str = typer.Option(None, "--max-shard-size", hidden=True,
                                        help="Deprecated alias of --shard-size (now decimal units too)."),
+    as_adapter: bool = typer.Option(False, "--as-adapter", help="A LoRA fine-tune stays an adapter on --base-new "
+                                    "(same A, B scaled by α; one α): exactly the full output, merged."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print the compatibility report only; write "
                                  "nothing."),
     allow_pickle: bool = AllowPickleOpt,
@@ -89,7 +94,27 @@ def transfer_cmd(
     for ref in (base_old, finetuned, base_new):  # before torch loads: a typo answers in about a second
         resolve(ref)
 
-    from ..transfer import transfer
+    from ..transfer import transfer, transfer_adapter
+
+    if as_adapter:
+        given = {"--dtype": dtype is not None, "--max-shard-size": max_shard_size is not None, "--dry-run": dry_run,
+                 "--compute-dtype": compute_dtype != "float32", "--vocab-new-rows": vocab_new_rows != "base",
+                 "--config-from": config_from != "new", "--shard-size": shard_size != "2GB"}
+        ignored = [flag for flag, v in given.items() if v]
+        if ignored:
+            raise ConfigError(f"--as-adapter writes an adapter; {', '.join(ignored)} apply to full outputs only")
+        if out_dir is None:
+            raise ConfigError("--out is required")
+        report = transfer_adapter(base_old, finetuned, base_new, out_dir, alpha=alpha, force=force,
+                                  allow_nonfinite=allow_nonfinite)
+        if json_out:
+            print_json(report.to_dict())
+        else:
+            out.print(_layer_table(report))
+        for w in report.warnings:
+            err.print(f"[yellow]warning:[/] {w}")
+        err.print(f"wrote {out_dir} (adapter on {base_new})")
+        return
 
     if max_shard_size is not None:
         err.print("[yellow]warning:[/] --max-shard-size is deprecated: use --shard-size (decimal units, "
