@@ -205,22 +205,23 @@ def unit_zeroshot(p: Paths, tasks, drifts) -> None:
                 log(f"zero-shot {t} {name}: {json.loads(f.read_text())['accuracy']:.3f}")
 
 
-def unit_init(p: Paths, targets, drifts) -> None:
+def unit_init(p: Paths, targets, drifts, seed: int = 0) -> None:
     """One `warmstart run --transfer-from` per (target, bump, lr); per side the lr chosen on validation."""
     for t in targets:
         for d in drifts:
-            f = p.results / "init" / t / f"lora-d{d}.json"
+            f = p.results / "init" / t / (f"lora-d{d}.json" if seed == 0 else f"lora-d{d}-s{seed}.json")
             if f.is_file():
                 continue
             runs = {}
             for lr in INIT_LRS:
-                rd = p.work / "init" / t / f"d{d}-lr{lr:g}"
+                rd = p.work / "init" / t / (f"d{d}-lr{lr:g}" if seed == 0 else f"d{d}-s{seed}-lr{lr:g}")
                 cmd = [sys.executable, "-m", "warmstart", "run", "--target", str(p.task(t, "train")),
                        "--eval", str(p.task(t, "test")), "--base", str(p.v11(d)), "--out", str(rd),
                        "--transfer-from", str(p.lora(t)), "--transfer-base-old", str(p.v1),
                        "--steps", str(INIT_STEPS), "--lr", str(lr), "--batch-size", "8", "--eval-every", "20",
                        "--scheduler", "constant_with_warmup", "--warmup-steps", "5", "--max-length", "192",
-                       "--lora-r", "8", "--lora-alpha", "16", "--seed", "0", "--set", "train.group_by_length=true",
+                       "--lora-r", "8", "--lora-alpha", "16", "--seed", str(seed),
+                       "--set", "train.group_by_length=true",
                        "--set", "train.eval_batch_size=32",
                        "--set", "train.metrics=[loss, mc_accuracy]", "--json"]
                 log(f"init {t} d{d} lr {lr:g}: " + " ".join(cmd[3:]))
@@ -236,7 +237,14 @@ def unit_init(p: Paths, targets, drifts) -> None:
                       for side in ("warm", "baseline")}
             test = {side: score(p, p.v11(d), t, adapter=Path(runs[str(chosen[side])]["run_dir"]) / side)
                     for side in ("warm", "baseline")}
-            write_json(f, {"target": t, "drift_steps": d, "steps": INIT_STEPS, "runs": runs, "chosen_lr": chosen,
+            for lr, r in runs.items():  # the curves and the run's own report, committed beside the JSON
+                keep = f.parent / f.stem / f"lr{float(lr):g}"
+                keep.mkdir(parents=True, exist_ok=True)
+                for side in ("warm", "baseline"):
+                    shutil.copy2(Path(r["run_dir"]) / side / "curve.json", keep / f"{side}.curve.json")
+                shutil.copy2(Path(r["run_dir"]) / "report" / "report.md", keep / "report.md")
+            write_json(f, {"target": t, "drift_steps": d, "seed": seed, "steps": INIT_STEPS, "runs": runs,
+                           "chosen_lr": chosen,
                            "test": test})
             log(f"init {t} d{d}: warm {test['warm']['accuracy']:.3f} (lr {chosen['warm']:g}) vs "
                 f"baseline {test['baseline']['accuracy']:.3f} (lr {chosen['baseline']:g})")
@@ -248,6 +256,7 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--drifts", default=",".join(map(str, DRIFTS)))
     ap.add_argument("--kinds", default="lora,full")
+    ap.add_argument("--seed", type=int, default=0, help="init: training seed (LoRA init, data order)")
     ap.add_argument("--results", default="docs/transfer-results")
     ap.add_argument("--work", default="/work/transfer-work")
     a = ap.parse_args(argv)
@@ -268,7 +277,7 @@ def main(argv=None) -> int:
     elif a.unit == "zeroshot":
         unit_zeroshot(p, targets, drifts)
     elif a.unit == "init":
-        unit_init(p, targets, drifts)
+        unit_init(p, targets, drifts, a.seed)
     return 0
 
 

@@ -103,33 +103,70 @@ def table_line(res: Path, drifts: list[int]) -> list[str]:
     return out
 
 
+def _init_files(res: Path, t: str, d: int) -> list[Path]:
+    return sorted((res / "init" / t).glob(f"lora-d{d}.json")) + sorted((res / "init" / t).glob(f"lora-d{d}-s*.json"))
+
+
 def table_init(res: Path, targets: list[str], drifts: list[int]) -> list[str]:
-    out = ["| target | bump | lr | from v1.1 + Δ: step 0 → 80 | from v1.1: step 0 → 80 | Δ final (run report) | "
-           "steps to parity | wall clock to parity |", "|---|---|---|---|---|---|---|---|"]
-    rows2 = ["| target | bump | warm (lr chosen on validation) | baseline (lr chosen on validation) | "
-             "Δ, 95% CI (400 questions) |", "|---|---|---|---|---|"]
+    out = ["| target | bump | seed | lr | from v1.1 + Δ: step 0 → 80 | from v1.1: step 0 → 80 | Δ final (run report) | "
+           "steps to parity | wall clock to parity |", "|---|---|---|---|---|---|---|---|---|"]
+    rows2 = ["| target | bump | seed | warm (lr chosen on validation) | baseline (lr chosen on validation) | "
+             "Δ, 95% CI (400 questions) |", "|---|---|---|---|---|---|"]
     for t in targets:
         for d in drifts:
-            r = _load(res / "init" / t / f"lora-d{d}.json")
-            if not r:
-                continue
-            for lr, run in r["runs"].items():
-                rep = run["report"]
-                w, b = rep.get("warm", {}), rep.get("baseline", {})
-                par = rep.get("parity") or {}
-                steps = f"{par['step']:.0f} ({par['percent_steps']:.0f} %)" if par.get("step") is not None \
-                    else par.get("status", "–")
-                wall = f"{par['wall_s']:.0f} s ({par['percent_wall']:.0f} %)" if par.get("wall_s") is not None else "–"
-                out.append(f"| {NAMES.get(t, t)} | d{d} | {float(lr):g} | "
-                           f"{_pct(w.get('zero_shot'))} → {_pct(w.get('final'))} | "
-                           f"{_pct(b.get('zero_shot'))} → {_pct(b.get('final'))} | "
-                           f"{_pct(rep.get('delta'))} | {steps} | {wall} |")
-            te = r["test"]
-            rows2.append(f"| {NAMES.get(t, t)} | d{d} | "
-                         f"{_pct(te['warm']['accuracy'])} (lr {r['chosen_lr']['warm']:g}) | "
-                         f"{_pct(te['baseline']['accuracy'])} (lr {r['chosen_lr']['baseline']:g}) | "
-                         f"{_ci(te['warm'], te['baseline'])} |")
+            for f in _init_files(res, t, d):
+                r = _load(f)
+                seed = r.get("seed", 0)
+                for lr, run in r["runs"].items():
+                    rep = run["report"]
+                    w, b = rep.get("warm", {}), rep.get("baseline", {})
+                    par = rep.get("parity") or {}
+                    steps = f"{par['step']:.0f} ({par['percent_steps']:.0f} %)" if par.get("step") is not None \
+                        else par.get("status", "–")
+                    wall = f"{par['wall_s']:.0f} s ({par['percent_wall']:.0f} %)" if par.get("wall_s") is not None \
+                        else "–"
+                    out.append(f"| {NAMES.get(t, t)} | d{d} | {seed} | {float(lr):g} | "
+                               f"{_pct(w.get('zero_shot'))} → {_pct(w.get('final'))} | "
+                               f"{_pct(b.get('zero_shot'))} → {_pct(b.get('final'))} | "
+                               f"{_pct(rep.get('delta'))} | {steps} | {wall} |")
+                te = r["test"]
+                rows2.append(f"| {NAMES.get(t, t)} | d{d} | {seed} | "
+                             f"{_pct(te['warm']['accuracy'])} (lr {r['chosen_lr']['warm']:g}) | "
+                             f"{_pct(te['baseline']['accuracy'])} (lr {r['chosen_lr']['baseline']:g}) | "
+                             f"{_ci(te['warm'], te['baseline'])} |")
     return out + [""] + rows2
+
+
+def table_curves(res: Path, targets: list[str], drifts: list[int]) -> list[str]:
+    """Held-out accuracy along training, each side at its lr chosen on validation (the runs' eval curves)."""
+    out = ["| target | bump | seed | start | step 0 | 20 | 40 | 60 | 80 |", "|---|---|---|---|---|---|---|---|---|"]
+    for t in targets:
+        for d in drifts:
+            for f in _init_files(res, t, d):
+                r = _load(f)
+                for side, name in (("warm", "v1.1 + Δ"), ("baseline", "v1.1")):
+                    c = _load(f.parent / f.stem / f"lr{r['chosen_lr'][side]:g}" / f"{side}.curve.json")
+                    if not c:
+                        continue
+                    acc = {p["step"]: p.get("eval_mc_accuracy") for p in c["points"]}
+                    out.append(f"| {NAMES.get(t, t)} | d{d} | {r.get('seed', 0)} | "
+                               f"{name} (lr {r['chosen_lr'][side]:g}) | "
+                               + " | ".join(_pct(acc.get(s)) for s in (0, 20, 40, 60, 80)) + " |")
+    return out
+
+
+def table_zeroshot(res: Path, drifts: list[int]) -> list[str]:
+    """What else the bump changed: tasks neither in its text nor targets."""
+    out = ["| task | v1 | " + " | ".join(f"v1.1-d{d} (vs v1, 95% CI)" for d in drifts) + " |",
+           "|---|---|" + "---|" * len(drifts)]
+    for task_dir in sorted((res / "zeroshot").glob("*")) if (res / "zeroshot").is_dir() else []:
+        v1 = _load(task_dir / "v1.json")
+        cells = []
+        for d in drifts:
+            s = _load(task_dir / f"v11-d{d}.json")
+            cells.append(f"{_pct(s['accuracy'])} ({_ci(s, v1)})" if s and v1 else "–")
+        out.append(f"| {task_dir.name} | {_pct(v1 and v1['accuracy'])} | " + " | ".join(cells) + " |")
+    return out
 
 
 def main(res: Path) -> int:
@@ -137,10 +174,12 @@ def main(res: Path) -> int:
     targets = sorted({p.name for p in (res / "scores").iterdir()}) if (res / "scores").is_dir() else []
     drifts = sorted(int(k) for k in (bump or {}).get("saved", {}))
     for title, rows in (("The pair", table_pair(res, bump, targets, drifts)),
+                        ("Zero-shot on tasks the bump did not train on", table_zeroshot(res, drifts)),
                         ("Transfer without training", table_notrain(res, targets, drifts)),
                         ("Compatibility report", table_compat(res, targets, drifts)),
                         ("Loss along the line v1 → v1.1", table_line(res, drifts)),
-                        ("Transfer as an initialisation", table_init(res, targets, drifts))):
+                        ("Transfer as an initialisation", table_init(res, targets, drifts)),
+                        ("Accuracy along training", table_curves(res, targets, drifts))):
         print(f"### {title}\n")
         print("\n".join(rows) + "\n")
     return 0
