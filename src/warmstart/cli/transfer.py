@@ -54,6 +54,16 @@ def _layer_table(report) -> Table:
     return t
 
 
+def _print_report(report, json_out: bool) -> None:
+    """The report on stdout (JSON, or the per-layer table), then its warnings on stderr."""
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        out.print(_layer_table(report))
+    for w in report.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+
+
 def transfer_cmd(
     base_old: str = typer.Option(..., "--base-old", help="The base the fine-tune was trained from (path or hub id)."),
     finetuned: str = typer.Option(..., "--finetuned", help="The fine-tune of --base-old: a full model or a LoRA "
@@ -97,9 +107,10 @@ def transfer_cmd(
     from ..transfer import transfer, transfer_adapter
 
     if as_adapter:
-        given = {"--dtype": dtype is not None, "--max-shard-size": max_shard_size is not None, "--dry-run": dry_run,
-                 "--compute-dtype": compute_dtype != "float32", "--vocab-new-rows": vocab_new_rows != "base",
-                 "--config-from": config_from != "new", "--shard-size": shard_size != "2GB"}
+        given = {"--dtype": dtype is not None, "--max-shard-size": max_shard_size is not None,
+                 "--dry-run": dry_run, "--allow-pickle": allow_pickle, "--compute-dtype": compute_dtype != "float32",
+                 "--vocab-new-rows": vocab_new_rows != "base", "--config-from": config_from != "new",
+                 "--shard-size": shard_size != "2GB"}
         ignored = [flag for flag, v in given.items() if v]
         if ignored:
             raise ConfigError(f"--as-adapter writes an adapter; {', '.join(ignored)} apply to full outputs only")
@@ -107,12 +118,7 @@ def transfer_cmd(
             raise ConfigError("--out is required")
         report = transfer_adapter(base_old, finetuned, base_new, out_dir, alpha=alpha, force=force,
                                   allow_nonfinite=allow_nonfinite)
-        if json_out:
-            print_json(report.to_dict())
-        else:
-            out.print(_layer_table(report))
-        for w in report.warnings:
-            err.print(f"[yellow]warning:[/] {w}")
+        _print_report(report, json_out)
         err.print(f"wrote {out_dir} (adapter on {base_new})")
         return
 
@@ -137,12 +143,7 @@ def transfer_cmd(
                           compute_dtype=compute_dtype, vocab_new_rows=vocab_new_rows, config_from=config_from,
                           shard_size=max_shard_size or shard_size, dry_run=dry_run, force=force,
                           allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, on_tensor=tick, on_plan=show_plan)
-    if json_out:
-        print_json(report.to_dict())
-    else:
-        out.print(_layer_table(report))
-    for w in report.warnings:
-        err.print(f"[yellow]warning:[/] {w}")
+    _print_report(report, json_out)
     counts = ", ".join(f"{k} {v}" for k, v in report.counts().items())
     err.print(f"tensors: {counts}")
     for o in report.outputs:
