@@ -9,15 +9,18 @@ Jobs, at the bench's settings (warmstart.bench.protocol.BenchConfig):
   the cost per candidate; loading and adapter switching are the same in both paths and not timed);
 * MC selection: the same candidate on ``--mc-questions`` questions × 4 options (``--metric mc-accuracy``);
 * one LoRA training step: batch 8, forward + backward + AdamW on the adapter (the Trainer's step
-  without its bookkeeping; ``new`` = logits at labelled positions + bf16 autocast where precision
-  ``auto`` picks it);
+  without its bookkeeping; ``new`` = the batch flattened into one row without padding
+  (``train.padding_free``) + logits at labelled positions + bf16 autocast where precision ``auto``
+  picks it; averaged over ``--train-steps`` batches);
 * one training-time eval: ``--eval-questions`` test questions × 4 options (loss + mc accuracy).
 
 ``old`` is the previous implementation, kept callable: float32, one (prompt + option) row per option
-(``shared_prompt=False``), logits at every position in training (``pm(**batch).loss``). ``new`` is
-what warmstart runs now by default (``compute_dtype="auto"``: bf16 on this CPU when it has
-AVX512-BF16/AMX; packed prompts; logits at labelled positions). Old and new are timed back to back in
-one process, so a shared machine's load hits both alike.
+and one padded (prompt + completion) row per loss row (``shared_prompt=False``), padded batches and
+logits at every position in training (``pm(**batch).loss``). ``new`` is what warmstart runs now by
+default (``compute_dtype="auto"``: bf16 on this CPU when it has AVX512-BF16/AMX; packed prompts and
+packed loss rows; padding-free training batches; logits at labelled positions). The floors are the
+new path's shapes: packed rows count the instruction prefix a row's questions share once. Old and
+new are timed back to back in one process, so a shared machine's load hits both alike.
 
 The floor is the time of the job's linear-layer matmuls alone, measured (not taken from a spec
 sheet) with ``torch.mm`` at the job's own shapes — rows = the tokens of one of its batches without
@@ -93,24 +96,25 @@ def _layer_shapes(cfg) -> list[tuple[int, int]]:
     return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
 
 
-def floor_s(cfg, batches: list[tuple[int, int]], dtype, passes: int = 1) -> tuple[float, float]:
-    """(seconds, GFLOP) of the matmuls for ``batches`` = [(tokens, head positions)], each measured at its shape.
+def floor_s(cfg, batches: list[tuple[int, int]], dtype, passes: float = 1, head_dtype=None) -> tuple[float, float]:
+    """(seconds, GFLOP) of the matmuls for ``batches`` = [(tokens, head positions)], each measured at its shape;
+    the LM head in ``head_dtype`` (default ``dtype``).
 
     Batches of similar size share a measurement (rounded to 32 rows) to keep this quick.
     """
     cache: dict = {}
 
-    def t(m, k, n):
-        key = (max(32, round(m / 32) * 32), k, n)
+    def t(m, k, n, dt=dtype):
+        key = (max(32, round(m / 32) * 32), k, n, dt)
         if key not in cache:
-            cache[key] = _mm_time(*key, dtype)
+            cache[key] = _mm_time(*key)
         return cache[key] * m / key[0]
 
     sec = flop = 0.0
     shapes = _layer_shapes(cfg)
     for tokens, heads in batches:
-        sec += cfg.num_hidden_layers * sum(t(tokens, k, n) for k, n in shapes) + t(heads, cfg.hidden_size,
-                                                                                     cfg.vocab_size)
+        sec += cfg.num_hidden_layers * sum(t(tokens, k, n) for k, n in shapes)
+        sec += t(heads, cfg.hidden_size, cfg.vocab_size, head_dtype or dtype)
         flop += 2 * tokens * cfg.num_hidden_layers * sum(k * n for k, n in shapes)
         flop += 2 * heads * cfg.hidden_size * cfg.vocab_size
     return sec * passes, flop * passes / 1e9
@@ -147,10 +151,14 @@ def job_loss_selection(pm, tok, data, bs):
     from warmstart.evaluate import evaluate
 
     m = ["loss", "token_accuracy", "exact_match"]
-    t_old, old = _timed(lambda: evaluate(pm, tok, data, metrics=m, batch_size=bs, compute_dtype="float32"))
+    t_old, old = _timed(lambda: evaluate(pm, tok, data, metrics=m, batch_size=bs, compute_dtype="float32",
+                                         shared_prompt=False))
     t_new, new = _timed(lambda: evaluate(pm, tok, data, metrics=m, batch_size=bs, compute_dtype="auto"))
-    agree = f"loss {old['loss']:.4f} vs {new['loss']:.4f}"
-    return t_old, t_new, _rows_batches(tokenize(data, tok), bs), 1, agree
+    rows = tokenize(data, tok)
+    packed = _packed_batches([[r] for r in rows], bs)
+    fewer = 1 - sum(t for t, _ in packed) / sum(len(r["input_ids"]) for r in rows)
+    agree = f"loss {old['loss']:.4f} vs {new['loss']:.4f}; packed rows: {fewer:.0%} fewer tokens than the rows"
+    return t_old, t_new, packed, 1, agree
 
 
 def job_mc(pm, tok, data, bs):
@@ -171,7 +179,7 @@ def job_train_step(pm, tok, data, bs, steps=3):
     import torch
 
     from warmstart.data import collate, pad_id_of, tokenize
-    from warmstart.train import _labelled_logits_loss, _with_keep
+    from warmstart.train import _labelled_logits_loss, _with_keep, flatten
 
     rows = tokenize(data, tok)[: bs * steps]
     batches = [collate(rows[i * bs:(i + 1) * bs], pad_id_of(tok)) for i in range(steps)]
@@ -190,25 +198,33 @@ def job_train_step(pm, tok, data, bs, steps=3):
 
     bf16 = resolve("auto", "cpu") == "bfloat16"  # what precision="auto" now picks (Trainer autocast)
 
-    def new_default(b):
+    def bf16_padded(b):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return new(b)
 
-    t = {"old": 0.0, "sparse": 0.0, "new": 0.0}
+    flat = [flatten(rows[i * bs:(i + 1) * bs]) for i in range(steps)]
+
+    def new_default(i):  # padding_free: the batch's rows as one row (train.flatten)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return new(flat[i])
+
+    t = {"old": 0.0, "sparse": 0.0, "bf16 padded": 0.0, "new": 0.0}
     for i, b in enumerate([batches[0]] + batches):  # the first round warms up, untimed
-        for name, fn in (("old", old), ("sparse", new), ("new", new_default)):
+        j = max(i - 1, 0)
+        for name, fn, arg in (("old", old, b), ("sparse", new, b), ("bf16 padded", bf16_padded, b),
+                              ("new", new_default, j)):
             s = time.perf_counter()
-            fn(b).backward()
+            fn(arg).backward()
             opt.step()
             opt.zero_grad()
             if i:
                 t[name] += time.perf_counter() - s
     pm.eval()
-    spans = [(int(b["attention_mask"].sum()), int((b["labels"][:, 1:] != -100).sum())) for b in batches[:1]]
+    spans = [(int(b["attention_mask"].sum()), int((b["labels"][:, 1:] != -100).sum())) for b in batches]
     pad = 1 - sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches)
     note = (f"{steps} steps each, interleaved; labelled logits alone (fp32) {t['sparse'] / steps:.2f} s; "
-            f"padding {100 * pad:.0f} %")
-    return t["old"] / steps, t["new"] / steps, spans, 2, note
+            f"+ bf16 (padded) {t['bf16 padded'] / steps:.2f} s; padding {100 * pad:.0f} % (none when padding-free)")
+    return t["old"] / steps, t["new"] / steps, spans, 2 / steps, note
 
 
 def main() -> None:
@@ -218,6 +234,8 @@ def main() -> None:
     ap.add_argument("--select-rows", type=int, default=64)
     ap.add_argument("--mc-questions", type=int, default=32)
     ap.add_argument("--eval-questions", type=int, default=100)
+    ap.add_argument("--select-batch", type=int, default=16, help="select's batch_size (its default)")
+    ap.add_argument("--train-steps", type=int, default=6, help="training steps timed per variant")
     ap.add_argument("--work", default="/tmp/warmstart-speed-floor")
     args = ap.parse_args()
     import torch
@@ -230,23 +248,28 @@ def main() -> None:
     for kw in ({"compute_dtype": "float32", "shared_prompt": False}, {"compute_dtype": "auto"}):  # warm-up
         evaluate(pm, tok, train.sample(2, 5), **kw)
     jobs = [
-        ("loss selection (1 candidate)", lambda: job_loss_selection(pm, tok, train.sample(args.select_rows, 0), 16)),
-        ("MC selection (1 candidate)", lambda: job_mc(pm, tok, train.sample(args.mc_questions, 0), 16)),
-        ("LoRA training step (batch 8)", lambda: job_train_step(pm, tok, train.sample(24, 1), 8)),
+        ("loss selection (1 candidate)", lambda: job_loss_selection(pm, tok, train.sample(args.select_rows, 0),
+                                                                    args.select_batch)),
+        ("MC selection (1 candidate)", lambda: job_mc(pm, tok, train.sample(args.mc_questions, 0), args.select_batch)),
+        ("LoRA training step (batch 8)", lambda: job_train_step(pm, tok, train.sample(8 * args.train_steps, 1), 8,
+                                                                args.train_steps)),
         ("training-time eval", lambda: job_mc(pm, tok, test, 32)),
     ]
     print(f"threads {args.threads}; target {args.target}; {len(test)} eval questions; "
           f"bf16 compute: {__import__('warmstart._precision', fromlist=['x']).resolve('auto', 'cpu')}")
-    print("| job | old s | new s | speed-up | fp32 floor s | bf16 floor s | new / bf16 floor | GFLOP | check |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| job | old s | new s | speed-up | fp32 floor s | bf16 floor s | new / bf16 floor "
+          "| bf16 floor, fp32 head s | new / that | GFLOP | check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     res = {}
     for name, fn in jobs:
         t_old, t_new, batches, passes, agree = fn()
         f32, gf = floor_s(cfg, batches, torch.float32, passes)
         b16, _ = floor_s(cfg, batches, torch.bfloat16, passes)
+        # scoring keeps the LM head in float32 by design (warmstart._precision); training's autocast does not
+        mixed = b16 if "training step" in name else floor_s(cfg, batches, torch.bfloat16, passes, torch.float32)[0]
         res[name] = (t_old, t_new)
         print(f"| {name} | {t_old:.2f} | {t_new:.2f} | {t_old / t_new:.2f}× | {f32:.2f} | {b16:.2f} | "
-              f"{t_new / b16:.1f}× | {gf:.0f} | {agree} |", flush=True)
+              f"{t_new / b16:.1f}× | {mixed:.2f} | {t_new / mixed:.1f}× | {gf:.0f} | {agree} |", flush=True)
     (so, sn), (eo, en) = res["LoRA training step (batch 8)"], res["training-time eval"]
     for label, s, e in (("old", so, eo), ("new", sn, en)):
         frac = 5 * e / (40 * s + 5 * e)  # the bench: 40 steps, evals at 0, 10, 20, 30, 40

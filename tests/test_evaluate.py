@@ -176,6 +176,40 @@ def test_shared_prompt_scoring_equals_per_option_rows(models, tmp_path, attn):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_loss_rows_packed_without_padding_equal_padded_batches(models, tmp_path, attn):
+    """(prompt, completion) rows are packed as groups of one (no padding, the shared prefix once per
+    batch): per-row scores equal the padded path's and unbatched hand forwards; a row whose tokens
+    after the prompt are not all targets (plain text: no prompt at all) goes through the padded path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from warmstart._packed import pack
+    from warmstart.data import tokenize
+
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    m = AutoModelForCausalLM.from_pretrained(models / "base", dtype=torch.float32, attn_implementation=attn)
+    data = load_target(write_jsonl(tmp_path / "pc.jsonl", PC))
+    rows = tokenize(data, tok)
+    assert all(pack([r]) is not None for r in rows)
+    broken = dict(rows[0], labels=rows[0]["labels"][:-1] + [-100])  # last token not a target
+    assert pack([broken]) is None
+    for bs in (1, 3, 16):
+        a, b = evaluate(m, tok, data, batch_size=bs), evaluate(m, tok, data, batch_size=bs, shared_prompt=False)
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+    all_lp = [lp for r in PC for lp in hand_target_logprobs(m, tok, r["prompt"], r["completion"])[0]]
+    assert evaluate(m, tok, data)["loss"] == pytest.approx(-sum(all_lp) / len(all_lp), rel=1e-5)
+    from warmstart._packed import score_packed
+    from warmstart.data import pad_id_of
+    from warmstart.evaluate import RowScore, score_rows
+
+    pad = pad_id_of(tok)
+    mixed = [[broken]] + [[r] for r in rows[1:]]
+    got = score_packed(m, mixed, pad_id=pad, result=RowScore, fallback=lambda rs: score_rows(m, rs, pad_id=pad))
+    ref = score_rows(m, [g[0] for g in mixed], pad_id=pad)
+    assert [g.logprob for g in got] == pytest.approx([r.logprob for r in ref], abs=1e-4)
+    assert [g.n_tokens for g in got] == [r.n_tokens for r in ref] and got[0].n_tokens == ref[0].n_tokens
+
+
 def test_shared_prompt_falls_back_where_packing_would_change_a_score(models, tmp_path, base):
     """A prompt cut by max_length differently per option cannot be shared: those questions go through
     the per-option path, so the results still equal it."""

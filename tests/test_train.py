@@ -178,6 +178,91 @@ def test_training_with_labelled_logits_matches_full_logits(models, data, tmp_pat
         TrainConfig(eval_dtype="int8").validate()
 
 
+def _lora(models, seed=0):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(models / "base", dtype=torch.float32),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+
+def test_flattened_batch_has_the_padded_batchs_loss_and_gradient(models):
+    """padding_free: the rows concatenated into one row with restarting positions. Against the padded
+    batch through transformers' own loss over every position (an independent path): the same loss and
+    LoRA gradient; the row holds exactly the rows' tokens, and every row's first label is ignored."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from warmstart.data import collate, encode_pair, pad_id_of
+    from warmstart.train import _labelled_logits_loss, _with_keep, flatten, padding_free_ok
+
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    pm = _lora(models)
+    rows = [encode_pair(tok, "capital of France" + "?" * (3 * i), " Paris" + " city" * (i % 3)) for i in range(5)]
+    padded = collate(rows, pad_id_of(tok))
+
+    def loss_and_grad(fn):
+        pm.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in pm.parameters() if p.requires_grad])
+
+    ref, g_ref = loss_and_grad(lambda: pm(**padded).loss)
+    flat = _with_keep(flatten(rows))
+    assert flat["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows)) and flat["use_cache"] is False
+    starts = [0]
+    for r in rows[:-1]:
+        starts.append(starts[-1] + len(r["input_ids"]))
+    assert [int(flat["position_ids"][0, s]) for s in starts] == [0] * len(rows)
+    assert all(int(flat["labels"][0, s]) == -100 for s in starts)
+    labels = flat.pop("labels")
+    got, g = loss_and_grad(lambda: _labelled_logits_loss(pm(**flat), labels))
+    assert got == pytest.approx(ref, rel=1e-5) and torch.allclose(g, g_ref, rtol=1e-4, atol=1e-7)
+    assert padding_free_ok(pm, rows, pad_id_of(tok), 8)
+
+
+def test_padding_free_is_refused_for_a_model_that_mixes_rows(models):
+    """A model whose attention ignores the row boundaries (here: position_ids and use_cache dropped, so
+    attention runs causally across the whole row) fails the first-batch check and trains padded."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from warmstart.data import encode_pair, pad_id_of
+    from warmstart.train import padding_free_ok
+
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    pm = _lora(models)
+    rows = [encode_pair(tok, "capital of Spain" + "!" * i, " Madrid") for i in range(4)]
+
+    class Mixing(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, position_ids=None, use_cache=None, **kw):
+            return self.m(**kw)
+
+    assert padding_free_ok(pm, rows, pad_id_of(tok), 8)
+    assert not padding_free_ok(Mixing(pm), rows, pad_id_of(tok), 8)
+    assert not padding_free_ok(pm, rows[:1], pad_id_of(tok), 8)  # one row: nothing to gain, nothing checked
+
+
+def test_padding_free_training_matches_padded_training(models, data, tmp_path):
+    """The whole Trainer run in float32: the same curve either way, and the curve says which ran."""
+    cfg = dict(FAST, eval_dtype="float32", precision="fp32")
+    flat = finetune(models / "base", *data, tmp_path / "a", TrainConfig(**cfg))
+    padded = finetune(models / "base", *data, tmp_path / "b", TrainConfig(**cfg, padding_free=False))
+    assert flat.curve.meta["padding_free"] is True and padded.curve.meta["padding_free"] is False
+    assert len(flat.curve.points) == len(padded.curve.points) == 3
+    for p, q in zip(flat.curve.points, padded.curve.points):
+        assert p["eval_loss"] == pytest.approx(q["eval_loss"], rel=1e-4)
+        assert p["train_loss"] is None or p["train_loss"] == pytest.approx(q["train_loss"], rel=1e-4)
+    with pytest.raises(ConfigError, match="padding_free must be true or false"):
+        TrainConfig(padding_free="yes").validate()
+
+
 def test_group_by_length_batches_carry_less_padding(models, tmp_path, monkeypatch):
     import warmstart.data as wd
     import warmstart.train
@@ -199,7 +284,8 @@ def test_group_by_length_batches_carry_less_padding(models, tmp_path, monkeypatc
     pads = {}
     for g in (False, True):
         widths.clear()
-        finetune(models / "base", d, d, tmp_path / f"o{g}", TrainConfig(**{**FAST, "group_by_length": g}))
+        finetune(models / "base", d, d, tmp_path / f"o{g}",
+                 TrainConfig(**{**FAST, "group_by_length": g, "padding_free": False}))
         pads[g] = sum(widths) / len(widths)
     assert pads[True] < pads[False]
 

@@ -37,6 +37,7 @@ class EvalCurve(TrainerCallback):
             ["loss", "token_accuracy", "exact_match", "mc_accuracy"] if eval_data.format == "mc"
             else ["loss", "token_accuracy", "exact_match"])
         self.points: list[dict] = []
+        self.padding_free = False  # set by train._setup_trainer: whether batches are flattened rows
         self._losses: list[float] = []
         self._t0 = 0.0
         self._eval_s = 0.0

@@ -1,4 +1,4 @@
-"""Multiple-choice scoring with the prompt computed once per question.
+"""Scoring with the prompt computed once per question (multiple choice), and without padding.
 
 Rank classification scores every option as a completion of the same prompt,
 and the prompt is usually most of the tokens (an ARC question with four short
@@ -12,6 +12,10 @@ context it sees in its own (prompt + option) row, so the log-likelihoods are
 those of the per-option path up to float rounding (tests/test_evaluate.py
 checks it). The first token of every option is predicted at the prompt's last
 position, shared by all options. One row per batch: no padding at all.
+
+(prompt, completion) rows scored for their loss are groups of one: the same
+row layout removes the padding of length-sorted batches and computes the
+instruction prefix the rows share once per batch (``evaluate`` does this).
 
 Hand-written because neither transformers nor lm-eval ship it: transformers
 accepts a prepared 4-D mask (``masking_utils`` returns it as-is) and explicit
@@ -44,6 +48,8 @@ def pack(group: list[dict]) -> dict | None:
     p = _prompt_len(group[0])
     prompt = group[0]["input_ids"][:p]
     if p == 0 or any(_prompt_len(r) != p or r["input_ids"][:p] != prompt for r in group):
+        return None
+    if any(r["labels"][p:] != r["input_ids"][p:] for r in group):  # every token after the prompt must be a target
         return None
     return {"prompt": prompt, "options": [r["input_ids"][p:] for r in group]}
 

@@ -188,7 +188,9 @@ def evaluate(model, tokenizer, data: TargetData, *, metrics: Sequence[str] = MET
     when ``length_normalize``). ``mc_accuracy`` is skipped silently for non-MC data
     when it is only one of several metrics asked for. Also ``n_examples``, ``n_tokens``.
     ``shared_prompt``: score a question's prompt once for all its options (see
-    :func:`mc_option_scores`; equal to per-option rows up to float rounding).
+    :func:`mc_option_scores`; equal to per-option rows up to float rounding), and
+    (prompt, completion) rows packed without padding, the prefix they share once per
+    batch (:mod:`warmstart._packed`); ``False``: length-sorted padded batches.
     ``compute_dtype``: ``None`` runs the model as it is; ``"bfloat16"`` autocasts its
     matmuls (logits and sums stay float32/float64); ``"auto"`` is bfloat16 where the
     device runs it fast (:mod:`warmstart._precision`), else float32.
@@ -206,8 +208,14 @@ def evaluate(model, tokenizer, data: TargetData, *, metrics: Sequence[str] = MET
         return _evaluate_mc(model, tokenizer, data, metrics, batch_size, max_length, length_normalize, progress,
                             shared_prompt, compute_dtype)
     rows = tokenize(data, tokenizer, max_length=max_length)
-    scores = score_rows(model, rows, pad_id=pad_id_of(tokenizer), batch_size=batch_size, progress=progress,
-                        compute_dtype=compute_dtype)
+    pad, cd = pad_id_of(tokenizer), _resolve(model, compute_dtype)
+    if shared_prompt:  # each row a group of one: no padding, the shared instruction prefix once per batch
+        scores = score_packed(model, [[r] for r in rows], pad_id=pad, batch_size=batch_size, progress=progress,
+                              compute_dtype=cd, result=RowScore,
+                              fallback=lambda rs: score_rows(model, rs, pad_id=pad, batch_size=batch_size,
+                                                             compute_dtype=cd))
+    else:
+        scores = score_rows(model, rows, pad_id=pad, batch_size=batch_size, progress=progress, compute_dtype=cd)
     return _token_metrics(scores, metrics)
 
 

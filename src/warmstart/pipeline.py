@@ -277,6 +277,8 @@ def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
     path = ctx.rd.run_file
     if path.is_file() and not force:
         old = read_json(path, "run file")
+        # a setting warmstart added after this run was written is not a difference: the run resumes
+        info = {**info, "config": _known_to(old.get("config"), info["config"])}
         diff = sorted(k for k in info if json.dumps(old.get(k), sort_keys=True, default=str)
                       != json.dumps(info[k], sort_keys=True, default=str))
         if diff:
@@ -291,6 +293,13 @@ def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
     ctx.rd.root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {**info, "base": base_ref, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "versions": versions()})
+
+
+def _known_to(old: Any, new: Any) -> Any:
+    """``new`` without the dict keys that ``old`` lacks (recursively): settings added since ``old``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {k: _known_to(old[k], v) for k, v in new.items() if k in old}
+    return new
 
 
 def setting_changes(old: Any, new: Any, limit: int = 6) -> list[str]:
