@@ -277,8 +277,11 @@ def _claim_run_dir(ctx: _Ctx, base_ref: str, force: bool) -> None:
     path = ctx.rd.run_file
     if path.is_file() and not force:
         old = read_json(path, "run file")
-        # a setting warmstart added after this run was written is not a difference: the run resumes
-        info = {**info, "config": _known_to(old.get("config"), info["config"])}
+        # a train setting warmstart added after this run was written (train is a typed section: every key
+        # is always written) is not a difference: the run resumes. Other sections list only what was set.
+        oc = old.get("config")
+        if isinstance(oc, dict) and isinstance(oc.get("train"), dict) and isinstance(info["config"].get("train"), dict):
+            info = {**info, "config": {**info["config"], "train": _known_to(oc["train"], info["config"]["train"])}}
         diff = sorted(k for k in info if json.dumps(old.get(k), sort_keys=True, default=str)
                       != json.dumps(info[k], sort_keys=True, default=str))
         if diff:

@@ -320,3 +320,20 @@ def test_finetune_card_records_absolute_data_paths(cli, models, tmp_path, monkey
     want = str((tmp_path / "d.jsonl").resolve())
     assert meta["train_data"]["path"] == want and meta["eval_data"]["path"] == want
     assert f"`{want}`" in (tmp_path / "o" / "README.md").read_text()
+
+
+def test_finetune_padding_free_flag_reaches_the_config_and_the_curve(cli, models, tmp_path):
+    """--no-padding-free trains on padded batches; the default flattens them; both say so in the outputs."""
+    import json
+
+    from warmstart.testing import write_jsonl
+
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"question {i} " * (i + 1), "completion": f"a{i}"} for i in range(4)])
+    for flag, want in (([], True), (["--no-padding-free"], False)):
+        out = tmp_path / f"o{want}"
+        r = cli("finetune", "--init", models / "base", "--train", tmp_path / "d.jsonl", "--eval", tmp_path / "d.jsonl",
+                "--out", out, "--steps", 1, "--batch-size", 2, *flag)
+        assert r.code == 0, r.err
+        meta = json.loads((out / "warmstart.json").read_text())
+        assert meta["config"]["padding_free"] is want
+        assert json.loads((out / "curve.json").read_text())["meta"]["padding_free"] is want

@@ -95,6 +95,9 @@ def finetune_cmd(
                                           help=_h("", "save_checkpoints")),
     eval_dtype: str = typer.Option(None, "--eval-dtype", help=_h(
         "Eval-curve matmuls: auto (bfloat16 where fast), float32, bfloat16.", "eval_dtype")),
+    padding_free: bool = typer.Option(None, "--padding-free/--no-padding-free", help=_h(
+        "Train on each batch's rows concatenated into one row, without padding (same loss; checked on the "
+        "first batch).", "padding_free")),
     task: str = typer.Option(None, "--task", help="Task name recorded for the catalog (default: from the "
                              "--train file name)."),
     threads: int = ThreadsOpt,
@@ -108,7 +111,7 @@ def finetune_cmd(
                        lora_alpha=lora_alpha, lora_dropout=lora_dropout, rslora=rslora, full=full,
                        eval_every=eval_every, eval_batch_size=eval_batch_size, eval_limit=eval_limit,
                        max_length=max_length, precision=precision, eval_dtype=eval_dtype, format=format,
-                       mc_style=mc_style, save_checkpoints=save_checkpoints)
+                       mc_style=mc_style, save_checkpoints=save_checkpoints, padding_free=padding_free)
     from ..train import finetune
 
     res = finetune(init, train, eval_, out, cfg, adapter=adapter, force=force, progress=not json_out, task=task)
