@@ -144,17 +144,11 @@ def test_labelled_logits_loss_equals_the_models_own_loss_and_gradient(models):
     rows = [encode_pair(tok, "capital of France" + "?" * i, " Paris" + " city" * (i % 2)) for i in range(5)]
     batch = collate(rows, pad_id_of(tok))
 
-    def loss_and_grad(fn):
-        pm.zero_grad()
-        loss = fn()
-        loss.backward()
-        return loss.item(), torch.cat([p.grad.flatten() for p in pm.parameters() if p.requires_grad])
-
-    ref, g_ref = loss_and_grad(lambda: pm(**batch).loss)
+    ref, g_ref = _loss_and_grad(pm, lambda: pm(**batch).loss)
     kb = _with_keep(dict(batch))
     labels = kb.pop("labels")
     assert len(kb["logits_to_keep"]) < batch["input_ids"].shape[1] - 1  # prompt positions are skipped
-    got, g = loss_and_grad(lambda: _labelled_logits_loss(pm(**kb), labels))
+    got, g = _loss_and_grad(pm, lambda: _labelled_logits_loss(pm(**kb), labels))
     assert got == pytest.approx(ref, rel=1e-5) and torch.allclose(g, g_ref, rtol=1e-4, atol=1e-7)
     n = int((labels[:, 1:] != -100).sum())
     assert _labelled_logits_loss(pm(**kb), labels, torch.tensor(2 * n)).item() == pytest.approx(ref / 2, rel=1e-5)
@@ -176,6 +170,16 @@ def test_training_with_labelled_logits_matches_full_logits(models, data, tmp_pat
         assert p["evaluation_s"] > 0
     with pytest.raises(ConfigError, match="eval_dtype"):
         TrainConfig(eval_dtype="int8").validate()
+
+
+def _loss_and_grad(pm, fn):
+    """The loss of ``fn()`` and the gradient of pm's trainable parameters, flat."""
+    import torch
+
+    pm.zero_grad()
+    loss = fn()
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in pm.parameters() if p.requires_grad])
 
 
 def _lora(models, seed=0):
@@ -203,13 +207,7 @@ def test_flattened_batch_has_the_padded_batchs_loss_and_gradient(models):
     rows = [encode_pair(tok, "capital of France" + "?" * (3 * i), " Paris" + " city" * (i % 3)) for i in range(5)]
     padded = collate(rows, pad_id_of(tok))
 
-    def loss_and_grad(fn):
-        pm.zero_grad()
-        loss = fn()
-        loss.backward()
-        return loss.item(), torch.cat([p.grad.flatten() for p in pm.parameters() if p.requires_grad])
-
-    ref, g_ref = loss_and_grad(lambda: pm(**padded).loss)
+    ref, g_ref = _loss_and_grad(pm, lambda: pm(**padded).loss)
     flat = _with_keep(flatten(rows))
     assert flat["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows)) and flat["use_cache"] is False
     starts = [0]
@@ -218,7 +216,7 @@ def test_flattened_batch_has_the_padded_batchs_loss_and_gradient(models):
     assert [int(flat["position_ids"][0, s]) for s in starts] == [0] * len(rows)
     assert all(int(flat["labels"][0, s]) == -100 for s in starts)
     labels = flat.pop("labels")
-    got, g = loss_and_grad(lambda: _labelled_logits_loss(pm(**flat), labels))
+    got, g = _loss_and_grad(pm, lambda: _labelled_logits_loss(pm(**flat), labels))
     assert got == pytest.approx(ref, rel=1e-5) and torch.allclose(g, g_ref, rtol=1e-4, atol=1e-7)
     assert padding_free_ok(pm, rows, pad_id_of(tok), 8)
 
