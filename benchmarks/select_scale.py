@@ -155,27 +155,28 @@ def train_step_s(base: Path, train: Path) -> float:
 def measure(args, work: Path, base: Path) -> list[dict]:
     from warmstart.data import load_target
     from warmstart.library import Library
-    from warmstart.select import candidates_for, load_base, score_candidates, select, ScoreConfig
+    from warmstart.select import SelectConfig, candidates_for, load_base, score_candidates, select, ScoreConfig
 
     train, _ = _data(work, args.target)
     step = train_step_s(base, train)
     print(f"one LoRA training step (batch 8): {step:.2f} s")
     model, tok = load_base(base)
     data = load_target(train).sample(64, 0)
-    kw = dict(n=64, k=2, min_own_gain=None, model=model, tokenizer=tok)
+    cfg = SelectConfig(n=64, k=2, min_own_gain=None)
+    kw = dict(model=model, tokenizer=tok)
     results = []
     for n in args.sizes:
         with Library(work / f"lib{n}.db") as lib:
             lib.db.execute("DELETE FROM scores")  # a fresh cost every time the benchmark runs
             t0 = time.perf_counter()
-            sel = select(train, base, library=lib, scorer="halving", shortlist=args.shortlist, **kw)
+            sel = select(train, base, cfg.replace(scorer="halving", shortlist=args.shortlist), library=lib, **kw)
             t_halving = time.perf_counter() - t0
             pre = {r["id"]: r.get("prescore") for r in sel.ranking}
             cands = [c for c in candidates_for(base, lib) if c.kind != "base"]
             if n <= args.full_max:
                 t0 = time.perf_counter()
                 lib.db.execute("DELETE FROM scores")
-                full = select(train, base, library=lib, scorer="loss", **kw)
+                full = select(train, base, cfg.replace(scorer="loss"), library=lib, **kw)
                 t_full, estimated = time.perf_counter() - t0, False
                 scored = {r["id"]: r["score"] for r in full.ranking if r["kind"] != "base"}
             else:

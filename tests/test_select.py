@@ -134,6 +134,32 @@ def test_scores_equal_fresh_evaluation(zoo, models, lib):
         assert rows[ref] == pytest.approx(evaluate(fresh, tok, data)["loss"], rel=1e-5)
 
 
+def test_adapter_swap_scores_equal_peft_loading(zoo, models, lib, monkeypatch):
+    """Adapters with the resident one's config are copied into its layers (no new injection); the
+    scores equal PEFT's own loading of each adapter into a fresh model, and another config still loads."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from warmstart import _scoring
+
+    data = load_target(zoo / "target.jsonl").sample(8, seed=3)
+    cands = [c for c in candidates_for(models / "base", lib) if c.kind == "lora"]
+    names = sorted(str(c.path).rsplit("/", 1)[-1] for c in cands)
+    assert names == ["lora_a", "lora_other", "lora_target"]
+    swaps = []
+    real = _scoring._swap_weights
+    monkeypatch.setattr(_scoring, "_swap_weights", lambda *a: swaps.append(real(*a)) or swaps[-1])
+    model, tok = load_base(models / "base")
+    rows = {str(r.ref).rsplit("/", 1)[-1]: r.score for r in score_candidates(
+        data, models / "base", cands, model=model, tokenizer=tok, config=ScoreConfig(compute_dtype="float32"))}
+    assert sorted(swaps) == [False, True]  # lora_other swapped into lora_target's layers; lora_a (other modules) loaded
+    assert not any("lora" in n for n, _ in model.named_modules())  # the caller's model is the bare base again
+    for name in names:
+        path = zoo / name if (zoo / name).is_dir() else models / name
+        fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models / "base"), path)
+        assert rows[name] == pytest.approx(evaluate(fresh, tok, data)["loss"], rel=1e-6), name
+
+
 # -- cache ---------------------------------------------------------------------------------
 
 def test_second_select_costs_no_forward(zoo, models, lib):

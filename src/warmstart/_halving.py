@@ -43,7 +43,10 @@ def prescores(model, tokenizer, data, pool, library, *, rows: int, seed: int, cf
     Summaries are read from the catalog ``chunk`` at a time: 1,000 of them would hold ~1 GB at once."""
     have, need = [], set()
     for c in pool:
-        blob = library.ensure_prerank(c.entry.fingerprint, c.path, kind=c.kind) if library and c.entry else None
+        if not (library and c.entry and c.kind == "lora"):
+            continue
+        # the header names the modules; the tensors are read once, below, chunk by chunk
+        blob = library.prerank_header(c.entry.fingerprint) or library.ensure_prerank(c.entry.fingerprint, c.path)
         if blob is not None:
             have.append(c)
             need |= _prerank.modules_of(blob)
