@@ -303,3 +303,28 @@ def test_cli_olmo_results(cli, tmp_path):
     r = cli("bench", "olmo-results", "--results", res)
     assert r.code == 0 and "| task | steps |" in r.out
     assert cli("bench", "olmo-results", "--results", res, "--metric", "x").code != 0
+
+
+def test_versus_compares_main_with_each_baseline_on_common_seeds():
+    """Δ = main − baseline per target on the seeds both finished, mean over targets: checked against
+    sums written out here; a seed only one side has is left out, a target only one side has too."""
+    from warmstart.bench.olmo_results import versus
+
+    def unit(hits_by_budget):
+        return {"test": {str(b): {"hits": h, "hits_norm": h} for b, h in hits_by_budget.items()}}
+
+    cfg = _tiny_cfg(starts=["base", "main", "all", "randlora"], targets=["csqa", "piqa"], seeds=[0, 1])
+    runs = {
+        ("csqa", "main"): {0: unit({1: "1100", 2: "1110"}), 1: unit({1: "1000", 2: "1111"})},
+        ("csqa", "all"): {0: unit({1: "0100", 2: "0110"})},  # seed 1 not finished: main's seed 1 left out
+        ("piqa", "main"): {0: unit({1: "0011", 2: "0011"})},
+        ("piqa", "all"): {0: unit({1: "0001", 2: "1111"})},
+        ("piqa", "randlora"): {1: unit({1: "1111", 2: "1111"})},  # no seed in common with main: no pair
+    }
+    got = {(v["start"], v["budget"]): v for v in versus(cfg, runs)}
+    assert set(got) == {("all", 1), ("all", 2)}
+    assert got[("all", 1)]["per_target"] == pytest.approx({"csqa": (2 - 1) / 4, "piqa": (2 - 1) / 4})
+    assert got[("all", 2)]["per_target"] == pytest.approx({"csqa": (3 - 2) / 4, "piqa": (2 - 4) / 4})
+    assert got[("all", 2)]["delta"][0] == pytest.approx(((3 - 2) / 4 + (2 - 4) / 4) / 2)
+    lo, hi = got[("all", 2)]["delta"][1:]
+    assert lo <= got[("all", 2)]["delta"][0] <= hi and got[("all", 2)]["targets"] == 2

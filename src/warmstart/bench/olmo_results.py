@@ -107,10 +107,33 @@ def summarize(cfg: OlmoBenchConfig, results: Path, metric: str = "hits") -> dict
                 means.append({"start": start, "budget": b, "targets": len(pairs),
                               "delta": paired_bootstrap_mean(pairs)})
     gate = [r for r in rows if r["start"] == "main" and r["gate"]]
-    return {"metric": metric, "rows": rows, "means": means,
+    return {"metric": metric, "rows": rows, "means": means, "versus": versus(cfg, runs, metric),
             "gate": {"triggered": len(gate), "of": sum(r["start"] == "main" for r in rows),
                      "targets": [r["target"] for r in gate]},
             "last_budget": last}
+
+
+def versus(cfg: OlmoBenchConfig, runs: dict, metric: str = "hits", ref: str = "main") -> list[dict]:
+    """``ref`` (warmstart's default) against every other start but scratch, per budget: Δ = ref − start
+    per target, on the seeds both have finished (a question's score: its hit rate over those seeds),
+    and the mean over targets with the paired bootstrap. What the issue's "beats the all-donor
+    average, random donors and random-LoRA merges by ≥ 1 point" is read from."""
+    out = []
+    for start in [s for s in cfg.starts if s not in ("base", ref)]:
+        for b in cfg.budgets:
+            pairs, per = [], {}
+            for t in cfg.targets:
+                mine, other = runs.get((t, ref), {}), runs.get((t, start), {})
+                seeds = sorted(set(mine) & set(other))
+                w = _scores({k: mine[k] for k in seeds}, b, metric) if seeds else None
+                x = _scores({k: other[k] for k in seeds}, b, metric) if seeds else None
+                if w and x and len(w) == len(x):
+                    pairs.append((w, x))
+                    per[t] = _acc(w) - _acc(x)
+            if pairs:
+                out.append({"start": start, "budget": b, "targets": len(pairs), "per_target": per,
+                            "delta": paired_bootstrap_mean(pairs)})
+    return out
 
 
 def _plateau(rs: dict[int, dict], budgets: list[int]) -> float | None:
@@ -172,6 +195,12 @@ def render(cfg: OlmoBenchConfig, s: dict) -> str:
               "Mean over targets (Δ vs scratch, paired bootstrap resampling each target's questions):", "",
               "| start | budget | targets | mean Δ [95 %] |", "|---|---|---|---|"]
     lines += [f"| {m['start']} | {m['budget']} | {m['targets']} | {_delta(m['delta'])} |" for m in s["means"]]
+    if s.get("versus"):
+        lines += ["", "warmstart's default (`main`) against the other starts: Δ = main − start, on the seeds both "
+                  "finished, paired bootstrap; per target at each budget:", "",
+                  "| start | budget | targets | mean Δ [95 %] | per target |", "|---|---|---|---|---|"]
+        lines += [f"| {v['start']} | {v['budget']} | {v['targets']} | {_delta(v['delta'])} | " +
+                  ", ".join(f"{t} {100 * d:+.1f}" for t, d in v["per_target"].items()) + " |" for v in s["versus"]]
     g = s["gate"]
     plateau = [f"{r['target']} {100 * r['plateau']:+.0f}" for r in s["rows"] if r.get("plateau") is not None]
     if plateau:
@@ -247,4 +276,4 @@ def write_results(results: str | Path, metric: str = "hits") -> dict:
     return s
 
 
-__all__ = ["load_runs", "render", "summarize", "write_plots", "write_results"]
+__all__ = ["load_runs", "render", "summarize", "versus", "write_plots", "write_results"]
