@@ -254,6 +254,7 @@ def _score_uncached(target, base, todo, cfg, key, model, tokenizer, progress, re
 
 def _score_loras(model, loras: list[Candidate], run, record) -> Any:
     """Attach each adapter once, score it, drop the previous one; return the bare base model.
+    An adapter with the resident one's config is copied into its layers instead (:func:`_swap_weights`).
 
     PEFT injects LoRA layers into ``model`` in place, so they are removed again
     (``unload``) even when scoring fails: a caller's model is never left altered.
