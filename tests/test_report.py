@@ -114,3 +114,23 @@ def test_compare_mean_row():
     assert rows[-1]["parity_status"] == "1/2 reached"
     md = compare_markdown(rows)
     assert "never" in md and "| mean |" in md
+
+
+def test_eval_cost_in_the_report():
+    """Σ evaluation_s over the points and its share of training + evaluation; with eval_async, the wait."""
+    sync = curve([0.25, 0.30, 0.40])  # 40 s of training
+    for p, s in zip(sync.points, (3.0, 4.0, 5.0)):
+        p["evaluation_s"] = s
+    asyn = curve([0.30, 0.35, 0.45])
+    for p in asyn.points:
+        p["evaluation_s"] = 4.0
+    asyn.meta.update(eval_async=True, eval_wait_s=2.0)
+    rep = build_report(asyn, sync)
+    assert rep["baseline"]["evaluation"] == {"points": 3, "seconds": 12.0, "async": False,
+                                             "share": pytest.approx(12.0 / (40.0 + 12.0))}
+    assert rep["warm"]["evaluation"]["share"] == pytest.approx(2.0 / (40.0 + 2.0))
+    from warmstart.report import render_markdown
+
+    md = render_markdown(rep)
+    assert ("| evaluation | 12.0 s at 3 points, 23% of the run | "
+            "12.0 s on a second thread, 2.0 s waited, 5% of the run |") in md

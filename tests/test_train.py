@@ -300,3 +300,40 @@ def test_precision_auto_is_bf16_autocast_exactly_where_the_hardware_has_it(monke
     monkeypatch.setattr(_precision, "cpu_has_fast_bf16", lambda: False)
     assert _precision_flags("auto") == {"bf16": False, "fp16": False}
     assert _precision_flags("fp32") == {"bf16": False, "fp16": False}
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_async_eval_curve_equals_the_synchronous_one(models, data, tmp_path, precision):
+    """The same evaluation of the same weights on another thread: every eval value equal, the LoRA and
+    the training unchanged. "auto" is bf16 autocast on a CPU that has it, where accelerate wraps the
+    training model's forward: the evaluation copy must still run its own weights."""
+    cfg = dict(FAST, steps=6, precision=precision)
+    sync = finetune(models / "base", *data, tmp_path / "a", TrainConfig(**cfg))
+    asyn = finetune(models / "base", *data, tmp_path / "b", TrainConfig(**cfg, eval_async=True))
+    assert asyn.curve.meta["eval_async"] is True and asyn.curve.meta["eval_wait_s"] >= 0
+    assert "eval_async" not in sync.curve.meta
+    assert [p["step"] for p in asyn.curve.points] == [p["step"] for p in sync.curve.points] == [0, 2, 4, 6]
+    for p, q in zip(sync.curve.points, asyn.curve.points):
+        evals = sorted(k for k in p if k.startswith("eval_"))
+        assert evals and evals == sorted(k for k in q if k.startswith("eval_"))
+        assert all(p[k] == q[k] for k in evals), p["step"]
+        assert p["train_loss"] == q["train_loss"] and q["evaluation_s"] > 0
+    assert len({p["eval_loss"] for p in asyn.curve.points}) == 4  # the points differ: each is its own snapshot
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_async_eval_error_reaches_the_caller_and_nothing_is_written(models, data, tmp_path, monkeypatch):
+    from warmstart import _callbacks
+
+    def broken(*a, **k):
+        raise RuntimeError("eval exploded")
+
+    monkeypatch.setattr(_callbacks, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="eval exploded"):
+        finetune(models / "base", *data, tmp_path / "out", TrainConfig(**FAST, eval_async=True))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+    with pytest.raises(ConfigError, match="eval_async must be true or false"):
+        TrainConfig(eval_async=1).validate()

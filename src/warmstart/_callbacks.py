@@ -7,6 +7,8 @@ importable without it so that a mistake is reported in about a second (issue 15)
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from typing import Any
 
@@ -43,6 +45,8 @@ class EvalCurve(TrainerCallback):
         self._eval_s = 0.0
         self._last_step = -1
         self._pending: tuple | None = None
+        self._async: AsyncEval | None = None
+        self.eval_wait_s = 0.0  # with eval_async: how long training waited for the evaluations at the end
 
     def _now(self) -> tuple[float, float]:
         wall = time.perf_counter() - self._t0
@@ -56,7 +60,10 @@ class EvalCurve(TrainerCallback):
         point: dict[str, Any] = {"step": step, "time_s": round(train_s, 4), "wall_s": round(wall, 4),
                                  "train_loss": sum(self._losses) / len(self._losses) if self._losses else None}
         self._losses = []
-        if is_main:  # other ranks wait at the next collective; evaluating twice would add nothing
+        if is_main and self._async is not None:
+            self.points.append(point)  # filled in by the evaluation thread
+            self._async.submit(point, model)
+        elif is_main:  # other ranks wait at the next collective; evaluating twice would add nothing
             t = time.perf_counter()
             res = evaluate(model, self.tokenizer, self.data, metrics=self.metrics,
                            batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,
@@ -69,6 +76,8 @@ class EvalCurve(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         self._t0 = time.perf_counter()
+        if self.cfg.eval_async and state.is_world_process_zero and args.world_size == 1:
+            self._async = AsyncEval(model, self)
         self._evaluate(model, 0, state.is_world_process_zero)
 
     # The Trainer calls on_step_end before it logs that step's loss (on_log), so an
@@ -91,8 +100,81 @@ class EvalCurve(TrainerCallback):
             self._pending = None
             self._evaluate(model, step, state.is_world_process_zero)
 
+    def finish(self) -> None:
+        """Wait for the evaluations still running on the evaluation thread (none without eval_async)."""
+        if self._async is not None:
+            t = time.perf_counter()
+            worker, self._async = self._async, None
+            worker.close()
+            self.eval_wait_s = time.perf_counter() - t
+
     def curve(self, **meta) -> Curve:
+        self.finish()
         train_s = self.points[-1]["time_s"] if self.points else 0.0
+        extra = {"eval_async": True, "eval_wait_s": round(self.eval_wait_s, 4)} if self.cfg.eval_async else {}
         return Curve(points=self.points, meta={"label": self.label, "max_steps": self.cfg.steps,
                                                "train_time_s": train_s, "metrics": self.metrics,
-                                               "eval_examples": len(self.data), **meta})
+                                               "eval_examples": len(self.data), **extra, **meta})
+
+
+class AsyncEval:
+    """The eval curve computed on a second thread while training goes on (``eval_async``).
+
+    At each evaluation point the training thread copies the trainable weights (a LoRA's factors:
+    a few MB; a full fine-tune: the whole model) and goes on; the evaluation thread loads them into
+    its own copy of the model and evaluates. The copy shares every frozen tensor with the training
+    model (``deepcopy`` with those tensors in its memo), so a LoRA run holds its base once. Torch
+    releases the GIL inside its kernels, so the two threads compute on two cores; both use torch's
+    intra-op thread count, so this pays where training leaves a core idle (``--threads 1`` on two
+    cores), not on a machine whose every core trains. Results equal the synchronous curve's: the
+    same weights, the same evaluation (tested). An error on the evaluation thread is raised on the
+    training thread when the run finishes.
+    """
+
+    def __init__(self, model, curve: EvalCurve):
+        import copy
+
+        frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.model = copy.deepcopy(model, memo=dict(frozen))
+        for m in self.model.modules():
+            # accelerate's mixed precision wraps `forward` in an instance attribute whose closure holds
+            # the *training* model's forward: the copy must run its own class's forward
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_original_forward", None)
+        self.model.eval()
+        self.curve = curve
+        self.error: BaseException | None = None
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="warmstart-eval", daemon=True)
+        self.thread.start()
+
+    def submit(self, point: dict, model) -> None:
+        snapshot = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.queue.put((point, snapshot))
+
+    def _run(self) -> None:
+        import torch
+
+        params = dict(self.model.named_parameters())
+        c = self.curve
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            point, snapshot = item
+            try:
+                with torch.no_grad():
+                    for name, t in snapshot.items():
+                        params[name].copy_(t)
+                t0 = time.perf_counter()
+                res = evaluate(self.model, c.tokenizer, c.data, metrics=c.metrics, batch_size=c.cfg.eval_batch_size,
+                               max_length=c.cfg.max_length, compute_dtype=c.cfg.eval_dtype)
+                point["evaluation_s"] = round(time.perf_counter() - t0, 4)
+                point.update({f"eval_{k}": v for k, v in res.items() if k not in ("n_examples", "n_tokens")})
+            except BaseException as e:  # handed to the training thread by close()
+                self.error = e
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error

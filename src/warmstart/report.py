@@ -235,7 +235,30 @@ def _run_summary(c: Curve, metric: str) -> dict:
     return {"final": c.final(metric), "final_eval_loss": c.final("eval_loss"),
             "zero_shot": first.get(metric) if first.get("step") == 0 else None,
             "zero_shot_eval_loss": first.get("eval_loss") if first.get("step") == 0 else None,
-            "steps": c.steps, "train_time_s": c.train_time_s, "init": c.meta.get("init")}
+            "steps": c.steps, "train_time_s": c.train_time_s, "init": c.meta.get("init"),
+            "evaluation": eval_cost(c)}
+
+
+def eval_cost(c: Curve) -> dict:
+    """What the eval curve cost the run: its points, their seconds and that cost's share of the run's time
+    (training + evaluation, or + the wait at the end when evaluation ran on a second thread)."""
+    secs = sum(p.get("evaluation_s") or 0.0 for p in c.points)
+    train = c.train_time_s or 0.0
+    if c.meta.get("eval_async"):
+        waited = c.meta.get("eval_wait_s") or 0.0
+        return {"points": len(c.points), "seconds": secs, "async": True, "waited_s": waited,
+                "share": waited / (train + waited) if train + waited > 0 else None}
+    return {"points": len(c.points), "seconds": secs, "async": False,
+            "share": secs / (train + secs) if train + secs > 0 else None}
+
+
+def _eval_cell(e: dict | None) -> str:
+    if not e or not e.get("points"):
+        return "–"
+    share = "" if e.get("share") is None else f", {100 * e['share']:.0f}% of the run"
+    if e.get("async"):
+        return f"{e['seconds']:.1f} s on a second thread, {e['waited_s']:.1f} s waited{share}"
+    return f"{e['seconds']:.1f} s at {e['points']} points{share}"
 
 
 def _f(v, fmt=".4f") -> str:
@@ -305,6 +328,7 @@ def render_markdown(rep: dict, plots: list[str] = ()) -> str:
     lines.append(f"| steps | {b['steps'] if b else '–'} | {w['steps']} | |")
     lines.append(f"| training time (s, eval excluded) | {_f(b and b['train_time_s'], '.1f')} | "
                  f"{_f(w['train_time_s'], '.1f')} | |")
+    lines.append(f"| evaluation | {_eval_cell(b and b.get('evaluation'))} | {_eval_cell(w.get('evaluation'))} | |")
     lines.append("")
     if rep.get("delta") is not None:
         lines += [delta_sentence(rep), ""]
@@ -613,6 +637,7 @@ __all__ = [
     "collect_reports",
     "compare_markdown",
     "compare_rows",
+    "eval_cost",
     "compute_parity",
     "eval_rows_text",
     "crossing",

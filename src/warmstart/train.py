@@ -76,6 +76,7 @@ class TrainConfig:
     eval_dtype: str = "auto"  # matmuls of the eval curve: auto (bf16 where fast) | float32 | bfloat16
     group_by_length: bool = False  # batches of similar length (transformers' LengthGroupedSampler): less padding
     padding_free: bool = True  # a batch's rows concatenated into one row, no padding (checked on the first batch)
+    eval_async: bool = False  # eval curve on a second thread with a snapshot of the weights (docs/performance.md)
     format: str | None = None  # data format (detected when None)
     mc_style: str = "text"
     save_checkpoints: bool = False
@@ -106,7 +107,7 @@ class TrainConfig:
             errs.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.eval_dtype not in ("auto", "float32", "bfloat16"):
             errs.append(f"eval_dtype must be auto, float32 or bfloat16, got {self.eval_dtype!r}")
-        for name in ("group_by_length", "padding_free", "full", "rslora", "save_checkpoints"):
+        for name in ("group_by_length", "padding_free", "full", "rslora", "save_checkpoints", "eval_async"):
             if not isinstance(getattr(self, name), bool):
                 errs.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.scheduler not in SCHEDULERS:
@@ -207,7 +208,10 @@ def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: T
 
         evaluator = EvalCurve(tokenizer, eval_data, cfg, label=label)
         trainer = _setup_trainer(model, tokenizer, train_data, cfg, tmp / "trainer", evaluator, progress)
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            evaluator.finish()  # the last asynchronous evaluations (the wait is part of the run's time)
         curve = evaluator.curve(init=_describe_init(init, adapter, cfg), max_steps=cfg.steps,
                                 trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                                 padding_free=evaluator.padding_free)

@@ -47,7 +47,8 @@ def _default(field: str) -> str:
 # flag name -> TrainConfig field; a flag given on the command line overrides --config
 _OVERRIDES = ("steps", "lr", "batch_size", "grad_accum", "scheduler", "warmup_steps", "seed", "lora_r",
               "lora_alpha", "lora_dropout", "rslora", "full", "eval_every", "eval_batch_size", "eval_limit",
-              "max_length", "precision", "eval_dtype", "format", "mc_style", "save_checkpoints")
+              "max_length", "precision", "eval_dtype", "format", "mc_style", "save_checkpoints", "padding_free",
+              "eval_async")
 
 
 def build_config(config: Path | None, lora_targets: str | None = None, **flags):
@@ -98,6 +99,9 @@ def finetune_cmd(
     padding_free: bool = typer.Option(None, "--padding-free/--no-padding-free", help=_h(
         "Train on each batch's rows concatenated into one row, without padding (same loss; checked on the "
         "first batch).", "padding_free")),
+    eval_async: bool = typer.Option(None, "--eval-async/--no-eval-async", help=_h(
+        "Evaluate on a second thread from a snapshot of the weights while training goes on: for a machine with "
+        "a core the training does not use (e.g. --threads 1 on 2 cores).", "eval_async")),
     task: str = typer.Option(None, "--task", help="Task name recorded for the catalog (default: from the "
                              "--train file name)."),
     threads: int = ThreadsOpt,
@@ -111,7 +115,8 @@ def finetune_cmd(
                        lora_alpha=lora_alpha, lora_dropout=lora_dropout, rslora=rslora, full=full,
                        eval_every=eval_every, eval_batch_size=eval_batch_size, eval_limit=eval_limit,
                        max_length=max_length, precision=precision, eval_dtype=eval_dtype, format=format,
-                       mc_style=mc_style, save_checkpoints=save_checkpoints, padding_free=padding_free)
+                       mc_style=mc_style, save_checkpoints=save_checkpoints, padding_free=padding_free,
+                       eval_async=eval_async)
     from ..train import finetune
 
     res = finetune(init, train, eval_, out, cfg, adapter=adapter, force=force, progress=not json_out, task=task)
