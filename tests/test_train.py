@@ -337,3 +337,17 @@ def test_async_eval_error_reaches_the_caller_and_nothing_is_written(models, data
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
     with pytest.raises(ConfigError, match="eval_async must be true or false"):
         TrainConfig(eval_async=1).validate()
+
+
+def test_async_eval_does_not_hide_a_training_error(models, data, tmp_path, monkeypatch):
+    """A failure of training itself is what is raised, not a wait for (or an error of) the evaluations."""
+    from transformers import Trainer
+
+    def broken(self, *a, **k):
+        self.callback_handler.on_train_begin(self.args, self.state, self.control)  # starts the eval thread
+        raise ValueError("training exploded")
+
+    monkeypatch.setattr(Trainer, "train", broken)
+    with pytest.raises(ValueError, match="training exploded"):
+        finetune(models / "base", *data, tmp_path / "out", TrainConfig(**FAST, eval_async=True))
+    assert not (tmp_path / "out").exists()

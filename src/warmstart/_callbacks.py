@@ -100,12 +100,13 @@ class EvalCurve(TrainerCallback):
             self._pending = None
             self._evaluate(model, step, state.is_world_process_zero)
 
-    def finish(self) -> None:
-        """Wait for the evaluations still running on the evaluation thread (none without eval_async)."""
+    def finish(self, wait: bool = True) -> None:
+        """Wait for the evaluations still running on the evaluation thread (none without eval_async);
+        ``wait=False`` (training failed or was interrupted): drop them, the thread dies with the process."""
         if self._async is not None:
             t = time.perf_counter()
             worker, self._async = self._async, None
-            worker.close()
+            worker.close(wait)
             self.eval_wait_s = time.perf_counter() - t
 
     def curve(self, **meta) -> Curve:
@@ -173,8 +174,11 @@ class AsyncEval:
             except BaseException as e:  # handed to the training thread by close()
                 self.error = e
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        if not wait:
+            self.error = self.error or RuntimeError("training stopped")  # the queued points are skipped
         self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+        if wait:
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
