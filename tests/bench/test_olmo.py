@@ -197,6 +197,12 @@ def test_protocol_units_and_resume(models, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*.json") if p.name != "bench.json"}
     P.run_olmo_bench(results, tmp_path / "work2", cfg, base=models / "base", log=lambda s: None, data_root=root)
     assert before == {p: p.stat().st_mtime_ns for p in results.rglob("*.json") if p.name != "bench.json"}
+    # a start rebuilt in a later session (its merged adapter is scratch) keeps its committed record
+    main_json = results / "starts" / "csqa" / "main.json"
+    before = main_json.read_bytes()
+    init, adapter, info = P.start_init(cfg.resolved(), P.Dirs(results, tmp_path / "work3"), models / "base", "csqa",
+                                       "main", lambda s: None)
+    assert main_json.read_bytes() == before and (adapter / "adapter_config.json").is_file()
     with pytest.raises(ConfigError, match="different budgets"):
         P.run_olmo_bench(results, work, _tiny_cfg(tasks=TINY, budgets=[2]), base=models / "base", log=lambda s: None,
                          data_root=root)

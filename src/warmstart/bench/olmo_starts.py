@@ -62,8 +62,10 @@ def start_init(cfg, d, base: Path, target: str, start: str, log: Callable[[str],
     merged = d.start_dir(target, start) / "model"
     marker = "config.json" if cfg.full else "adapter_config.json"
     if info is None or (info["donors"] and not (merged / marker).is_file()):
-        info = build_start(cfg, d, base, target, start, log, selection=(info or {}).get("selection"))
-        atomic_write_json(info_path, info)
+        built = build_start(cfg, d, base, target, start, log, selection=(info or {}).get("selection"))
+        if info is None:  # a rebuild in a later session keeps the JSON of the session that chose and timed it
+            info = built
+            atomic_write_json(info_path, info)
     if not info["donors"]:
         return base, None, info
     return (merged, None, info) if cfg.full else (base, merged, info)
