@@ -34,6 +34,7 @@ def main() -> None:
     configure(1)
     from warmstart.bench.model import default_model_dir, prepare_model
     from warmstart.bench.tasks import generate
+    from warmstart.report import eval_cost
     from warmstart.testing import write_jsonl
     from warmstart.train import TrainConfig, finetune
 
@@ -53,12 +54,9 @@ def main() -> None:
             res = finetune(base, train, test, work / f"run{i}-{int(asyn)}", dataclasses.replace(cfg, eval_async=asyn),
                            progress=False)
             wall = time.perf_counter() - t
-            c = res.curve
-            evals = sum(p["evaluation_s"] for p in c.points)
-            waited = c.meta.get("eval_wait_s", 0.0)
-            cost = waited if asyn else evals
-            runs[asyn].append({"wall": wall, "train": c.train_time_s, "eval": evals, "waited": waited,
-                               "share": cost / (c.train_time_s + cost)})
+            c, cost = res.curve, eval_cost(res.curve)  # the report's own figure
+            runs[asyn].append({"wall": wall, "train": c.train_time_s, "eval": cost["seconds"],
+                               "waited": cost.get("waited_s", 0.0), "share": cost["share"]})
             curves[(i, asyn)] = [{k: v for k, v in p.items() if k.startswith("eval_")} for p in c.points]
     same = all(curves[(i, False)] == curves[(i, True)] for i in range(args.reps))
     print(f"target {args.target}, {args.steps} steps, evaluations every {args.eval_every} on "

@@ -60,19 +60,24 @@ class EvalCurve(TrainerCallback):
         point: dict[str, Any] = {"step": step, "time_s": round(train_s, 4), "wall_s": round(wall, 4),
                                  "train_loss": sum(self._losses) / len(self._losses) if self._losses else None}
         self._losses = []
-        if is_main and self._async is not None:
-            self.points.append(point)  # filled in by the evaluation thread
-            self._async.submit(point, model)
-        elif is_main:  # other ranks wait at the next collective; evaluating twice would add nothing
-            t = time.perf_counter()
-            res = evaluate(model, self.tokenizer, self.data, metrics=self.metrics,
-                           batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,
-                           compute_dtype=self.cfg.eval_dtype)
-            dt = time.perf_counter() - t
-            self._eval_s += dt
-            point["evaluation_s"] = round(dt, 4)  # what this point cost: visible in curve.json and the report
-            point.update({f"eval_{k}": v for k, v in res.items() if k not in ("n_examples", "n_tokens")})
-            self.points.append(point)
+        if not is_main:  # other ranks wait at the next collective; evaluating twice would add nothing
+            return
+        self.points.append(point)
+        if self._async is not None:
+            self._async.submit(point, model)  # filled in by the evaluation thread
+        else:
+            self._eval_s += self.fill(point, model)
+
+    def fill(self, point: dict, model) -> float:
+        """Evaluate ``model`` into ``point`` (its eval metrics and ``evaluation_s``, what this point cost:
+        visible in curve.json and the report); returns the seconds."""
+        t = time.perf_counter()
+        res = evaluate(model, self.tokenizer, self.data, metrics=self.metrics, batch_size=self.cfg.eval_batch_size,
+                       max_length=self.cfg.max_length, compute_dtype=self.cfg.eval_dtype)
+        dt = time.perf_counter() - t
+        point["evaluation_s"] = round(dt, 4)
+        point.update({f"eval_{k}": v for k, v in res.items() if k not in ("n_examples", "n_tokens")})
+        return dt
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         self._t0 = time.perf_counter()
@@ -110,7 +115,7 @@ class EvalCurve(TrainerCallback):
             self.eval_wait_s = time.perf_counter() - t
 
     def curve(self, **meta) -> Curve:
-        self.finish()
+        self.finish()  # the last asynchronous evaluations (the wait is part of the run's time)
         train_s = self.points[-1]["time_s"] if self.points else 0.0
         extra = {"eval_async": True, "eval_wait_s": round(self.eval_wait_s, 4)} if self.cfg.eval_async else {}
         return Curve(points=self.points, meta={"label": self.label, "max_steps": self.cfg.steps,
@@ -145,6 +150,7 @@ class AsyncEval:
         self.model.eval()
         self.curve = curve
         self.error: BaseException | None = None
+        self.stopped = False
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="warmstart-eval", daemon=True)
         self.thread.start()
@@ -157,26 +163,20 @@ class AsyncEval:
         import torch
 
         params = dict(self.model.named_parameters())
-        c = self.curve
         while (item := self.queue.get()) is not None:
-            if self.error is not None:
+            if self.error is not None or self.stopped:
                 continue
             point, snapshot = item
             try:
                 with torch.no_grad():
                     for name, t in snapshot.items():
                         params[name].copy_(t)
-                t0 = time.perf_counter()
-                res = evaluate(self.model, c.tokenizer, c.data, metrics=c.metrics, batch_size=c.cfg.eval_batch_size,
-                               max_length=c.cfg.max_length, compute_dtype=c.cfg.eval_dtype)
-                point["evaluation_s"] = round(time.perf_counter() - t0, 4)
-                point.update({f"eval_{k}": v for k, v in res.items() if k not in ("n_examples", "n_tokens")})
+                self.curve.fill(point, self.model)
             except BaseException as e:  # handed to the training thread by close()
                 self.error = e
 
     def close(self, wait: bool = True) -> None:
-        if not wait:
-            self.error = self.error or RuntimeError("training stopped")  # the queued points are skipped
+        self.stopped = not wait  # training failed: the queued points are skipped
         self.queue.put(None)
         if wait:
             self.thread.join()

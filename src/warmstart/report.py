@@ -243,13 +243,12 @@ def eval_cost(c: Curve) -> dict:
     """What the eval curve cost the run: its points, their seconds and that cost's share of the run's time
     (training + evaluation, or + the wait at the end when evaluation ran on a second thread)."""
     secs = sum(p.get("evaluation_s") or 0.0 for p in c.points)
-    train = c.train_time_s or 0.0
-    if c.meta.get("eval_async"):
-        waited = c.meta.get("eval_wait_s") or 0.0
-        return {"points": len(c.points), "seconds": secs, "async": True, "waited_s": waited,
-                "share": waited / (train + waited) if train + waited > 0 else None}
-    return {"points": len(c.points), "seconds": secs, "async": False,
-            "share": secs / (train + secs) if train + secs > 0 else None}
+    train, asyn = c.train_time_s or 0.0, bool(c.meta.get("eval_async"))
+    out = {"points": len(c.points), "seconds": secs, "async": asyn}
+    if asyn:
+        out["waited_s"] = c.meta.get("eval_wait_s") or 0.0
+    cost = out["waited_s"] if asyn else secs
+    return {**out, "share": cost / (train + cost) if train + cost > 0 else None}
 
 
 def _eval_cell(e: dict | None) -> str:
@@ -637,8 +636,8 @@ __all__ = [
     "collect_reports",
     "compare_markdown",
     "compare_rows",
-    "eval_cost",
     "compute_parity",
+    "eval_cost",
     "eval_rows_text",
     "crossing",
     "make_figures",

@@ -213,7 +213,6 @@ def finetune(init: str | Path, train_data, eval_data, out: str | Path, config: T
         except BaseException:
             evaluator.finish(wait=False)  # training's own error (or Ctrl-C) is what the user sees
             raise
-        evaluator.finish()  # the last asynchronous evaluations (the wait is part of the run's time)
         curve = evaluator.curve(init=_describe_init(init, adapter, cfg), max_steps=cfg.steps,
                                 trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                                 padding_free=evaluator.padding_free)

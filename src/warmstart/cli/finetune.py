@@ -44,13 +44,6 @@ def _default(field: str) -> str:
     return str(v)
 
 
-# flag name -> TrainConfig field; a flag given on the command line overrides --config
-_OVERRIDES = ("steps", "lr", "batch_size", "grad_accum", "scheduler", "warmup_steps", "seed", "lora_r",
-              "lora_alpha", "lora_dropout", "rslora", "full", "eval_every", "eval_batch_size", "eval_limit",
-              "max_length", "precision", "eval_dtype", "format", "mc_style", "save_checkpoints", "padding_free",
-              "eval_async")
-
-
 def build_config(config: Path | None, lora_targets: str | None = None, **flags):
     """TrainConfig from an optional YAML file plus the flags that were given (not None)."""
     from ..train import TrainConfig
