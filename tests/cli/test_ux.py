@@ -180,26 +180,38 @@ def test_sigint_during_training_prints_the_message_and_leaves_no_output(models, 
     import signal
     import subprocess
     import sys
+    import threading
     import time
 
     from warmstart.testing import write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i} ", "completion": f"a{i}"} for i in range(16)])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: if the child hangs, SIGABRT makes it print every thread's stack (shown on failure)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     p = subprocess.Popen([sys.executable, "-m", "warmstart", "finetune", "--init", str(models / "base"),
                           "--train", str(data), "--eval", str(data), "--out", "o", "--steps", "100000",
-                          "--eval-every", "100000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          "--eval-every", "100000"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
+    chunks: list[str] = []  # stderr drained as it comes: a full pipe must not be what stops the child
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: p.stderr.read(256), "")), daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 120
-        while not any(q.name.startswith("o.tmp-") for q in tmp_path.iterdir()):  # training has started
-            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() else "no start"
+        deadline = time.monotonic() + 180
+        while "/100000 [" not in "".join(chunks[-8:]):  # the progress bar: training steps are running
+            assert p.poll() is None and time.monotonic() < deadline, "".join(chunks)[-3000:] or "no start"
             time.sleep(0.2)
-        time.sleep(1.0)
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=120)
+        try:
+            p.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGABRT)
+            p.wait(timeout=30)
+            reader.join(timeout=10)
+            pytest.fail("no exit 120 s after SIGINT; its stacks:\n" + "".join(chunks)[-6000:])
+        reader.join(timeout=30)
     finally:
         p.kill()
+    err = "".join(chunks)
     assert p.returncode == 130
     assert err.rstrip().endswith("interrupted; finished outputs are intact, re-run the same command to resume")
     assert "Traceback" not in err
