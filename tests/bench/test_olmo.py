@@ -334,3 +334,34 @@ def test_versus_compares_main_with_each_baseline_on_common_seeds():
     assert got[("all", 2)]["delta"][0] == pytest.approx(((3 - 2) / 4 + (2 - 4) / 4) / 2)
     lo, hi = got[("all", 2)]["delta"][1:]
     assert lo <= got[("all", 2)]["delta"][0] <= hi and got[("all", 2)]["targets"] == 2
+
+
+def test_gated_start_is_main_where_the_merge_beats_the_base_on_validation_else_scratch():
+    """The derived ``gated`` start: per seed, main's run where the merged start's zero-shot validation
+    accuracy is above the base's, the base's run otherwise (ties go to the base), and a donor-level
+    gate that already fired stays fired; its cost is the two zero-shot evaluations scaled to the
+    validation slice's size."""
+    from warmstart.bench.olmo_results import gated_runs
+
+    def unit(start, val0, hits, eval_s, gate=None):
+        return {"start": start, "start_info": {"donors": [{"task": "x"}], "gate": gate, "select_s": 5.0},
+                "runs": [{"lr": 1e-4, "validation": [[0.0, val0], [1.0, val0 + 0.1]]}],
+                "test": {"0": {"hits": hits, "eval_s": eval_s}, "1": {"hits": hits}}}
+
+    runs = {
+        ("csqa", "main"): {0: unit("main", 0.40, "1111", 8.0), 1: unit("main", 0.30, "1110", 8.0)},
+        ("csqa", "base"): {0: unit("base", 0.35, "0000", 4.0), 1: unit("base", 0.30, "0001", 4.0)},
+        ("piqa", "main"): {0: unit("main", 0.9, "11", 2.0, gate="no donor")},  # gated already by the margin
+        ("piqa", "base"): {0: unit("base", 0.1, "00", 2.0)},
+        ("boolq", "main"): {0: unit("main", 0.9, "11", 2.0)},  # no scratch run: no gated run
+    }
+    g = gated_runs(runs, n_ratio=0.5)
+    assert set(g) == {("csqa", "gated"), ("piqa", "gated")}
+    assert g[("csqa", "gated")][0]["test"]["1"]["hits"] == "1111"  # 40 % > 35 %: the merge
+    assert g[("csqa", "gated")][1]["test"]["1"]["hits"] == "0001"  # a tie: the base
+    assert g[("piqa", "gated")][0]["test"]["1"]["hits"] == "00"
+    on, off = g[("csqa", "gated")][0]["start_info"], g[("csqa", "gated")][1]["start_info"]
+    assert on["gate"] is None and on["donors"] == [{"task": "x"}] and off["donors"] == [] and "≤" in off["gate"]
+    assert on["gate_s"] == pytest.approx(0.5 * (8.0 + 4.0)) and off["gate_validation"] == {"merged": 0.3, "base": 0.3}
+    assert g[("piqa", "gated")][0]["start_info"]["gate"] == "no donor"
+    assert runs[("csqa", "main")][1]["start_info"]["gate"] is None  # the inputs are not modified

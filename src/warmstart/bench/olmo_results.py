@@ -8,6 +8,14 @@ between evaluated budgets, from step 0 = the start's zero-shot) at which a start
 scratch's accuracy at the last budget, in % of that budget; its wall clock adds the
 start's selection and merge to the training time up to that step, in % of scratch's
 training time at the last budget (evaluation excluded on both sides).
+
+``gated`` is derived, not trained: warmstart's default with a do-no-harm gate on accuracy. Where
+the merged start's zero-shot accuracy on the validation slice (a slice of train, used for the
+learning rates; never the held-out split) is not above the base's, the run trains from the base;
+else from the merge. Both runs exist already (``main`` and ``base``, same seed, same recipe, and
+training from a given start is deterministic), so its rows are theirs, chosen by that rule, with
+the gate's cost (two zero-shot evaluations of the validation slice, estimated from the measured
+zero-shot evaluation of the held-out questions) added to its selection overhead.
 """
 
 from __future__ import annotations
@@ -29,6 +37,42 @@ def load_runs(results: Path) -> dict[tuple[str, str], dict[int, dict]]:
     for p in sorted((results / "runs").glob("*/*.json")):
         r = read_json(p)
         out.setdefault((r["target"], r["start"]), {})[int(r["seed"])] = r
+    return out
+
+
+def _zero_shot_validation(r: dict) -> float | None:
+    """Accuracy at step 0 of the validation curve (the start before any training; every rate has it)."""
+    for x in r.get("runs", []):
+        for step, acc in x.get("validation", []):
+            if int(step) == 0:
+                return acc
+    return None
+
+
+def gated_runs(runs: dict[tuple[str, str], dict[int, dict]], n_ratio: float) -> dict:
+    """``(target, "gated")``: per seed, main's run where its merged start beats the base zero-shot on the
+    validation slice, else the base's run. ``n_ratio``: validation questions / held-out questions, to
+    estimate the gate's two evaluations from the measured zero-shot evaluation of the held-out split."""
+    out: dict[tuple[str, str], dict[int, dict]] = {}
+    for (target, start), by_seed in runs.items():
+        if start != "main":
+            continue
+        for seed, m in by_seed.items():
+            b = runs.get((target, "base"), {}).get(seed)
+            vm, vb = _zero_shot_validation(m), (_zero_shot_validation(b) if b else None)
+            if vm is None or vb is None:
+                continue
+            info = dict(m.get("start_info") or {})
+            cost = n_ratio * sum(r["test"].get("0", {}).get("eval_s", 0.0) for r in (m, b))
+            info["gate_s"] = cost
+            info["gate_validation"] = {"merged": vm, "base": vb}
+            passed = vm > vb and not info.get("gate")
+            if not passed:
+                info["gate"] = info.get("gate") or (f"merged {100 * vm:.0f} % ≤ base {100 * vb:.0f} % zero-shot on "
+                                                    "validation: trains from the base")
+                info["donors"] = []
+            out.setdefault((target, "gated"), {})[seed] = {**(m if passed else b), "start": "gated",
+                                                           "start_info": info}
     return out
 
 
@@ -71,10 +115,13 @@ def _train_time(runs: dict[int, dict], budget: int, step: float) -> float | None
 
 def summarize(cfg: OlmoBenchConfig, results: Path, metric: str = "hits") -> dict:
     runs = load_runs(results)
+    runs.update(gated_runs(runs, cfg.n_validation / cfg.n_test))
     rows, means = [], []
     budgets = list(cfg.budgets)
     last = budgets[-1]
     starts = [s for s in cfg.starts if s != "base"]
+    if "main" in starts:
+        starts.insert(starts.index("main") + 1, "gated")
     for target in cfg.targets:
         scratch = runs.get((target, "base"))
         if not scratch:
@@ -86,7 +133,8 @@ def summarize(cfg: OlmoBenchConfig, results: Path, metric: str = "hits") -> dict
             info = next(iter(rs.values())).get("start_info") or {}
             row = {"target": target, "start": start, "seeds": sorted(rs), "zero_shot": _acc(_scores(rs, 0, metric)),
                    "donors": [x.get("task") for x in info.get("donors", [])], "gate": bool(info.get("gate")),
-                   "select_s": info.get("select_s", 0.0), "merge_s": info.get("merge_s", 0.0)}
+                   "select_s": info.get("select_s", 0.0) + info.get("gate_s", 0.0),
+                   "merge_s": info.get("merge_s", 0.0)}
             for b in budgets:
                 w, s = _scores(rs, b, metric), _scores(scratch, b, metric)
                 row[f"acc_{b}"] = _acc(w)
@@ -107,9 +155,12 @@ def summarize(cfg: OlmoBenchConfig, results: Path, metric: str = "hits") -> dict
                 means.append({"start": start, "budget": b, "targets": len(pairs),
                               "delta": paired_bootstrap_mean(pairs)})
     gate = [r for r in rows if r["start"] == "main" and r["gate"]]
+    acc_gate = [r for r in rows if r["start"] == "gated" and r["gate"]]
     return {"metric": metric, "rows": rows, "means": means, "versus": versus(cfg, runs, metric),
             "gate": {"triggered": len(gate), "of": sum(r["start"] == "main" for r in rows),
                      "targets": [r["target"] for r in gate]},
+            "accuracy_gate": {"triggered": len(acc_gate), "of": sum(r["start"] == "gated" for r in rows),
+                              "targets": [r["target"] for r in acc_gate]},
             "last_budget": last}
 
 
@@ -119,7 +170,8 @@ def versus(cfg: OlmoBenchConfig, runs: dict, metric: str = "hits", ref: str = "m
     and the mean over targets with the paired bootstrap. What the issue's "beats the all-donor
     average, random donors and random-LoRA merges by ≥ 1 point" is read from."""
     out = []
-    for start in [s for s in cfg.starts if s not in ("base", ref)]:
+    others = [s for s in cfg.starts if s not in ("base", ref)] + (["gated"] if ref != "gated" else [])
+    for start in others:
         for b in cfg.budgets:
             pairs, per = [], {}
             for t in cfg.targets:
@@ -208,6 +260,12 @@ def render(cfg: OlmoBenchConfig, s: dict) -> str:
                   + ", ".join(plateau) + "."]
     which = f" ({', '.join(g['targets'])})" if g["targets"] else ""
     lines += ["", f"Do-no-harm gate (margin {cfg.margin}): triggered on {g['triggered']} of {g['of']} targets{which}."]
+    a = s.get("accuracy_gate")
+    if a and a["of"]:
+        which = f" ({', '.join(a['targets'])})" if a["targets"] else ""
+        lines += ["", f"`gated` (derived: main, or scratch where the merged start is not above the base zero-shot on "
+                  f"validation; its select s includes the gate's two evaluations): the gate triggered on "
+                  f"{a['triggered']} of {a['of']} targets{which}."]
     return "\n".join(lines) + "\n"
 
 
@@ -276,4 +334,4 @@ def write_results(results: str | Path, metric: str = "hits") -> dict:
     return s
 
 
-__all__ = ["load_runs", "render", "summarize", "versus", "write_plots", "write_results"]
+__all__ = ["gated_runs", "load_runs", "render", "summarize", "versus", "write_plots", "write_results"]
