@@ -237,8 +237,8 @@ def test_shared_prompt_falls_back_where_packing_would_change_a_score(models, tmp
 
 
 def test_bf16_compute_is_close_to_float32_and_leaves_the_model_as_it_was(tmp_path, base, monkeypatch):
-    """bfloat16 matmuls (autocast) with float32 logits: the loss within 1 % and the same choices on this
-    tiny model; afterwards the model computes exactly as before (the float32 head patch is removed)."""
+    """bfloat16 matmuls (autocast) with the deciding logits in float32: the loss within 1 % and the same
+    choices on this tiny model; afterwards the model computes exactly as before (the head patch is removed)."""
     from warmstart import _precision
 
     model, tok = base
@@ -256,10 +256,127 @@ def test_bf16_compute_is_close_to_float32_and_leaves_the_model_as_it_was(tmp_pat
 
     monkeypatch.setattr(torch.nn.functional, "linear", spy)
     evaluate(model, tok, data, compute_dtype="bfloat16")
-    head = [s for s in seen if s[0] == tuple(model.lm_head.weight.shape)]
-    assert head and all(dt == torch.float32 and not ac for _, dt, ac in head)  # the head: float32, no autocast
+    vocab, hidden = model.lm_head.weight.shape
+    head = [s for s in seen if s[0][1] == hidden and s[0][0] <= vocab and not s[2]]  # the head runs outside autocast
+    full, exact = [s for s in head if s[0][0] == vocab], [s for s in head if s[0][0] < vocab]
+    assert full and all(dt == torch.bfloat16 for _, dt, _ in full)  # every logit from a bf16 matmul, then
+    assert len(exact) == len(full) and all(dt == torch.float32 for _, dt, _ in exact)  # the deciding ones in fp32
     # auto: bfloat16 exactly when the CPU flags say so
     monkeypatch.setattr(_precision, "cpu_has_fast_bf16", lambda: False)
     assert _precision.resolve("auto", "cpu") == "float32" and _precision.resolve("float32", "cpu") == "float32"
     monkeypatch.setattr(_precision, "cpu_has_fast_bf16", lambda: True)
     assert _precision.resolve("auto", "cpu") == "bfloat16"
+
+
+def test_bf16_head_recomputes_the_deciding_logits_in_float32():
+    """The bf16 head (warmstart._precision): against log-softmax in float64 written here, the requested
+    targets' and the top logits are float32-exact, the argmax is the exact one, and the log-probs of the
+    other tokens are far closer than a plain bf16 head's (which rounds logits of ~10 by up to 1/32)."""
+    from warmstart import _precision
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(64, 4000, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(4000, 64, generator=g) * 0.4)
+    x = torch.randn(3, 5, 64, generator=g) * 1.5  # (batch, positions, hidden): logits of std ~5
+    tgt = torch.randint(0, 4000, (15,), generator=g)
+    w = head.weight.detach()
+    ref = (x.reshape(-1, 64).double() @ w.double().T).log_softmax(-1)
+    fwd = _precision._refined_head(head, w, None)
+    head._warmstart_exact = tgt
+    z = fwd(x)
+    assert z.dtype == torch.float32 and z.shape == (3, 5, 4000) and "_warmstart_exact" not in head.__dict__
+    lp = z.reshape(-1, 4000).double().log_softmax(-1)
+    plain = (x.reshape(-1, 64).bfloat16() @ w.bfloat16().T).double().log_softmax(-1)
+    logits = x.reshape(-1, 64).double() @ w.double().T
+    flat = z.reshape(-1, 4000).double()
+    top = logits.topk(8, -1).indices
+    for idx in (tgt[:, None], top):  # the requested targets at their own positions; the top 8 everywhere
+        assert (flat.gather(1, idx) - logits.gather(1, idx)).abs().max() < 1e-4
+    at_target = (lp.gather(1, tgt[:, None]) - ref.gather(1, tgt[:, None])).abs().mean()
+    assert at_target < (plain.gather(1, tgt[:, None]) - ref.gather(1, tgt[:, None])).abs().mean() / 3
+    assert torch.equal(lp.argmax(-1), ref.argmax(-1))
+    err, err_plain = (lp - ref).abs().mean(), (plain - ref).abs().mean()
+    assert err < err_plain / 2  # the tail stays bf16: a flat synthetic softmax leaves more of it than a real LM
+
+
+def test_bf16_weight_copies_are_the_autocast_casts_kept_and_follow_in_place_writes(tmp_path, models, monkeypatch):
+    """The bf16 copies of plain linear weights (warmstart._precision) compute exactly what autocast's own
+    per-matmul casts compute (the same rounding), a frozen weight written in place (a swapped
+    checkpoint) is cast again, a trainable one after a fused optimizer step too (its version does not
+    move), nothing of it stays on the model, and the copies go with the model."""
+    import gc
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from warmstart import _precision
+
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    model = AutoModelForCausalLM.from_pretrained(models / "base", dtype=torch.float32).requires_grad_(False)
+    data = load_target(write_jsonl(tmp_path / "mc.jsonl", MC_VARIED))
+    before = len(_precision._BF16)
+
+    def both(m):
+        monkeypatch.setattr(_precision, "BF16_WEIGHTS", False)
+        cast_each_time = evaluate(m, tok, data, compute_dtype="bfloat16")
+        monkeypatch.setattr(_precision, "BF16_WEIGHTS", True)
+        return cast_each_time, evaluate(m, tok, data, compute_dtype="bfloat16")
+
+    ref, kept = both(model)
+    assert kept == ref and len(_precision._BF16) > before
+    layer = model.model.layers[0].mlp.down_proj
+    assert "forward" not in layer.__dict__  # the instance forward is removed on leaving compute()
+    with torch.no_grad():
+        layer.weight.mul_(3.0)  # in place: the kept copy is stale and must not be used
+    ref2, kept2 = both(model)
+    assert kept2 == ref2 and kept2["loss"] != kept["loss"]
+    # a trainable weight is cast at each call: a fused optimizer step does not bump the version
+    layer.weight.requires_grad_(True)
+    opt = torch.optim.AdamW([layer.weight], lr=0.5, fused=True)
+    layer.weight.grad = torch.ones_like(layer.weight)
+    version = layer.weight._version
+    opt.step()
+    ref3, kept3 = both(model)
+    assert layer.weight._version == version and kept3 == ref3 and kept3["loss"] != kept2["loss"]
+    layer.weight.requires_grad_(False)
+    mine = {id(p) for p in model.parameters()} & set(_precision._BF16)
+    assert mine
+    del model, layer, opt  # the optimizer holds the weight too
+    gc.collect()
+    assert not mine & set(_precision._BF16)  # the copies went with the model
+
+
+def test_bf16_lora_layer_is_one_matmul_with_the_merged_weight_and_follows_the_adapter(models):
+    """Under bf16 compute a vanilla LoRA layer computes x @ (W + s·B·A)ᵀ with that weight merged once in
+    float32 and rounded to bf16: against the float64 formula written here, within bf16's rounding; an
+    adapter written in place (select's swap of candidates) is merged again; a DoRA layer keeps PEFT's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from warmstart import _precision
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(models / "base", dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+
+    def formula():
+        b, a = layer.lora_B["default"].weight.double(), layer.lora_A["default"].weight.double()
+        y = x.double() @ (layer.base_layer.weight.double() + 2.0 * b @ a).T  # scaling = alpha / r = 2
+        return y if layer.base_layer.bias is None else y + layer.base_layer.bias.double()
+
+    for _ in range(2):
+        with torch.no_grad(), _precision.compute(model, "bfloat16"):
+            assert "forward" in layer.__dict__  # the merged path is the one running
+            got = layer(x).double()
+        want = formula()
+        lora_part = want - x.double() @ layer.base_layer.weight.double().T
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max() < 0.2 * lora_part.abs().max()  # a stale one fails
+        with torch.no_grad():
+            layer.lora_B["default"].weight.mul_(-4.0)  # the next round must see the new adapter
+    assert "forward" not in layer.__dict__
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(models / "base", dtype=torch.float32),
+                          LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with torch.no_grad(), _precision.compute(dora, "bfloat16"):
+        assert "forward" not in dora.base_model.model.model.layers[0].self_attn.q_proj.__dict__

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ._precision import compute
+from ._precision import compute, exact_tokens
 from .data import IGNORE_INDEX
 
 _MASKABLE = ("sdpa", "eager")
@@ -181,6 +181,7 @@ def _score_batch(model, items: list[dict], pad_id: int, device) -> list[list[tup
         torch.zeros(0, dtype=torch.long, device=device),) * 3
     keep = torch.unique(pp)  # sorted: the LM head runs only where a target is predicted
     mask = tree_mask(t("question")[0], t("option")[0], dtype)
+    exact_tokens(model, tg)  # the targets' logits in float32 (a bf16 head: _precision)
     kw = {"input_ids": t("input_ids"), "attention_mask": mask, "position_ids": t("position_ids")}
     try:
         logits = model(**kw, logits_to_keep=keep).logits[0]

@@ -337,6 +337,7 @@ def load_base(base: str | Path, *, dtype: str = "float32", device: str | None = 
     model = load_causal_lm(path, dtype=td).to(device)
     tok = load_tokenizer(path)
     model.eval()
+    model.requires_grad_(False)  # scoring only (the gradient proxy sets its own); lets _precision keep bf16 copies
     return model, tok
 
 

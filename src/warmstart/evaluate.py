@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ._packed import score_packed
-from ._precision import compute, resolve
+from ._precision import compute, exact_tokens, resolve
 from .data import IGNORE_INDEX, TargetData, collate, encode_pair, pad_id_of, tokenize
 from .errors import ConfigError
 
@@ -95,6 +95,7 @@ def _score_batch(model, batch: list[dict], pad_id: int, device) -> list[RowScore
 
     t = collate(batch, pad_id)
     labels = t["labels"][:, 1:].to(device)  # token t is predicted at position t-1
+    exact_tokens(model, labels[labels != IGNORE_INDEX])  # their logits in float32 (a bf16 head: _precision)
     logits, labels, mask = target_logits(model, t["input_ids"].to(device), t["attention_mask"].to(device), labels)
     # log_softmax only at target positions: (n_targets, vocab) instead of (batch, len, vocab)
     sel = logits[mask].float().log_softmax(-1)
