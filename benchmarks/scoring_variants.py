@@ -1,16 +1,23 @@
-"""Two routes to the bf16 floor for scoring that were measured and not taken (issue 14).
+"""Scoring's LM head and weights under bf16 compute, variant by variant (issue 14).
 
-    python benchmarks/scoring_variants.py              # SmolLM2-135M-Instruct, 1 torch thread, ~2 min
+    python benchmarks/scoring_variants.py              # SmolLM2-135M-Instruct, 1 torch thread, ~4 min
 
 The selection jobs of ``speed_floor.py`` (MC: one LoRA candidate × ``--mc-questions`` questions × 4
-options; loss: the same candidate on ``--select-rows`` rows), each timed under three variants,
+options; loss: the same candidate on ``--select-rows`` rows), each timed under every variant,
 interleaved in one process (``--reps`` rounds after one untimed warm-up round):
 
-* ``default``: what warmstart runs (bf16 autocast over float32 weights; the LM head in float32 at
-  the positions that predict a target, ``warmstart._precision.compute``);
-* ``bf16 weights``: the base model's linear weights stored in bfloat16 for the run, so autocast casts
-  no weight (the profile of ``default`` shows ``aten::copy_`` at 11-12 % of the MC job: those casts);
-* ``+ bf16 head``: the same, and the LM head in bf16 too (plain autocast; the logits rounded to bf16).
+* ``float32``: ``compute_dtype="float32"``, the reference for the metrics;
+* ``previous``: bf16 autocast over float32 weights (each cast at every matmul), the LM head in float32
+  at the positions that predict a target (``warmstart._precision.BF16_HEAD = BF16_WEIGHTS = False``);
+* ``bf16 head``: the same body, the bf16 head with the deciding logits (top 8 per position, the
+  targets) recomputed in float32 (``BF16_WEIGHTS = False``);
+* ``default``: what warmstart runs: the bf16 head, each vanilla LoRA layer as one matmul with the merged
+  weight bf16(W + s·B·A), and the linear weights' bf16 copies kept across
+  forwards and calls instead of autocast's cast at every matmul (``aten::copy_`` was 11-12 % of the
+  MC job's profile); timed in the steady state of a selection, where the base is cast once for all
+  candidates (the first call's cast is in the warm-up round);
+* ``plain bf16 head``: plain autocast over the whole model, the head included (its tied float32 weight
+  cast at every forward, the logits rounded to bf16).
 
 It prints the time of each (min and median of the rounds) and the metrics each variant computes,
 so the cost in agreement is beside the gain.
@@ -48,29 +55,26 @@ def main() -> None:
 
     args.eval_questions = args.mc_questions
     pm, tok, train, _ = speed_floor._setup(args)
-    linears = [m for n, m in pm.named_modules()
-               if type(m) is torch.nn.Linear and "lora_" not in n and "lm_head" not in n]
-    fp32_w = [m.weight.data for m in linears]
-    bf16_w = [w.bfloat16() for w in fp32_w]
-
     @contextlib.contextmanager
     def plain_autocast(model, dtype):  # the head too runs under autocast: bf16 logits
         with torch.autocast("cpu", dtype=torch.bfloat16):
             yield
 
-    variants = {"default": (fp32_w, _precision.compute), "bf16 weights": (bf16_w, _precision.compute),
-                "+ bf16 head": (bf16_w, plain_autocast)}
+    # name: (compute context, _precision.BF16_HEAD, _precision.BF16_WEIGHTS, compute_dtype)
+    variants = {"float32": (_precision.compute, True, True, "float32"),
+                "previous": (_precision.compute, False, False, "auto"),
+                "bf16 head": (_precision.compute, True, False, "auto"),
+                "default": (_precision.compute, True, True, "auto"),
+                "plain bf16 head": (plain_autocast, True, True, "auto")}
     jobs = {"MC selection": (train.sample(args.mc_questions, 0), ["loss", "mc_accuracy"]),  # as speed_floor's jobs
             "loss selection": (train.sample(args.select_rows, 0), ["loss", "token_accuracy"])}
 
     def run(variant, job):
-        weights, compute = variants[variant]
-        for m, w in zip(linears, weights):
-            m.weight.data = w
+        compute, _precision.BF16_HEAD, _precision.BF16_WEIGHTS, dtype = variants[variant]
         ev.compute = packed.compute = compute  # the name each scoring module calls
         data, metrics = jobs[job]
         t = time.perf_counter()
-        r = evaluate(pm, tok, data, metrics=metrics, batch_size=16, compute_dtype="auto")
+        r = evaluate(pm, tok, data, metrics=metrics, batch_size=16, compute_dtype=dtype)
         return time.perf_counter() - t, r
 
     times = {(v, j): [] for v in variants for j in jobs}
@@ -85,9 +89,10 @@ def main() -> None:
                     metrics[v, j] = r
     finally:
         ev.compute = packed.compute = _precision.compute
-    print("| job | variant | min s | median s | vs default (min) | metrics |\n|---|---|---|---|---|---|")
+        _precision.BF16_HEAD = _precision.BF16_WEIGHTS = True
+    print("| job | variant | min s | median s | previous / variant (min) | metrics |\n|---|---|---|---|---|---|")
     for j, (_, names) in jobs.items():
-        base = min(times["default", j])
+        base = min(times["previous", j])
         for v in variants:
             t = times[v, j]
             shown = ", ".join(f"{k} {metrics[v, j][k]:.4f}" for k in names)
