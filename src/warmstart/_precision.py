@@ -156,8 +156,6 @@ def _plain_loras(model) -> list:
 def _merged_bf16(m, a):
     """bf16(W + s·B·A) of a LoRA layer, computed in float32; kept until W, A, B or s change when all
     three are frozen (a scorer's candidates), made at each call when any is trainable (see _bf16_of)."""
-    import weakref
-
     import torch
 
     w, la, lb, s = m.base_layer.weight, m.lora_A[a].weight, m.lora_B[a].weight, float(m.scaling[a])
@@ -168,15 +166,7 @@ def _merged_bf16(m, a):
 
     if w.requires_grad or la.requires_grad or lb.requires_grad:
         return make()
-    key, version = id(lb), (id(w), id(la), w._version, la._version, lb._version, s)
-    hit = _BF16.get(key)
-    if hit is not None and hit[0]() is lb and hit[1] == version:
-        return hit[2]
-    if hit is None:
-        weakref.finalize(lb, _BF16.pop, key, None)
-    wb = make()
-    _BF16[key] = (weakref.ref(lb), version, wb)
-    return wb
+    return _kept(lb, (id(w), id(la), w._version, la._version, lb._version, s), make)
 
 
 def _bf16_of(w):
@@ -184,21 +174,26 @@ def _bf16_of(w):
     ``w`` changes (an in-place write such as ``copy_`` of another checkpoint's tensors bumps its
     version; a write through ``.data`` would not, and nothing in warmstart scores after one). A
     trainable weight's is made at each call: a fused optimizer step does not bump the version."""
-    import weakref
-
     import torch
 
     if w.requires_grad:
         return w.detach().to(torch.bfloat16)
-    key = id(w)
+    return _kept(w, w._version, lambda: w.detach().to(torch.bfloat16))
+
+
+def _kept(anchor, version, make):
+    """``make()``, kept in ``_BF16`` under ``anchor`` (dropped with it) until ``version`` changes."""
+    import weakref
+
+    key = id(anchor)
     hit = _BF16.get(key)
-    if hit is not None and hit[0]() is w and hit[1] == w._version:
+    if hit is not None and hit[0]() is anchor and hit[1] == version:
         return hit[2]
     if hit is None:
-        weakref.finalize(w, _BF16.pop, key, None)  # dropped with the weight
-    wb = w.detach().to(torch.bfloat16)
-    _BF16[key] = (weakref.ref(w), w._version, wb)
-    return wb
+        weakref.finalize(anchor, _BF16.pop, key, None)
+    out = make()
+    _BF16[key] = (weakref.ref(anchor), version, out)
+    return out
 
 
 def _bf16_linear(weight, bias, x, *args, **kwargs):
