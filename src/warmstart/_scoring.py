@@ -101,7 +101,7 @@ def _cache_metric(key: str, scorer: str, max_length: int, mc_mode: str, compute_
     """The metric column of the cache: the name plus every setting that changes the value."""
     name = f"grad_{key}" if scorer == "grad" else key
     if compute_dtype == "bfloat16" and scorer != "grad":  # bf16 scores differ from float32 ones (slightly)
-        name += ":bf16"
+        name += ":bf16h"  # "h": with the bf16 head (_precision); the older bf16 path's ":bf16" scores are not reused
     if mc_mode != "rank":
         name += f":{mc_mode}"
     if max_length != DEFAULT_MAX_LENGTH:
