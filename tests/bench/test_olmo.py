@@ -365,3 +365,49 @@ def test_gated_start_is_main_where_the_merge_beats_the_base_on_validation_else_s
     assert on["gate_s"] == pytest.approx(0.5 * (8.0 + 4.0)) and off["gate_validation"] == {"merged": 0.3, "base": 0.3}
     assert g[("piqa", "gated")][0]["start_info"]["gate"] == "no donor"
     assert runs[("csqa", "main")][1]["start_info"]["gate"] is None  # the inputs are not modified
+
+
+def _tree_hashes(root: Path) -> dict:
+    import hashlib
+
+    return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+def test_olmo_demo_reads_the_stored_library_and_reports_the_paired_difference(models, tmp_path, cli):
+    from warmstart.bench import olmo_protocol as P
+    from warmstart.demo import format_olmo_table, run_olmo_demo
+
+    root = make_tree(tmp_path / "oe")
+    bench = tmp_path / "bench"  # the stored sources the demo recycles, as the bench writes them
+    cfg = _tiny_cfg(tasks=TINY, targets=["csqa"], starts=["base", "main"], source_lrs=[1e-3], target_lrs=[1e-3],
+                    margin=None)
+    P.run_olmo_bench(bench, tmp_path / "bw", cfg, base=models / "base", log=lambda s: None, units=("source",),
+                     data_root=root)
+    lib = bench / "sources"
+    before = _tree_hashes(lib)
+    out = tmp_path / "demo"
+    row = run_olmo_demo(out, library=lib, config=cfg, base=models / "base", log=lambda s: None, data_root=root)
+    assert _tree_hashes(lib) == before  # the user's library is read, never written
+    assert sorted(row["library"]) == ["arc_easy", "winogrande"] and sorted(row["donors"]) == ["arc_easy", "winogrande"]
+    assert sorted((out / "work" / "tasks").iterdir()) == [out / "work" / "tasks" / "csqa"]  # only the target's data
+    # every number is the unit JSONs' hits, recomputed here
+    runs = {s: json.loads((out / "runs" / "csqa" / f"{s}-s0.json").read_text())["test"] for s in ("base", "main")}
+    acc = lambda s, b: sum(int(c) for c in runs[s][str(b)]["hits"]) / len(runs[s][str(b)]["hits"])
+    assert row["base_zero_shot"] == pytest.approx(acc("base", 0))
+    assert row["merged_zero_shot"] == pytest.approx(acc("main", 0))
+    assert row["scratch"] == {1: pytest.approx(acc("base", 1)), 2: pytest.approx(acc("base", 2))}
+    assert row["delta"][0] == pytest.approx(acc("main", 2) - acc("base", 2))
+    assert row["delta"][1] <= row["delta"][0] <= row["delta"][2]
+    assert row["n_test"] == 6 and row["chance"] == pytest.approx(0.25)
+    table = format_olmo_table(row)
+    assert "winogrande" in table and f"{100 * row['delta'][0]:+.1f} points" in table
+    # a library without one of the donors: one line naming the directory and the task
+    (tmp_path / "partial" / "arc_easy").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no stored adapter for arc_easy, winogrande") as e:
+        run_olmo_demo(tmp_path / "demo2", library=tmp_path / "partial", config=cfg, base=models / "base",
+                      log=lambda s: None, data_root=root)
+    assert str(tmp_path / "partial") in str(e.value) and not (tmp_path / "demo2").exists()
+    r = cli("demo", "--suite", "nope", "--out", tmp_path / "d3")
+    assert r.code != 0 and "unknown --suite 'nope'" in r.err and not (tmp_path / "d3").exists()
+    r = cli("demo", "--library", tmp_path / "partial", "--out", tmp_path / "d4")
+    assert r.code != 0 and "no stored adapter for" in r.err and "Traceback" not in r.err

