@@ -172,3 +172,35 @@ def test_prepare_model_returns_cached(monkeypatch, tmp_path):
     assert M.prepare_model(d) == d
     monkeypatch.setenv("WARMSTART_MODELS_DIR", str(tmp_path))
     assert M.default_model_dir() == tmp_path / "SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("winner_complete", [True, False])
+def test_prepare_model_two_converters_at_once(monkeypatch, tmp_path, winner_complete):
+    """Two processes convert at once: the one that finishes second returns the first's complete
+    directory; an unrelated directory that appears meanwhile is still refused."""
+    from warmstart.bench import model as M
+    from warmstart.errors import OutputExistsError
+
+    out = tmp_path / "SmolLM2"
+
+    class Saves:
+        def save_pretrained(self, d):
+            (d / "x").write_text("mine")
+
+    def load(_path):  # while this process converts, another one publishes its result
+        out.mkdir()
+        for f in ("config.json", "model.safetensors", "tokenizer.json")[: 3 if winner_complete else 1]:
+            (out / f).write_text("theirs")
+        return Saves(), Saves()
+
+    monkeypatch.setattr(M, "find_gguf", lambda: tmp_path / "m.gguf")
+    monkeypatch.setattr(M, "_load_gguf", load)
+    monkeypatch.setattr(M, "_write_card", lambda d, g: None)
+    if winner_complete:
+        assert M.prepare_model(out) == out
+        assert (out / "config.json").read_text() == "theirs" and not (out / "x").exists()
+    else:
+        with pytest.raises(OutputExistsError):
+            M.prepare_model(out)
+        assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert [p.name for p in tmp_path.iterdir() if p.name != "SmolLM2"] == []  # no temporary left behind

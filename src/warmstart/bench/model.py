@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from .._io import atomic_dir
-from ..errors import CheckpointError, DataError
+from ..errors import CheckpointError, DataError, OutputExistsError
 from ..provenance import versions, write_artefact
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -70,10 +70,16 @@ def prepare_model(out: str | Path | None = None, *, force: bool = False, progres
     say = progress or (lambda msg: None)
     say(f"converting {gguf_path.name} → {out} (about a minute, once)")
     model, tok = _load_gguf(gguf_path)
-    with atomic_dir(out, force=force) as tmp:  # an unrelated existing dir is refused unless force
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        _write_card(tmp, gguf_path)
+    try:
+        with atomic_dir(out, force=force) as tmp:  # an unrelated existing dir is refused unless force
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            _write_card(tmp, gguf_path)
+    except OutputExistsError:
+        # two processes converting at once (two bench runs started together): the one that publishes
+        # second finds the first's complete directory, which is the same conversion
+        if not is_prepared(out):
+            raise
     say(f"ready: {out}")
     return out
 
